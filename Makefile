@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make demo   build, start a Redis, log in, authenticate, log out (SQLite, nothing to set up)
+#   make test   the whole test suite: cargo test, pytest on SQLite and PostgreSQL, knox's own tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench develop clean
+
+$(BIN)/maturin:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "maturin>=1.9.4,<2"
+
+develop: $(BIN)/maturin
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop -q --extras test
+
+demo: develop
+	$(BIN)/python demo/demo.py
+
+test: develop
+	cargo test --quiet
+	$(BIN)/python -m pytest
+	@if $(BIN)/python -m tests.pg_available; then \
+		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest; \
+	else \
+		echo "SKIPPED the PostgreSQL pass: no server (see the reason above)"; \
+	fi
+	$(BIN)/python -m tests.knox_suite.run
+
+bench: develop
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) target build .nox

@@ -1,0 +1,33 @@
+"""nox sessions, for those who prefer nox to `make` (both run the same steps)."""
+
+import nox
+
+nox.options.sessions = ["tests"]
+SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def install(session: nox.Session) -> None:
+    session.install("maturin>=1.9.4,<2")
+    session.run("maturin", "develop", "-q", "--extras", "test", env={"VIRTUAL_ENV": session.virtualenv.location})
+
+
+@nox.session(python=SUPPORTED)
+def tests(session: nox.Session) -> None:
+    install(session)
+    session.run("cargo", "test", "--quiet", external=True)
+    session.run("python", "-m", "pytest", *session.posargs)
+    if session.run("python", "-m", "tests.pg_available", success_codes=[0, 1], silent=True) is not False:
+        session.run("python", "-m", "pytest", *session.posargs, env={"KNOX_REDIS_TEST_DB": "postgres"})
+    session.run("python", "-m", "tests.knox_suite.run")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    install(session)
+    session.run("python", "demo/demo.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    install(session)
+    session.run("python", "bench/bench.py", *session.posargs)

@@ -1,0 +1,44 @@
+"""django-rest-knox-redis: a Redis cache for django-rest-knox token authentication.
+
+For writes that bypass Django signals (raw SQL, ``QuerySet.update``, another service):
+``invalidate_token`` and ``invalidate_user_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["invalidate_token", "invalidate_user_tokens", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from knox_redis._knox_redis import __version__
+
+        return __version__
+    raise AttributeError(name)
+
+
+def invalidate_token(token: Any) -> None:
+    """Drop one token (an AuthToken instance) from the cache; it is re-read on next use.
+
+    Raises knox_redis.cache.RevocationUnavailable if Redis can't be reached.
+    """
+    from knox_redis import cache
+
+    cache.revoke([token], required=True)
+
+
+def invalidate_user_tokens(user: Any) -> None:
+    """Drop every cached token of `user` (a user instance or primary key).
+
+    Covers tokens still in the database and tokens only Redis remembers (rows already gone).
+    Raises knox_redis.cache.RevocationUnavailable if Redis can't be reached.
+    """
+    from knox.models import get_token_model
+
+    from knox_redis import cache
+
+    user_pk = getattr(user, "pk", user)
+    tokens = list(get_token_model()._base_manager.filter(user_id=user_pk))
+    cache.revoke(tokens, users=[user_pk], required=True)

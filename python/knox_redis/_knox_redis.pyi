@@ -1,0 +1,59 @@
+"""Type stub of the native module (src/)."""
+
+__version__: str
+
+class CacheError(Exception):
+    """Base class of every error raised by the native knox_redis client."""
+
+class CacheUnavailable(CacheError):
+    """Redis could not be reached in time, or the circuit breaker is open."""
+
+def hash_token(token: str) -> str:
+    """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
+
+CachedRecord = tuple[int | str, int, int | None, int]
+
+class TokenCache:
+    def __init__(
+        self,
+        *,
+        host: str | None = None,
+        port: int = 6379,
+        unix_path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        key_prefix: str = "knox",
+        connect_timeout: float = 0.2,
+        socket_timeout: float = 0.2,
+        breaker_cooldown: float = 2.0,
+        max_idle: int = 32,
+        lease_ms: int = 60000,
+    ) -> None: ...
+    def lookup(self, token_key: str, digest: str) -> tuple[CachedRecord | None, str]: ...
+    def fill(
+        self,
+        token_key: str,
+        digest: str,
+        generation: str,
+        user_pk: int | str,
+        created_us: int,
+        expiry_us: int | None,
+        fresh_until_us: int,
+        ttl_ms: int,
+    ) -> bool: ...
+    def revoke(
+        self,
+        tokens: list[tuple[str, str, int | str]],
+        users: list[int | str] = ...,
+        tombstone_ms: int = 60000,
+    ) -> int: ...
+    def ping(self) -> None: ...
+    def reset(self) -> None: ...
+    @property
+    def breaker_open(self) -> bool: ...
+    @property
+    def key_prefix(self) -> str: ...
+    def token_key(self, token_key: str) -> str: ...
+    def user_key(self, user_pk: int | str) -> str: ...
+    def stats(self) -> dict[str, int]: ...

@@ -1,0 +1,136 @@
+"""knox's TokenAuthentication, with each token looked up in Redis before the database.
+
+The story of one request:
+
+1. The header is parsed exactly as knox does; bytes that can't be a token get a 401 here
+   (knox would answer non-UTF-8 with a 500, NUL bytes with a database error).
+2. The token is hashed and its record fetched from Redis in one round trip.
+3. Hit: the record gives user, created and expiry, so no token row is read. The user is
+   loaded by primary key (the one query) so a deactivated user is rejected at once.
+4. Miss (or Redis unavailable): knox's own database path runs unchanged, then the row is
+   cached, unless a revocation started since the lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.db import DatabaseError, router, transaction
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from knox import auth as knox_auth
+from knox.crypto import hash_token as knox_hash_token
+from knox.models import get_token_model
+from knox.settings import CONSTANTS, knox_settings
+from knox.signals import token_expired
+from rest_framework import exceptions
+
+from knox_redis import cache
+from knox_redis._knox_redis import hash_token as native_sha512
+from knox_redis.settings import knox_redis_settings
+from knox_redis.signals import refreshing
+
+# Far longer than any token knox issues (a 10-character prefix and 64 hex characters), short
+# enough that hashing it costs nothing.
+MAX_TOKEN_LENGTH = 1024
+INVALID_TOKEN = _("Invalid token.")
+
+
+def hash_token(token: str) -> str:
+    if knox_settings.SECURE_HASH_ALGORITHM is hashlib.sha512:
+        return native_sha512(token)
+    return knox_hash_token(token)
+
+
+def decode_token(token: bytes) -> str:
+    try:
+        text = token.decode("utf-8")
+    except UnicodeDecodeError:
+        raise exceptions.AuthenticationFailed(INVALID_TOKEN) from None
+    if len(text) > MAX_TOKEN_LENGTH or not text.isprintable():
+        raise exceptions.AuthenticationFailed(INVALID_TOKEN)
+    return text
+
+
+class TokenAuthentication(knox_auth.TokenAuthentication):
+    def authenticate(self, request: Any) -> tuple[Any, Any] | None:
+        try:
+            return super().authenticate(request)
+        except UnicodeError:
+            # A str header that isn't latin-1 (test clients, ASGI servers that decode).
+            raise exceptions.AuthenticationFailed(_("Invalid token header.")) from None
+
+    def authenticate_credentials(self, token: bytes) -> tuple[Any, Any]:
+        text = decode_token(token)
+        if not knox_redis_settings.CACHE_ENABLED:
+            return super().authenticate_credentials(text.encode())
+
+        token_key = text[: CONSTANTS.TOKEN_KEY_LENGTH]
+        digest = hash_token(text)
+        found = cache.lookup(token_key, digest)
+        with refreshing(digest):
+            if found is not None and found.record is not None:
+                result = self._authenticate_cached(token_key, digest, found)
+                if result is not None:
+                    return result
+            user, auth_token = super().authenticate_credentials(text.encode())
+        if found is not None:
+            cache.store(auth_token, found.generation)
+        return user, auth_token
+
+    def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
+        """Authenticate from the record; None sends the request down knox's database path."""
+        record = found.record
+        assert record is not None
+        now = timezone.now()
+        if record.fresh_until <= now:
+            return None
+        token_model = get_token_model()
+        user = _load_user(token_model, record.user_pk)
+        if user is None:
+            return None
+        auth_token = token_model(
+            digest=digest, token_key=token_key, user=user, created=record.created, expiry=record.expiry
+        )
+        auth_token._state.adding = False
+        auth_token._state.db = router.db_for_read(token_model, instance=auth_token)
+
+        if auth_token.expiry is not None and auth_token.expiry < now:
+            return self._expire(auth_token, now)
+        if knox_settings.AUTO_REFRESH and auth_token.expiry:
+            if not self._renew(auth_token, found.generation):
+                return None
+        return self.validate_user(auth_token)
+
+    def _expire(self, auth_token: Any, now: Any) -> None:
+        """The record says expired: delete the row only if the database agrees."""
+        deleted, _rows = type(auth_token)._base_manager.filter(digest=auth_token.digest, expiry__lt=now).delete()
+        if not deleted:
+            return None  # The database holds a later expiry: let knox's path decide.
+        token_expired.send(sender=self.__class__, username=auth_token.user.get_username(), source="auth_token")
+        raise exceptions.AuthenticationFailed(INVALID_TOKEN)
+
+    def _renew(self, auth_token: Any, generation: str) -> bool:
+        """knox's renew_token; if it saved a new expiry, cache that after commit."""
+        using = router.db_for_write(type(auth_token), instance=auth_token)
+        try:
+            # A savepoint, so a failed UPDATE can't poison an ATOMIC_REQUESTS transaction.
+            with transaction.atomic(using=using):
+                self.renew_token(auth_token)
+        except DatabaseError:
+            # "Save with update_fields did not affect any rows": the token is gone.
+            return False
+        if auth_token.__dict__.pop("_knox_redis_saved", False):
+            cache.store_refreshed(auth_token, generation)
+        return True
+
+
+def _load_user(token_model: Any, user_pk: Any) -> Any:
+    user_model = token_model._meta.get_field("user").related_model
+    try:
+        pk = user_model._meta.pk.to_python(user_pk)
+        return user_model._base_manager.get(pk=pk)
+    except (ObjectDoesNotExist, ValidationError, ValueError, TypeError):
+        return None

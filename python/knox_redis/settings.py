@@ -1,0 +1,170 @@
+"""``REST_KNOX_REDIS``: read once, validated, reloaded in place when a test overrides it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+DEFAULTS: dict[str, Any] = {
+    # The Django cache (django-redis or django.core.cache.backends.redis) whose primary Redis
+    # the native client connects to. Ignored when REDIS_URL is set.
+    "CACHE_ALIAS": "default",
+    "REDIS_URL": None,
+    "REDIS_KEY_PREFIX": "knox",
+    # False: authenticate through the database only, but still revoke cached records, so a
+    # fleet that mixes both settings stays consistent.
+    "CACHE_ENABLED": True,
+    "SOCKET_CONNECT_TIMEOUT": 0.2,
+    "SOCKET_TIMEOUT": 0.2,
+    # After a failed call, go straight to the database for this long before probing again.
+    "CIRCUIT_BREAKER_COOLDOWN": 2.0,
+    # A cached record is re-read from the database at least this often (bounds how long a
+    # write that bypasses Django signals, such as raw SQL, can go unnoticed).
+    "MAX_CACHE_TTL": 3600,
+    # How long a revocation blocks fills of the same token (longer than any transaction that
+    # deletes tokens should stay open).
+    "REVOCATION_TOMBSTONE_TTL": 60,
+    "MAX_IDLE_CONNECTIONS": 32,
+}
+
+REDIS_BACKENDS = (
+    "django_redis.cache.RedisCache",
+    "django.core.cache.backends.redis.RedisCache",
+)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the native client connects: the primary only, never a replica."""
+
+    host: str | None = None
+    port: int = 6379
+    unix_path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+class KnoxRedisSettings:
+    def __init__(self) -> None:
+        self._values: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid REST_KNOX_REDIS setting: {name!r}")
+        if self._values is None:
+            self._values = load()
+        return self._values[name]
+
+    def reload(self) -> None:
+        self._values = None
+
+
+def load() -> dict[str, Any]:
+    user = getattr(settings, "REST_KNOX_REDIS", {}) or {}
+    if not isinstance(user, dict):
+        raise ImproperlyConfigured("REST_KNOX_REDIS must be a dict.")
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(f"REST_KNOX_REDIS has unknown keys: {', '.join(unknown)}.")
+    values = {**DEFAULTS, **user}
+    for name in ("SOCKET_CONNECT_TIMEOUT", "SOCKET_TIMEOUT"):
+        _number(values, name, low=0.001, high=60)
+    _number(values, "CIRCUIT_BREAKER_COOLDOWN", low=0, high=3600)
+    _number(values, "MAX_CACHE_TTL", low=1, high=30 * 86400)
+    _number(values, "REVOCATION_TOMBSTONE_TTL", low=1, high=86400)
+    _number(values, "MAX_IDLE_CONNECTIONS", low=0, high=10_000)
+    if not isinstance(values["CACHE_ENABLED"], bool):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['CACHE_ENABLED'] must be True or False.")
+    prefix = values["REDIS_KEY_PREFIX"]
+    if not isinstance(prefix, str) or not prefix or ":" in prefix or not prefix.isprintable():
+        raise ImproperlyConfigured(
+            "REST_KNOX_REDIS['REDIS_KEY_PREFIX'] must be a non-empty printable string without ':'."
+        )
+    if values["REDIS_URL"] is not None and not isinstance(values["REDIS_URL"], str):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['REDIS_URL'] must be a redis:// URL string.")
+    return values
+
+
+def _number(values: dict[str, Any], name: str, *, low: float, high: float) -> None:
+    value = values[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ImproperlyConfigured(
+            f"REST_KNOX_REDIS[{name!r}] must be a number between {low} and {high}, got {value!r}."
+        )
+
+
+def redis_target() -> RedisTarget:
+    """The primary Redis of REDIS_URL, or of the LOCATION of the cache named by CACHE_ALIAS."""
+    if knox_redis_settings.REDIS_URL:
+        return parse_redis_url(knox_redis_settings.REDIS_URL, options={})
+    alias = knox_redis_settings.CACHE_ALIAS
+    caches = getattr(settings, "CACHES", {})
+    if alias not in caches:
+        raise ImproperlyConfigured(
+            f"REST_KNOX_REDIS['CACHE_ALIAS'] is {alias!r}, but CACHES has no such cache "
+            "(set CACHE_ALIAS to a Redis cache, or REDIS_URL)."
+        )
+    cache = caches[alias]
+    backend = cache.get("BACKEND", "")
+    if backend not in REDIS_BACKENDS:
+        raise ImproperlyConfigured(
+            f"CACHES[{alias!r}] uses {backend!r}; knox_redis needs one of {', '.join(REDIS_BACKENDS)} "
+            "(or REST_KNOX_REDIS['REDIS_URL'])."
+        )
+    location = cache.get("LOCATION")
+    if isinstance(location, str):
+        # django-redis accepts "primary,replica,..."; Django's RedisCache uses ";" or ",".
+        location = location.replace(";", ",").split(",")
+    if not location or not isinstance(location, (list, tuple)) or not isinstance(location[0], str):
+        raise ImproperlyConfigured(f"CACHES[{alias!r}]['LOCATION'] must name a Redis URL.")
+    # The first server is the primary for both backends; the rest are read replicas that may
+    # lag behind a revocation, so they are never used.
+    return parse_redis_url(location[0].strip(), options=cache.get("OPTIONS") or {})
+
+
+def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
+    """Parse like redis-py (which both cache backends use), including ?db= and unix:// paths."""
+    from redis.connection import parse_url
+
+    try:
+        kwargs = parse_url(url)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"Invalid Redis URL {url!r}: {exc}") from exc
+    scheme = urlsplit(url).scheme
+    password = options.get("PASSWORD") or options.get("password") or kwargs.get("password")
+    db = kwargs.get("db", options.get("db", 0))
+    target = RedisTarget(
+        host=kwargs.get("host"),
+        port=int(kwargs.get("port") or 6379),
+        unix_path=kwargs.get("path"),
+        db=int(db or 0),
+        username=unquote(kwargs["username"]) if kwargs.get("username") else options.get("username"),
+        password=password,
+        tls=scheme == "rediss",
+    )
+    if target.tls:
+        raise ImproperlyConfigured(
+            f"{url!r}: rediss:// (TLS) is not supported by this build of knox_redis yet."
+        )
+    return target
+
+
+knox_redis_settings = KnoxRedisSettings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("REST_KNOX_REDIS", "CACHES"):
+        knox_redis_settings.reload()
+        from knox_redis import cache
+
+        cache.reset_client()
+
+
+setting_changed.connect(_reload)

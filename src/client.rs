@@ -1,0 +1,379 @@
+//! `TokenCache`: the Redis side of knox_redis. Every network call releases the GIL, runs under
+//! connect and read timeouts, and goes through the circuit breaker; every multi-key write is a
+//! single Lua script, so a hung server costs one timeout, not one per command.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use once_cell::sync::Lazy;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt, PyString};
+use redis::io::tcp::TcpSettings;
+use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
+
+use crate::breaker::Breaker;
+use crate::errors::{is_connectivity, Error, Result};
+use crate::hashing::field_id;
+use crate::pool::{Pool, PoolConfig};
+use crate::record::{Record, UserPk, VERSION};
+
+static LOOKUP: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/lookup.lua")));
+static FILL: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/fill.lua")));
+static REVOKE: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/revoke.lua")));
+
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    undecodable: AtomicU64,
+    fills: AtomicU64,
+    fills_refused: AtomicU64,
+    revoked: AtomicU64,
+    errors: AtomicU64,
+    short_circuits: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Client for the token records of one key prefix on one Redis primary.
+#[pyclass(name = "TokenCache", module = "knox_redis._knox_redis", frozen)]
+pub struct TokenCache {
+    pool: Pool,
+    breaker: Breaker,
+    prefix: String,
+    lease_ms: u64,
+    stats: Stats,
+}
+
+impl TokenCache {
+    fn token_key_name(&self, token_key: &str) -> String {
+        format!("{}:token:{}", self.prefix, token_key)
+    }
+
+    fn user_key_name(&self, user_pk: &UserPk) -> String {
+        match user_pk {
+            UserPk::Int(pk) => format!("{}:user:{}:tokens", self.prefix, pk),
+            UserPk::Str(pk) => format!("{}:user:{}:tokens", self.prefix, pk),
+        }
+    }
+
+    /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
+    /// a reused one that turns out to be closed (Redis restarted) is retried once on a new one.
+    fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+        if !self.breaker.allow() {
+            bump(&self.stats.short_circuits);
+            return Err(Error::CircuitOpen);
+        }
+        let mut retried = false;
+        loop {
+            let mut checkout = match self.pool.checkout() {
+                Ok(checkout) => checkout,
+                Err(err) => return Err(self.failed(&err)),
+            };
+            match op(&mut checkout.conn) {
+                Ok(value) => {
+                    self.pool.checkin(checkout.conn);
+                    self.breaker.record_success();
+                    return Ok(value);
+                }
+                Err(err) => {
+                    drop(checkout.conn);
+                    if checkout.reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
+                        self.pool.clear();
+                        retried = true;
+                        continue;
+                    }
+                    return Err(self.failed(&err));
+                }
+            }
+        }
+    }
+
+    fn failed(&self, err: &redis::RedisError) -> Error {
+        bump(&self.stats.errors);
+        if is_connectivity(err) {
+            self.breaker.record_failure();
+        } else {
+            // Redis answered: it is reachable, whatever it said.
+            self.breaker.record_success();
+        }
+        Error::from_redis(err)
+    }
+}
+
+fn user_pk_from_py(value: &Bound<'_, PyAny>) -> PyResult<UserPk> {
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() {
+        return Ok(UserPk::Int(value.extract()?));
+    }
+    if value.is_instance_of::<PyString>() {
+        return Ok(UserPk::Str(value.extract()?));
+    }
+    Err(PyTypeError::new_err("user primary key must be an int or a str"))
+}
+
+fn user_pk_to_py(py: Python<'_>, pk: UserPk) -> PyResult<Py<PyAny>> {
+    Ok(match pk {
+        UserPk::Int(pk) => pk.into_pyobject(py)?.into_any().unbind(),
+        UserPk::Str(pk) => pk.into_pyobject(py)?.into_any().unbind(),
+    })
+}
+
+fn id_of(digest: &str) -> Result<&str> {
+    field_id(digest).ok_or_else(|| Error::Invalid("digest must be at least 32 hex characters".into()))
+}
+
+/// A fresh, unique generation value: 128 random bits (time and pid if the OS has no entropy).
+fn new_generation() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes.copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+    }
+    hex::encode(bytes)
+}
+
+fn seconds(value: f64, name: &str) -> PyResult<Duration> {
+    if value.is_finite() && value > 0.0 && value <= 3600.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(PyTypeError::new_err(format!("{name} must be a number of seconds in (0, 3600]")))
+    }
+}
+
+#[pymethods]
+impl TokenCache {
+    #[new]
+    #[pyo3(signature = (
+        *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
+        key_prefix = "knox".to_string(), connect_timeout = 0.2, socket_timeout = 0.2,
+        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        host: Option<String>,
+        port: u16,
+        unix_path: Option<String>,
+        db: i64,
+        username: Option<String>,
+        password: Option<String>,
+        key_prefix: String,
+        connect_timeout: f64,
+        socket_timeout: f64,
+        breaker_cooldown: f64,
+        max_idle: usize,
+        lease_ms: u64,
+    ) -> PyResult<Self> {
+        let addr = match (unix_path, host) {
+            (Some(path), _) => ConnectionAddr::Unix(path.into()),
+            (None, Some(host)) => ConnectionAddr::Tcp(host, port),
+            (None, None) => ConnectionAddr::Tcp("127.0.0.1".into(), port),
+        };
+        let mut redis_info = RedisConnectionInfo::default().set_db(db).set_skip_set_lib_name();
+        if let Some(username) = username {
+            redis_info = redis_info.set_username(username);
+        }
+        if let Some(password) = password {
+            redis_info = redis_info.set_password(password);
+        }
+        let info = addr
+            .into_connection_info()
+            .map_err(|e| Error::from_redis(&e))?
+            .set_redis_settings(redis_info)
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let pool = Pool::new(PoolConfig {
+            info,
+            connect_timeout: seconds(connect_timeout, "connect_timeout")?,
+            io_timeout: seconds(socket_timeout, "socket_timeout")?,
+            max_idle,
+        })
+        .map_err(|e| Error::from_redis(&e))?;
+        if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
+            return Err(PyTypeError::new_err("breaker_cooldown must be >= 0 seconds"));
+        }
+        Ok(TokenCache {
+            pool,
+            breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
+            prefix: key_prefix,
+            lease_ms: lease_ms.max(1),
+            stats: Stats::default(),
+        })
+    }
+
+    /// One round trip: `(record or None, generation)`. The record is
+    /// `(user_pk, created_us, expiry_us or None, fresh_until_us)`; an undecodable one is None.
+    fn lookup(&self, py: Python<'_>, token_key: &str, digest: &str) -> PyResult<(Option<Py<PyAny>>, String)> {
+        let key = self.token_key_name(token_key);
+        let id = id_of(digest)?.to_owned();
+        let candidate = new_generation();
+        let lease_ms = self.lease_ms;
+        let (raw, generation): (Option<Vec<u8>>, String) = py.detach(|| {
+            self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn))
+        })?;
+        let record = raw.and_then(|bytes| {
+            let decoded = Record::decode(&bytes);
+            if decoded.is_none() {
+                bump(&self.stats.undecodable);
+            }
+            decoded
+        });
+        let Some(record) = record else {
+            bump(&self.stats.misses);
+            return Ok((None, generation));
+        };
+        bump(&self.stats.hits);
+        let user_pk = user_pk_to_py(py, record.user_pk)?;
+        let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
+        Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation))
+    }
+
+    /// Store a record if the generation seen at lookup still stands and no tombstone does.
+    #[pyo3(signature = (token_key, digest, generation, user_pk, created_us, expiry_us, fresh_until_us, ttl_ms))]
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        py: Python<'_>,
+        token_key: &str,
+        digest: &str,
+        generation: &str,
+        user_pk: &Bound<'_, PyAny>,
+        created_us: i64,
+        expiry_us: Option<i64>,
+        fresh_until_us: i64,
+        ttl_ms: u64,
+    ) -> PyResult<bool> {
+        let user_pk = user_pk_from_py(user_pk)?;
+        let id = id_of(digest)?.to_owned();
+        let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
+        let record = Record { version: VERSION, user_pk, created_us, expiry_us, fresh_until_us }.encode();
+        let member = format!("{id}{token_key}");
+        let ttl_ms = ttl_ms.max(1);
+        let stored: i64 = py.detach(|| {
+            self.call(|conn| {
+                FILL.key(&keys[0])
+                    .key(&keys[1])
+                    .arg(&id)
+                    .arg(generation)
+                    .arg(&record)
+                    .arg(ttl_ms)
+                    .arg(&member)
+                    .invoke(conn)
+            })
+        })?;
+        bump(if stored == 1 { &self.stats.fills } else { &self.stats.fills_refused });
+        Ok(stored == 1)
+    }
+
+    /// Revoke `(token_key, digest, user_pk)` tokens and every token indexed under `users`, in
+    /// one script: records deleted, generations renewed, tombstones written. Returns how many
+    /// records were deleted.
+    #[pyo3(signature = (tokens, users = Vec::new(), tombstone_ms = 60_000))]
+    fn revoke(
+        &self,
+        py: Python<'_>,
+        tokens: Vec<(String, String, Bound<'_, PyAny>)>,
+        users: Vec<Bound<'_, PyAny>>,
+        tombstone_ms: u64,
+    ) -> PyResult<i64> {
+        let mut token_keys = Vec::with_capacity(tokens.len());
+        let mut index_keys = Vec::with_capacity(tokens.len());
+        let mut ids = Vec::with_capacity(tokens.len());
+        for (token_key, digest, user_pk) in &tokens {
+            token_keys.push(self.token_key_name(token_key));
+            index_keys.push(self.user_key_name(&user_pk_from_py(user_pk)?));
+            ids.push(id_of(digest)?.to_owned());
+        }
+        let user_keys = users
+            .iter()
+            .map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        if token_keys.is_empty() && user_keys.is_empty() {
+            return Ok(0);
+        }
+        let seed = new_generation();
+        let removed: i64 = py.detach(|| {
+            self.call(|conn| {
+                let mut invocation = REVOKE.prepare_invoke();
+                invocation.key(&token_keys).key(&index_keys).key(&user_keys);
+                invocation.arg(ids.len()).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(&ids);
+                invocation.invoke(conn)
+            })
+        })?;
+        self.stats.revoked.fetch_add(removed.max(0) as u64, Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    /// Round trip to Redis (through the breaker); raises CacheUnavailable if it can't.
+    fn ping(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.call(|conn| redis::cmd("PING").query::<()>(conn)))?;
+        Ok(())
+    }
+
+    /// Drop pooled connections and close the breaker (settings changed, tests).
+    fn reset(&self) {
+        self.pool.clear();
+        self.breaker.reset();
+    }
+
+    #[getter]
+    fn breaker_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    #[getter]
+    fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn token_key(&self, token_key: &str) -> String {
+        self.token_key_name(token_key)
+    }
+
+    fn user_key(&self, user_pk: &Bound<'_, PyAny>) -> PyResult<String> {
+        Ok(self.user_key_name(&user_pk_from_py(user_pk)?))
+    }
+
+    /// Counters since this client was created.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = &self.stats;
+        let dict = PyDict::new(py);
+        for (name, counter) in [
+            ("hits", &s.hits),
+            ("misses", &s.misses),
+            ("undecodable", &s.undecodable),
+            ("fills", &s.fills),
+            ("fills_refused", &s.fills_refused),
+            ("revoked", &s.revoked),
+            ("errors", &s.errors),
+            ("short_circuits", &s.short_circuits),
+        ] {
+            dict.set_item(name, counter.load(Ordering::Relaxed))?;
+        }
+        dict.set_item("idle_connections", self.pool.idle_count())?;
+        Ok(dict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_are_unique_hex() {
+        let a = new_generation();
+        let b = new_generation();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn scripts_reference_only_fields_they_document() {
+        for src in [include_str!("lua/lookup.lua"), include_str!("lua/fill.lua"), include_str!("lua/revoke.lua")] {
+            assert!(!src.contains("KEYS[0]"), "Lua arrays start at 1");
+        }
+    }
+}

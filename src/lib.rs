@@ -1,0 +1,32 @@
+//! Native core of django-rest-knox-redis. Wiring only: each concern lives in its own module.
+
+mod breaker;
+mod client;
+mod errors;
+mod hashing;
+mod pool;
+mod record;
+
+use pyo3::prelude::*;
+
+/// SHA-512 hex digest of a token: what `knox.crypto.hash_token` returns by default.
+#[pyfunction]
+fn hash_token(token: &str) -> String {
+    hashing::sha512_hex(token)
+}
+
+#[pymodule]
+mod _knox_redis {
+    #[pymodule_export]
+    use crate::client::TokenCache;
+    #[pymodule_export]
+    use crate::errors::{CacheError, CacheUnavailable};
+    #[pymodule_export]
+    use crate::hash_token;
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}

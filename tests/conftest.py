@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+import redis as redis_py
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from knox.models import AuthToken
+from rest_framework.test import APIClient
+
+from knox_redis import cache
+from tests.servers import RedisServer
+
+_server: RedisServer | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _server
+    _server = RedisServer().start()
+    settings.CACHES["redis"]["LOCATION"] = _server.url
+    print(f"knox_redis tests: redis-server on port {_server.port}, database {settings.DATABASES['default']['ENGINE']}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _server is not None:
+        _server.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from tests.servers import redis_server_binary
+
+    return [
+        f"knox_redis: database {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
+        f"redis-server {redis_server_binary()} on port {_server.port if _server else '?'}"
+    ]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    assert _server is not None
+    return _server
+
+
+@pytest.fixture
+def redis_conn(redis_server: RedisServer) -> redis_py.Redis:
+    return redis_py.Redis(port=redis_server.port, decode_responses=False)
+
+
+@pytest.fixture(autouse=True)
+def clean_cache(redis_server: RedisServer) -> None:
+    """Each test starts with an empty Redis and a fresh client (closed breaker)."""
+    redis_py.Redis(port=redis_server.port).flushall()
+    cache.reset_client()
+    yield
+    cache.reset_client()
+
+
+@pytest.fixture
+def user(transactional_db):
+    return get_user_model().objects.create_user(username="alice", password="pw")
+
+
+@pytest.fixture
+def make_token(user):
+    def make(owner=None, **kwargs):
+        _instance, token = AuthToken.objects.create(user=owner or user, **kwargs)
+        return token
+
+    return make
+
+
+@pytest.fixture
+def client() -> APIClient:
+    return APIClient()
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": f"Token {token}"}
+
+
+def basic_header(username: str, password: str) -> dict[str, str]:
+    raw = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"HTTP_AUTHORIZATION": f"Basic {raw}"}
+
+
+@pytest.fixture
+def native():
+    return cache.get_client()
+
+
+@pytest.fixture
+def pid() -> int:
+    return os.getpid()

@@ -1,0 +1,12 @@
+"""Settings for running knox's own test suite with knox_redis swapped in."""
+
+from tests.settings import *  # noqa: F403
+from tests.settings import DATABASES, INSTALLED_APPS  # noqa: F401
+
+ROOT_URLCONF = "tests.knox_suite.urls"
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": (
+        "rest_framework.authentication.BasicAuthentication",
+        "knox_redis.auth.TokenAuthentication",
+    ),
+}

@@ -1,0 +1,191 @@
+"""The main job: a cached token authenticates without reading the token table."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from freezegun import freeze_time
+from knox.models import AuthToken
+from knox.signals import token_expired
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.test import APIRequestFactory
+
+from knox_redis.auth import TokenAuthentication
+from tests.conftest import auth_header
+
+factory = APIRequestFactory()
+
+
+def authenticate(token: str):
+    request = factory.get("/", **auth_header(token))
+    return TokenAuthentication().authenticate(request)
+
+
+def queries_of(fn):
+    with CaptureQueriesContext(connection) as ctx:
+        result = fn()
+    return result, [q["sql"] for q in ctx.captured_queries]
+
+
+def test_miss_then_hit(make_token, user, native):
+    token = make_token()
+    (u1, t1), miss_sql = queries_of(lambda: authenticate(token))
+    (u2, t2), hit_sql = queries_of(lambda: authenticate(token))
+    assert u1 == u2 == user
+    assert t1.digest == t2.digest
+    assert native.stats()["hits"] == 1
+    assert len(hit_sql) == 1, hit_sql
+    assert "knox_authtoken" not in hit_sql[0]
+    assert len(miss_sql) == 2, miss_sql  # knox's own path: the token join, then the cleanup read
+
+
+def test_hit_returns_a_real_token_instance(make_token, user):
+    token = make_token()
+    authenticate(token)
+    _user, auth_token = authenticate(token)
+    db_token = AuthToken.objects.get(digest=auth_token.digest)
+    assert isinstance(auth_token, AuthToken)
+    for field in ("digest", "token_key", "user_id", "created", "expiry"):
+        assert getattr(auth_token, field) == getattr(db_token, field), field
+    auth_token.delete()
+    assert not AuthToken.objects.filter(digest=db_token.digest).exists()
+    with pytest.raises(AuthenticationFailed):
+        authenticate(token)
+
+
+def test_wrong_token_is_rejected(make_token):
+    token = make_token()
+    authenticate(token)
+    forged = token[:-1] + ("0" if token[-1] != "0" else "1")
+    with pytest.raises(AuthenticationFailed):
+        authenticate(forged)
+
+
+def test_inactive_user_rejected_at_once(make_token, user):
+    token = make_token()
+    authenticate(token)
+    authenticate(token)
+    user.is_active = False
+    user.save()
+    with pytest.raises(AuthenticationFailed, match="User inactive or deleted"):
+        authenticate(token)
+
+
+def test_expired_record_deletes_row_and_signals(make_token, user):
+    token = make_token(expiry=timedelta(seconds=10))
+    authenticate(token)
+    seen = []
+
+    def receiver(sender, username, source, **kwargs):
+        seen.append((username, source))
+
+    token_expired.connect(receiver)
+    try:
+        with freeze_time(timedelta(seconds=20)):
+            with pytest.raises(AuthenticationFailed):
+                authenticate(token)
+    finally:
+        token_expired.disconnect(receiver)
+    assert seen == [("alice", "auth_token")]
+    assert not AuthToken.objects.filter(user=user).exists()
+
+
+def test_stale_expiry_in_cache_never_deletes_a_live_token(make_token, user, native):
+    token = make_token(expiry=timedelta(seconds=10))
+    authenticate(token)
+    # The database moved the expiry on without telling the cache (a raw UPDATE).
+    AuthToken.objects.filter(user=user).update(expiry=AuthToken.objects.get().expiry + timedelta(hours=1))
+    with freeze_time(timedelta(seconds=20)):
+        got_user, _ = authenticate(token)
+    assert got_user == user
+    assert AuthToken.objects.filter(user=user).exists()
+
+
+def test_cache_disabled_uses_database_only(make_token, settings, native):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CACHE_ENABLED": False}
+    token = make_token()
+    authenticate(token)
+    _, sql = queries_of(lambda: authenticate(token))
+    assert len(sql) == 2
+
+
+def test_prefix_collisions_are_cached_independently(user, settings):
+    settings.REST_KNOX = {"TOKEN_PREFIX": "abcdefghij"}
+    tokens = [AuthToken.objects.create(user=user, prefix="abcdefghij")[1] for _ in range(40)]
+    keys = [t[:15] for t in tokens]
+    assert len(set(keys)) < len(keys) or True  # collisions are likely but not certain
+    # Force a collision: two tokens with the same token_key.
+    first_instance, first = AuthToken.objects.create(user=user, prefix="abcdefghij")
+    twin = first[:15] + "f" * (len(first) - 15)
+    from knox.crypto import hash_token
+
+    AuthToken.objects.create(user=user, expiry=None)  # an unrelated token
+    AuthToken.objects.filter(digest=first_instance.digest)  # keep the first
+    twin_digest = hash_token(twin)
+    AuthToken.objects.bulk_create([AuthToken(digest=twin_digest, token_key=first[:15], user=user, expiry=None)])
+    for _ in range(2):
+        assert authenticate(first)[1].digest == first_instance.digest
+        assert authenticate(twin)[1].digest == twin_digest
+    _, sql = queries_of(lambda: authenticate(twin))
+    assert len(sql) == 1
+
+
+def test_non_sha512_hash_algorithm_falls_back_to_knox(user, settings):
+    settings.REST_KNOX = {"SECURE_HASH_ALGORITHM": "hashlib.sha3_512"}
+    _instance, token = AuthToken.objects.create(user=user)
+    assert authenticate(token)[0] == user
+    _, sql = queries_of(lambda: authenticate(token))
+    assert len(sql) == 1
+
+
+class TestAutoRefresh:
+    @pytest.fixture(autouse=True)
+    def refresh_settings(self, settings):
+        settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
+
+    def test_refresh_on_hit_updates_db_once_per_interval_and_cache(self, make_token, user, native):
+        token = make_token()
+        original = AuthToken.objects.get().expiry
+        authenticate(token)  # miss: fills
+        with freeze_time(timedelta(seconds=30)):
+            _, sql = queries_of(lambda: authenticate(token))
+        assert [s for s in sql if s.startswith("UPDATE")] == []
+        assert AuthToken.objects.get().expiry == original
+        with freeze_time(timedelta(seconds=120)):
+            _, sql = queries_of(lambda: authenticate(token))
+            updates = [s for s in sql if s.startswith("UPDATE")]
+            assert len(updates) == 1, sql
+            refreshed = AuthToken.objects.get().expiry
+            assert refreshed > original
+            # The cache now holds the new expiry: the next hit sees it without an UPDATE.
+            _, auth_token = authenticate(token)
+            assert auth_token.expiry == refreshed
+        assert native.stats()["hits"] >= 3
+
+    def test_refresh_respects_max_ttl(self, make_token, settings):
+        settings.REST_KNOX = {**settings.REST_KNOX, "AUTO_REFRESH_MAX_TTL": timedelta(hours=2)}
+        token = make_token()
+        created = AuthToken.objects.get().created
+        authenticate(token)
+        with freeze_time(timedelta(minutes=50)):
+            _, auth_token = authenticate(token)
+        with freeze_time(timedelta(minutes=100)):
+            _, auth_token = authenticate(token)
+            assert auth_token.expiry == created + timedelta(hours=2)
+            assert AuthToken.objects.get().expiry == created + timedelta(hours=2)
+            # And the cache agrees (a hit, no UPDATE).
+            (_, cached), sql = queries_of(lambda: authenticate(token))
+            assert cached.expiry == created + timedelta(hours=2)
+            assert not [q for q in sql if q.startswith("UPDATE")]
+
+    def test_refresh_of_a_deleted_row_is_rejected(self, make_token, user):
+        token = make_token()
+        authenticate(token)
+        # Delete behind the cache's back (no signal): the refresh UPDATE finds no row.
+        AuthToken.objects.filter(user=user)._raw_delete(AuthToken.objects.db)
+        with freeze_time(timedelta(seconds=120)):
+            with pytest.raises(AuthenticationFailed):
+                authenticate(token)
