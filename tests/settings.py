@@ -74,7 +74,10 @@ CACHES = {
 REST_KNOX_REDIS = {"CACHE_ALIAS": "redis"}
 REST_KNOX = {}
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["knox_redis.auth.TokenAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.BasicAuthentication",
+        "knox_redis.auth.TokenAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
 LOGGING = {

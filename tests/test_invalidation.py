@@ -1,0 +1,146 @@
+"""Every ORM path by which a token leaves (or changes in) the database revokes it in Redis."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from knox.models import AuthToken
+
+import knox_redis
+from knox_redis import cache
+from tests.conftest import auth_header
+
+
+def cached_records(redis_conn) -> int:
+    total = 0
+    for key in redis_conn.scan_iter("knox:token:*"):
+        total += sum(1 for f in redis_conn.hkeys(key) if f.startswith(b"r:"))
+    return total
+
+
+@pytest.fixture
+def warm(client):
+    def warm(*tokens):
+        for t in tokens:
+            assert client.get("/api/whoami/", **auth_header(t)).status_code == 200
+
+    return warm
+
+
+def test_instance_delete(client, make_token, warm, redis_conn):
+    token = make_token()
+    warm(token)
+    assert cached_records(redis_conn) == 1
+    AuthToken.objects.get().delete()
+    assert cached_records(redis_conn) == 0
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_queryset_delete(client, make_token, warm, redis_conn, user):
+    tokens = [make_token() for _ in range(5)]
+    warm(*tokens)
+    assert cached_records(redis_conn) == 5
+    AuthToken.objects.filter(user=user).delete()
+    assert cached_records(redis_conn) == 0
+    for t in tokens:
+        assert client.get("/api/whoami/", **auth_header(t)).status_code == 401
+
+
+def test_cascade_from_user_delete(client, make_token, warm, redis_conn, user):
+    tokens = [make_token() for _ in range(3)]
+    warm(*tokens)
+    user.delete()
+    assert cached_records(redis_conn) == 0
+    for t in tokens:
+        assert client.get("/api/whoami/", **auth_header(t)).status_code == 401
+
+
+def test_admin_delete(client, make_token, warm, redis_conn, django_user_model):
+    token = make_token()
+    warm(token)
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw")
+    client.force_login(admin)
+    digest = AuthToken.objects.get().digest
+    response = client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
+    assert response.status_code == 302, response.content[:500]
+    client.logout()
+    assert not AuthToken.objects.filter(digest=digest).exists()
+    assert cached_records(redis_conn) == 0
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_edit_drops_cached_record(client, make_token, warm):
+    token = make_token()
+    warm(token)
+    row = AuthToken.objects.get()
+    row.expiry = timezone.now() - timedelta(seconds=1)
+    row.save()
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_raw_delete_then_public_invalidate_token(client, make_token, warm):
+    token = make_token()
+    warm(token)
+    row = AuthToken.objects.get()
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM knox_authtoken")
+    # The cache can't know about raw SQL until told (or until MAX_CACHE_TTL).
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    knox_redis.invalidate_token(row)
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_raw_delete_then_public_invalidate_user_tokens(client, make_token, warm, user):
+    tokens = [make_token() for _ in range(3)]
+    warm(*tokens)
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM knox_authtoken")
+    knox_redis.invalidate_user_tokens(user.pk)
+    for t in tokens:
+        assert client.get("/api/whoami/", **auth_header(t)).status_code == 401
+
+
+def test_revocation_runs_with_cache_disabled(client, make_token, warm, redis_conn, settings):
+    token = make_token()
+    warm(token)  # another process of the fleet cached it
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CACHE_ENABLED": False}
+    AuthToken.objects.get().delete()
+    assert cached_records(redis_conn) == 0
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CACHE_ENABLED": True}
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_deactivated_user_rejected_on_next_request(client, make_token, warm, user):
+    token = make_token()
+    warm(token, token)
+    user.is_active = False
+    user.save()
+    response = client.get("/api/whoami/", **auth_header(token))
+    assert response.status_code == 401
+    assert response.json() == {"detail": "User inactive or deleted."}
+
+
+def test_user_index_is_pruned_on_single_revocation(client, make_token, warm, redis_conn, user):
+    a, b = make_token(), make_token()
+    warm(a, b)
+    assert redis_conn.scard(f"knox:user:{user.pk}:tokens") == 2
+    AuthToken.objects.get(token_key=a[:15]).delete()
+    assert redis_conn.scard(f"knox:user:{user.pk}:tokens") == 1
+
+
+def test_every_key_has_a_ttl(client, make_token, warm, redis_conn):
+    warm(make_token(), make_token(expiry=None))
+    AuthToken.objects.first().delete()
+    keys = list(redis_conn.scan_iter("knox:*"))
+    assert keys
+    for key in keys:
+        assert redis_conn.pttl(key) > 0, key
+
+
+def test_ttl_never_exceeds_expiry(client, make_token, warm, redis_conn):
+    token = make_token(expiry=timedelta(seconds=30))
+    warm(token)
+    assert 0 < redis_conn.pttl(f"knox:token:{token[:15]}") <= 60_000  # the 60 s lease at most
