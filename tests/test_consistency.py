@@ -1,0 +1,198 @@
+"""Races, each forced into its worst interleaving with events between lookup, database read,
+fill and commit, plus a threaded stress test. The claim under test: once the call that ended a
+token has returned, no request anywhere is accepted with it."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections, transaction
+from knox.models import AuthToken
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.test import APIRequestFactory
+
+from knox_redis import cache
+from knox_redis.auth import TokenAuthentication
+from tests.conftest import auth_header
+
+factory = APIRequestFactory()
+
+
+def authenticate(token: str):
+    return TokenAuthentication().authenticate(factory.get("/", **auth_header(token)))
+
+
+def accepted(token: str) -> bool:
+    try:
+        return authenticate(token) is not None
+    except AuthenticationFailed:
+        return False
+
+
+def in_thread(fn, *args):
+    """Run fn in a thread with its own database connection; return (thread, result box)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # surfaced by the test
+            box["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def record_exists(redis_conn, token: str) -> bool:
+    return any(f.startswith(b"r:") for f in redis_conn.hkeys(f"knox:token:{token[:15]}"))
+
+
+def test_late_fill_cannot_resurrect_a_logged_out_token(make_token, redis_conn, monkeypatch):
+    token = make_token()
+    read_done, may_fill = threading.Event(), threading.Event()
+    real_store = cache.store
+
+    def store_after_logout(auth_token, generation):
+        read_done.set()  # the DB row has been read: the token was valid then
+        assert may_fill.wait(10)
+        real_store(auth_token, generation)
+
+    monkeypatch.setattr(cache, "store", store_after_logout)
+    thread, box = in_thread(accepted, token)
+    assert read_done.wait(10)
+    AuthToken.objects.get().delete()  # logout returns here
+    may_fill.set()
+    thread.join(10)
+    assert box.get("result") is True  # the request began before the logout: fine
+    monkeypatch.setattr(cache, "store", real_store)
+    assert not record_exists(redis_conn, token)
+    assert cache.get_client().stats()["fills_refused"] == 1
+    assert not accepted(token)
+
+
+def test_fill_between_revocation_and_commit_is_refused(make_token, redis_conn):
+    """A reader that looks up after the revocation but reads the row before the delete
+    commits must not fill: the tombstone stops it."""
+    token = make_token()
+    with transaction.atomic():
+        AuthToken.objects.get().delete()  # pre_delete has revoked; the delete isn't committed
+        thread, box = in_thread(accepted, token)
+        thread.join(10)
+        assert "error" not in box, box
+        assert box["result"] is True  # it read the still-committed row
+        assert not record_exists(redis_conn, token)
+    assert not record_exists(redis_conn, token)
+    assert not accepted(token)
+
+
+def test_token_from_rolled_back_transaction_is_never_accepted(user, redis_conn):
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback):
+        with transaction.atomic():
+            _instance, token = AuthToken.objects.create(user=user)
+            assert accepted(token)  # this transaction sees its own row...
+            thread, box = in_thread(accepted, token)
+            thread.join(10)
+            assert box == {"result": False}  # ...nobody else does
+            raise Rollback
+    assert not record_exists(redis_conn, token)
+    assert not accepted(token)
+    assert not record_exists(redis_conn, token)
+
+
+def test_atomic_requests_fill_after_commit(make_token, client, monkeypatch, redis_conn):
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    token = make_token()
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert record_exists(redis_conn, token)  # filled by the on_commit hook
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert cache.get_client().stats()["hits"] == 1
+
+
+def test_nothing_cached_inside_a_transaction_before_commit(make_token, redis_conn):
+    token = make_token()
+    with transaction.atomic():
+        assert accepted(token)
+        assert not record_exists(redis_conn, token)
+    assert record_exists(redis_conn, token)
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="REPEATABLE READ snapshots: PostgreSQL")
+def test_old_snapshot_is_not_cached(make_token, redis_conn):
+    token = make_token()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        assert AuthToken.objects.count() == 1  # the snapshot is taken here
+        thread, box = in_thread(lambda: AuthToken.objects.all().delete())
+        thread.join(10)
+        assert "error" not in box, box
+        assert accepted(token)  # the snapshot still holds the row, as it would for knox
+    assert not record_exists(redis_conn, token)  # the refill after commit read the truth
+    assert not accepted(token)
+
+
+def test_primary_only_even_with_replicas_listed(settings, make_token, redis_server):
+    settings.CACHES = {
+        **settings.CACHES,
+        "redis": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            # A replica that doesn't exist: any read or write sent there would fail.
+            "LOCATION": [redis_server.url, "redis://127.0.0.1:1/0"],
+        },
+    }
+    token = make_token()
+    for _ in range(3):
+        assert accepted(token)
+    stats = cache.get_client().stats()
+    assert stats["hits"] == 2 and stats["errors"] == 0
+
+
+def test_stress_no_request_accepted_after_its_revocation_returned(user, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0, "TOKEN_TTL": timedelta(hours=1)}
+    tokens = [AuthToken.objects.create(user=user)[1] for _ in range(12)]
+    revoked_at: dict[str, float] = {}
+    violations: list[tuple[str, float, float]] = []
+    stop = threading.Event()
+    counts = {"accepted": 0, "rejected": 0}
+    lock = threading.Lock()
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            token = rng.choice(tokens)
+            started = time.monotonic()
+            ok = accepted(token)
+            with lock:
+                counts["accepted" if ok else "rejected"] += 1
+                ended_before = revoked_at.get(token)
+                if ok and ended_before is not None and started > ended_before:
+                    violations.append((token[:8], started, ended_before))
+
+    def revoker() -> None:
+        for token in tokens[:8]:
+            time.sleep(0.15)
+            AuthToken.objects.filter(token_key=token[:15]).delete()
+            with lock:
+                revoked_at[token] = time.monotonic()
+
+    readers = [in_thread(reader, i)[0] for i in range(4)]
+    thread, box = in_thread(revoker)
+    thread.join(30)
+    time.sleep(0.2)
+    stop.set()
+    for r in readers:
+        r.join(30)
+    assert "error" not in box, box
+    assert violations == []
+    assert counts["accepted"] > 50 and counts["rejected"] > 10, counts
+    assert cache.get_client().stats()["hits"] > 0
