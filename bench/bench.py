@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib.metadata import version
@@ -346,7 +346,7 @@ def _worker(
 def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Result:
     from knox_redis import cache
 
-    with scenario.context() if scenario.context else _nothing():
+    with scenario.context() if scenario.context else nullcontext():
         shares = [requests // threads + (1 if i < requests % threads else 0) for i in range(threads)]
         warm_tokens = pool.take(threads)
         if scenario.cold:
@@ -382,9 +382,13 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
         elapsed = time.perf_counter() - started
         after = cache.get_client().stats()
 
-    for outcome in outcomes:
-        if outcome.error is not None:
-            raise BenchError(f"{scenario.name}, {threads} thread(s): {outcome.error!r}") from outcome.error
+    # The first real error, not the BrokenBarrierError it caused in the other threads.
+    errors = sorted(
+        (o.error for o in outcomes if o.error is not None),
+        key=lambda e: isinstance(e, threading.BrokenBarrierError),
+    )
+    if errors:
+        raise BenchError(f"{scenario.name}, {threads} thread(s): {errors[0]!r}") from errors[0]
 
     latencies = sorted(latency for outcome in outcomes for latency in outcome.latencies)
     assert len(latencies) == requests
@@ -402,11 +406,6 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
     )
     _check(scenario, result)
     return result
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _percentile(ordered: list[float], p: float) -> float:

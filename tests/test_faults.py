@@ -1,0 +1,182 @@
+"""Redis down, hung, cut off mid-run, restarted, or full of garbage: requests fall back to the
+database quickly, and a revocation is never lost."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import pytest
+from knox.models import AuthToken
+
+from knox_redis import cache
+from tests.conftest import auth_header
+from tests.servers import RedisServer, TcpProxy, free_port
+
+
+@pytest.fixture
+def proxy(redis_server):
+    p = TcpProxy(redis_server.port)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def via(settings):
+    """Point knox_redis at a URL (the settings change rebuilds the client)."""
+
+    def via(url: str, cooldown: float = 2.0) -> None:
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": url,
+            "CIRCUIT_BREAKER_COOLDOWN": cooldown,
+        }
+
+    return via
+
+
+def get(client, token):
+    started = time.perf_counter()
+    response = client.get("/api/whoami/", **auth_header(token))
+    return response.status_code, time.perf_counter() - started
+
+
+def test_redis_down_falls_back_fast_and_logs_once(client, make_token, via, caplog):
+    via(f"redis://127.0.0.1:{free_port()}/0")
+    cache._last_warning.clear()
+    token = make_token()
+    with caplog.at_level(logging.WARNING, logger="knox_redis"):
+        timings = [get(client, token) for _ in range(20)]
+    assert all(status == 200 for status, _ in timings)
+    assert max(t for _, t in timings) < 0.5
+    stats = cache.get_client().stats()
+    assert stats["short_circuits"] >= 19  # the breaker spared all but the first
+    warnings = [r for r in caplog.records if r.name == "knox_redis" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_hung_redis_costs_one_timeout_then_the_breaker_opens(client, make_token, proxy, via):
+    via(proxy.url)
+    token = make_token()
+    assert get(client, token)[0] == 200
+    assert get(client, token)[0] == 200  # a hit
+    proxy.blackhole()  # connections stay open; nothing answers
+    first_status, first_time = get(client, token)
+    later = [get(client, token) for _ in range(10)]
+    assert first_status == 200 and 0.15 < first_time < 0.8, first_time
+    assert all(s == 200 and t < 0.1 for s, t in later), later
+
+
+def test_cut_mid_run_then_heal(client, make_token, proxy, via):
+    via(proxy.url, cooldown=0.05)
+    token = make_token()
+    statuses = []
+    for i in range(60):
+        if i == 20:
+            proxy.cut()
+        if i == 40:
+            proxy.heal()
+            time.sleep(0.1)
+        statuses.append(get(client, token)[0])
+    assert statuses == [200] * 60
+    stats = cache.get_client().stats()
+    assert stats["errors"] >= 1
+    # Served from Redis before the cut and again after it healed.
+    assert stats["hits"] >= 30, stats
+
+
+def test_logout_refused_while_redis_unreachable_and_token_stays_consistent(client, make_token, proxy, via):
+    via(proxy.url, cooldown=0.05)
+    token = make_token()
+    assert get(client, token)[0] == 200
+    proxy.cut()
+    response = client.post("/api/logout/", **auth_header(token))
+    assert response.status_code == 503
+    assert AuthToken.objects.count() == 1  # refused: the database is unchanged
+    proxy.heal()
+    time.sleep(0.1)
+    assert get(client, token)[0] == 200  # still valid everywhere, as the database says
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert get(client, token)[0] == 401
+
+
+def test_logoutall_refused_while_redis_unreachable(client, make_token, proxy, via):
+    via(proxy.url, cooldown=0.05)
+    tokens = [make_token() for _ in range(3)]
+    for t in tokens:
+        get(client, t)
+    proxy.cut()
+    assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 503
+    assert AuthToken.objects.count() == 3
+
+
+def test_expired_sibling_cleanup_works_with_redis_down(client, make_token, via, user):
+    via(f"redis://127.0.0.1:{free_port()}/0")
+    token = make_token()
+    make_token(expiry=timedelta(seconds=-1))
+    assert get(client, token)[0] == 200  # knox's cleanup deleted the expired sibling: no 503
+    assert AuthToken.objects.filter(user=user).count() == 1
+
+
+def test_redis_restart_is_invisible(client, make_token, via, settings):
+    server = RedisServer().start()
+    try:
+        via(server.url, cooldown=0.05)
+        token = make_token()
+        assert [get(client, token)[0] for _ in range(3)] == [200] * 3
+        server.stop()
+        server.start()  # same port, empty: pooled connections are stale
+        assert get(client, token)[0] == 200
+        stats = cache.get_client().stats()
+        assert stats["errors"] == 0, stats  # the stale connection was retried on a new one
+        assert get(client, token)[0] == 200
+        assert cache.get_client().stats()["hits"] >= 3
+    finally:
+        server.stop()
+
+
+class TestGarbageInRedis:
+    def key(self, token):
+        return f"knox:token:{token[:15]}"
+
+    def field(self, token):
+        return f"r:{AuthToken.objects.get(token_key=token[:15]).digest[:32]}"
+
+    @pytest.mark.parametrize(
+        "junk",
+        [b"", b"not json", b"\xff\xfe\x00", b'{"v":1,"u":1', b'{"v":9,"u":1,"c":1,"e":null,"f":1}', b"[]",
+         b'{"v":1,"u":[1],"c":1,"e":null,"f":99999999999999999}'],
+    )
+    def test_junk_record_is_a_miss_and_is_overwritten(self, client, make_token, redis_conn, junk):
+        token = make_token()
+        get(client, token)
+        redis_conn.hset(self.key(token), self.field(token), junk)
+        assert get(client, token)[0] == 200
+        assert cache.get_client().stats()["undecodable"] == 1
+        assert get(client, token)[0] == 200
+        assert cache.get_client().stats()["hits"] == 1
+
+    def test_wrong_type_key_is_replaced(self, client, make_token, redis_conn):
+        token = make_token()
+        redis_conn.set(self.key(token), b'{"digest": "left by another package"}')
+        assert get(client, token)[0] == 200
+        assert get(client, token)[0] == 200
+        assert cache.get_client().stats()["hits"] == 1
+
+    def test_wrong_type_user_index_is_replaced(self, client, make_token, redis_conn, user):
+        redis_conn.set(f"knox:user:{user.pk}:tokens", b"junk")
+        token = make_token()
+        assert [get(client, token)[0] for _ in range(2)] == [200, 200]
+        assert redis_conn.type(f"knox:user:{user.pk}:tokens") == b"set"
+
+    def test_record_pointing_at_a_missing_user_falls_back(self, client, make_token, redis_conn):
+        token = make_token()
+        get(client, token)
+        redis_conn.hset(self.key(token), self.field(token), b'{"v":1,"u":"abc","c":0,"e":null,"f":99999999999999999}')
+        assert get(client, token)[0] == 200  # the database path decides
+
+    def test_unknown_token_sharing_a_token_key_is_rejected(self, client, make_token, redis_conn):
+        token = make_token()
+        fake = token[:15] + "0" * (len(token) - 15)
+        assert get(client, fake)[0] == 401
