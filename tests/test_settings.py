@@ -1,0 +1,105 @@
+"""REST_KNOX_REDIS: validated at startup with clear messages, reloaded by override_settings."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from knox_redis import cache
+from knox_redis.checks import check_settings
+from knox_redis.settings import RedisTarget, knox_redis_settings, parse_redis_url, redis_target
+
+
+def target_for(location, backend="django_redis.cache.RedisCache", options=None) -> RedisTarget:
+    caches = {"redis": {"BACKEND": backend, "LOCATION": location, "OPTIONS": options or {}}}
+    with override_settings(CACHES=caches, REST_KNOX_REDIS={"CACHE_ALIAS": "redis"}):
+        return redis_target()
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("redis://127.0.0.1:6380/2", RedisTarget(host="127.0.0.1", port=6380, db=2)),
+        ("redis://h:6379?db=3", RedisTarget(host="h", db=3)),
+        ("redis://:secret@h/1", RedisTarget(host="h", db=1, password="secret")),
+        ("redis://user:p%40ss@h/0", RedisTarget(host="h", username="user", password="p@ss")),
+        ("unix:///run/redis.sock?db=4", RedisTarget(unix_path="/run/redis.sock", db=4)),
+        ("redis://primary:6379/0,redis://replica:6379/0", RedisTarget(host="primary")),
+        (["redis://primary:6379/5", "redis://replica:6379/5"], RedisTarget(host="primary", db=5)),
+    ],
+)
+def test_location_parsing(location, expected):
+    assert target_for(location) == expected
+
+
+def test_django_builtin_backend_and_options_password():
+    target = target_for(
+        "redis://h:6379/1;redis://r:6379/1",
+        backend="django.core.cache.backends.redis.RedisCache",
+        options={"PASSWORD": "pw"},
+    )
+    assert target == RedisTarget(host="h", db=1, password="pw")
+
+
+def test_redis_url_overrides_alias():
+    with override_settings(REST_KNOX_REDIS={"REDIS_URL": "redis://elsewhere:7000/9", "CACHE_ALIAS": "missing"}):
+        assert redis_target() == RedisTarget(host="elsewhere", port=7000, db=9)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"CACHE_ALIAS": "nope"}, "CACHES has no such cache"),
+        ({"CACHE_ALIAS": "default"}, "needs one of"),  # LocMemCache
+        ({"SOCKET_TIMEOUT": 0}, "SOCKET_TIMEOUT"),
+        ({"SOCKET_TIMEOUT": "fast"}, "SOCKET_TIMEOUT"),
+        ({"CACHE_ENABLED": "yes"}, "CACHE_ENABLED"),
+        ({"REDIS_KEY_PREFIX": "a:b"}, "REDIS_KEY_PREFIX"),
+        ({"REDIS_KEY_PREFIX": ""}, "REDIS_KEY_PREFIX"),
+        ({"CACHE_ALIASES": "redis"}, "unknown keys: CACHE_ALIASES"),
+        ({"REDIS_URL": "http://x"}, "Invalid Redis URL"),
+        ({"REDIS_URL": "rediss://x"}, "TLS"),
+    ],
+)
+def test_invalid_settings_fail_the_system_check(value, message):
+    with override_settings(REST_KNOX_REDIS=value):
+        errors = check_settings()
+        assert len(errors) == 1 and message in errors[0].msg, errors
+        assert errors[0].id == "knox_redis.E001"
+        with pytest.raises(SystemCheckError):
+            call_command("check")
+        with pytest.raises(ImproperlyConfigured):
+            knox_redis_settings.reload()
+            redis_target()
+
+
+def test_valid_settings_pass_the_check():
+    assert check_settings() == []
+
+
+def test_override_settings_reloads_values_and_client(settings):
+    first = cache.get_client()
+    assert first.key_prefix == "knox"
+    with override_settings(REST_KNOX_REDIS={**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "other"}):
+        assert knox_redis_settings.REDIS_KEY_PREFIX == "other"
+        assert cache.get_client().key_prefix == "other"
+    assert cache.get_client().key_prefix == "knox"
+
+
+def test_key_prefix_is_used(client, make_token, settings, redis_conn):
+    from tests.conftest import auth_header
+
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "myapp"}
+    token = make_token()
+    client.get("/api/whoami/", **auth_header(token))
+    keys = {k.decode() for k in redis_conn.keys("*")}
+    assert f"myapp:token:{token[:15]}" in keys
+    assert any(k.startswith("myapp:user:") and k.endswith(":tokens") for k in keys)
+
+
+def test_parse_url_rejects_garbage():
+    with pytest.raises(ImproperlyConfigured):
+        parse_redis_url("not a url", options={})
