@@ -144,3 +144,19 @@ def test_ttl_never_exceeds_expiry(client, make_token, warm, redis_conn):
     token = make_token(expiry=timedelta(seconds=30))
     warm(token)
     assert 0 < redis_conn.pttl(f"knox:token:{token[:15]}") <= 60_000  # the 60 s lease at most
+
+
+def test_clear_expired_command(client, make_token, warm, user, redis_conn):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    live = make_token()
+    warm(live)
+    for _ in range(7):
+        make_token(expiry=timedelta(seconds=-1))
+    out = StringIO()
+    call_command("knox_clear_expired", "--batch-size", "3", stdout=out)
+    assert "Deleted 7 expired token(s)." in out.getvalue()
+    assert AuthToken.objects.filter(user=user).count() == 1
+    assert client.get("/api/whoami/", **auth_header(live)).status_code == 200
