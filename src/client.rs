@@ -1,11 +1,11 @@
-//! `TokenCache`: the Redis side of knox_redis. Every network call releases the GIL, runs under
+//! `TokenCache`: the Redis side of `knox_redis`. Every network call releases the GIL, runs under
 //! connect and read timeouts, and goes through the circuit breaker; every multi-key write is a
 //! single Lua script, so a hung server costs one timeout, not one per command.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use once_cell::sync::Lazy;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyString};
@@ -18,9 +18,9 @@ use crate::hashing::field_id;
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{Record, UserPk, VERSION};
 
-static LOOKUP: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/lookup.lua")));
-static FILL: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/fill.lua")));
-static REVOKE: Lazy<Script> = Lazy::new(|| Script::new(include_str!("lua/revoke.lua")));
+static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
+static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
+static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
 
 #[derive(Default)]
 struct Stats {
@@ -307,7 +307,7 @@ impl TokenCache {
         Ok(removed)
     }
 
-    /// Round trip to Redis (through the breaker); raises CacheUnavailable if it can't.
+    /// Round trip to Redis (through the breaker); raises `CacheUnavailable` if it can't.
     fn ping(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.call(|conn| redis::cmd("PING").query::<()>(conn)))?;
         Ok(())
