@@ -150,7 +150,7 @@ impl TokenCache {
     #[new]
     #[pyo3(signature = (
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
-        key_prefix = "knox".to_string(), connect_timeout = 0.2, socket_timeout = 0.2,
+        tls = false, tls_ca_certs = None, key_prefix = "knox".to_string(), connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -161,6 +161,8 @@ impl TokenCache {
         db: i64,
         username: Option<String>,
         password: Option<String>,
+        tls: bool,
+        tls_ca_certs: Option<String>,
         key_prefix: String,
         connect_timeout: f64,
         socket_timeout: f64,
@@ -168,10 +170,18 @@ impl TokenCache {
         max_idle: usize,
         lease_ms: u64,
     ) -> PyResult<Self> {
-        let addr = match (unix_path, host) {
-            (Some(path), _) => ConnectionAddr::Unix(path.into()),
-            (None, Some(host)) => ConnectionAddr::Tcp(host, port),
-            (None, None) => ConnectionAddr::Tcp("127.0.0.1".into(), port),
+        let host = host.unwrap_or_else(|| "127.0.0.1".into());
+        let addr = match unix_path {
+            Some(path) => ConnectionAddr::Unix(path.into()),
+            None if tls => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+            None => ConnectionAddr::Tcp(host, port),
+        };
+        let root_cert = match tls_ca_certs {
+            Some(path) => Some(
+                std::fs::read(&path)
+                    .map_err(|e| Error::Invalid(format!("cannot read tls_ca_certs {path:?}: {e}")))?,
+            ),
+            None => None,
         };
         let mut redis_info = RedisConnectionInfo::default().set_db(db).set_skip_set_lib_name();
         if let Some(username) = username {
@@ -190,6 +200,7 @@ impl TokenCache {
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
             io_timeout: seconds(socket_timeout, "socket_timeout")?,
             max_idle,
+            root_cert,
         })
         .map_err(|e| Error::from_redis(&e))?;
         if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {

@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::{Client, Connection, ConnectionInfo, RedisResult};
+use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
 pub struct PoolConfig {
     pub info: ConnectionInfo,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
     pub max_idle: usize,
+    /// PEM roots to trust instead of the system's, for `rediss://` with a private CA.
+    pub root_cert: Option<Vec<u8>>,
 }
 
 struct Idle {
@@ -35,8 +37,15 @@ pub struct Checkout {
 
 impl Pool {
     pub fn new(config: PoolConfig) -> RedisResult<Self> {
+        let client = match config.root_cert {
+            Some(root_cert) => Client::build_with_tls(
+                config.info,
+                TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+            )?,
+            None => Client::open(config.info)?,
+        };
         Ok(Pool {
-            client: Client::open(config.info)?,
+            client,
             connect_timeout: config.connect_timeout,
             io_timeout: config.io_timeout,
             max_idle: config.max_idle,

@@ -29,6 +29,8 @@ def target_for(location, backend="django_redis.cache.RedisCache", options=None) 
         ("unix:///run/redis.sock?db=4", RedisTarget(unix_path="/run/redis.sock", db=4)),
         ("redis://primary:6379/0,redis://replica:6379/0", RedisTarget(host="primary")),
         (["redis://primary:6379/5", "redis://replica:6379/5"], RedisTarget(host="primary", db=5)),
+        ("rediss://h:6380/0?ssl_ca_certs=/ca.pem", RedisTarget(host="h", port=6380, tls=True, tls_ca_certs="/ca.pem")),
+        ("rediss://h:6380/0", RedisTarget(host="h", port=6380, tls=True)),
     ],
 )
 def test_location_parsing(location, expected):
@@ -42,6 +44,11 @@ def test_django_builtin_backend_and_options_password():
         options={"PASSWORD": "pw"},
     )
     assert target == RedisTarget(host="h", db=1, password="pw")
+
+
+def test_tls_ca_from_django_redis_pool_kwargs():
+    target = target_for("rediss://h/0", options={"CONNECTION_POOL_KWARGS": {"ssl_ca_certs": "/ca.pem"}})
+    assert target == RedisTarget(host="h", tls=True, tls_ca_certs="/ca.pem")
 
 
 def test_redis_url_overrides_alias():
@@ -61,7 +68,7 @@ def test_redis_url_overrides_alias():
         ({"REDIS_KEY_PREFIX": ""}, "REDIS_KEY_PREFIX"),
         ({"CACHE_ALIASES": "redis"}, "unknown keys: CACHE_ALIASES"),
         ({"REDIS_URL": "http://x"}, "Invalid Redis URL"),
-        ({"REDIS_URL": "rediss://x"}, "TLS"),
+        ({"REDIS_URL": "rediss://x?ssl_cert_reqs=none"}, "always verifies"),
     ],
 )
 def test_invalid_settings_fail_the_system_check(value, message):

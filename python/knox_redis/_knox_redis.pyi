@@ -23,6 +23,8 @@ class TokenCache:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
+        tls: bool = False,
+        tls_ca_certs: str | None = None,
         key_prefix: str = "knox",
         connect_timeout: float = 0.2,
         socket_timeout: float = 0.2,

@@ -81,6 +81,8 @@ def get_client() -> _knox_redis.TokenCache:
                     db=target.db,
                     username=target.username,
                     password=target.password,
+                    tls=target.tls,
+                    tls_ca_certs=target.tls_ca_certs,
                     key_prefix=knox_redis_settings.REDIS_KEY_PREFIX,
                     connect_timeout=float(knox_redis_settings.SOCKET_CONNECT_TIMEOUT),
                     socket_timeout=float(knox_redis_settings.SOCKET_TIMEOUT),

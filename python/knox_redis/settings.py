@@ -49,6 +49,7 @@ class RedisTarget:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    tls_ca_certs: str | None = None
 
 
 class KnoxRedisSettings:
@@ -140,6 +141,14 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     scheme = urlsplit(url).scheme
     password = options.get("PASSWORD") or options.get("password") or kwargs.get("password")
     db = kwargs.get("db", options.get("db", 0))
+    # TLS options as redis-py takes them: in the URL query, in OPTIONS (Django's RedisCache),
+    # or in OPTIONS["CONNECTION_POOL_KWARGS"] (django-redis).
+    tls_options = {**(options.get("CONNECTION_POOL_KWARGS") or {}), **options, **kwargs}
+    if str(tls_options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+        raise ImproperlyConfigured(
+            f"{url!r}: knox_redis always verifies the Redis server's certificate "
+            "(ssl_cert_reqs must be 'required'); trust a private CA with ssl_ca_certs."
+        )
     target = RedisTarget(
         host=kwargs.get("host"),
         port=int(kwargs.get("port") or 6379),
@@ -148,11 +157,8 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
         username=unquote(kwargs["username"]) if kwargs.get("username") else options.get("username"),
         password=password,
         tls=scheme == "rediss",
+        tls_ca_certs=tls_options.get("ssl_ca_certs") if scheme == "rediss" else None,
     )
-    if target.tls:
-        raise ImproperlyConfigured(
-            f"{url!r}: rediss:// (TLS) is not supported by this build of knox_redis yet."
-        )
     return target
 
 

@@ -1,0 +1,94 @@
+"""rediss:// against a real TLS redis-server with a private CA (made here with openssl)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from knox_redis import _knox_redis, cache
+from tests.conftest import auth_header
+from tests.servers import free_port, redis_server_binary
+
+
+def _supports_tls() -> bool:
+    try:
+        # Listening nowhere makes it exit at once; without TLS support, tls-port is unknown.
+        out = subprocess.run([redis_server_binary(), "--port", "0", "--tls-port", "0", "--save", ""],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Unrecognized option" not in (out.stdout + out.stderr) and "Bad directive" not in (out.stdout + out.stderr)
+
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None or not _supports_tls(),
+    reason="needs openssl and a redis-server built with TLS",
+)
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=knox-redis test CA", cwd=d)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    port = free_port()
+    process = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "server.key"),
+         "--tls-ca-cert-file", str(d / "ca.pem"), "--tls-auth-clients", "no", "--save", "", "--dir", str(d)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    context = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost"):
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    yield port, str(d / "ca.pem")
+    process.terminate()
+    process.wait(10)
+
+
+def test_native_client_verifies_with_private_ca(tls_server):
+    port, ca = tls_server
+    _knox_redis.TokenCache(host="localhost", port=port, tls=True, tls_ca_certs=ca).ping()
+
+
+def test_untrusted_server_certificate_is_refused(tls_server):
+    port, _ca = tls_server
+    client = _knox_redis.TokenCache(host="localhost", port=port, tls=True, breaker_cooldown=0)
+    with pytest.raises(_knox_redis.CacheError):
+        client.ping()
+
+
+def test_authentication_over_rediss(tls_server, settings, client, make_token):
+    port, ca = tls_server
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": f"rediss://localhost:{port}/0?ssl_ca_certs={ca}"}
+    token = make_token()
+    for _ in range(3):
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    stats = cache.get_client().stats()
+    assert stats["hits"] == 2 and stats["errors"] == 0, stats
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
