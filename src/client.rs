@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyString};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyString};
 use redis::io::tcp::TcpSettings;
 use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
 
@@ -63,7 +63,13 @@ impl TokenCache {
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
     /// a reused one that turns out to be closed (Redis restarted) is retried once on a new one.
     fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        if !self.breaker.allow() {
+        self.call_with(true, op)
+    }
+
+    /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
+    /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
+    fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+        if use_breaker && !self.breaker.allow() {
             bump(&self.stats.short_circuits);
             return Err(Error::CircuitOpen);
         }
@@ -106,7 +112,11 @@ impl TokenCache {
 
 fn user_pk_from_py(value: &Bound<'_, PyAny>) -> PyResult<UserPk> {
     if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() {
-        return Ok(UserPk::Int(value.extract()?));
+        // Beyond i64 (a Decimal-like big key): keep its digits; Django's to_python reads them back.
+        return Ok(match value.extract::<i64>() {
+            Ok(pk) => UserPk::Int(pk),
+            Err(_) => UserPk::Str(value.str()?.extract()?),
+        });
     }
     if value.is_instance_of::<PyString>() {
         return Ok(UserPk::Str(value.extract()?));
@@ -215,16 +225,27 @@ impl TokenCache {
         })
     }
 
-    /// One round trip: `(record or None, generation)`. The record is
+    /// One round trip: `(record or None, generation or None)`. The record is
     /// `(user_pk, created_us, expiry_us or None, fresh_until_us)`; an undecodable one is None.
-    fn lookup(&self, py: Python<'_>, token_key: &str, digest: &str) -> PyResult<(Option<Py<PyAny>>, String)> {
+    /// The generation is opaque bytes; with `create`, a missing one is created.
+    #[pyo3(signature = (token_key, digest, create = false))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        token_key: &str,
+        digest: &str,
+        create: bool,
+    ) -> PyResult<(Option<Py<PyAny>>, Option<Py<PyBytes>>)> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
-        let (raw, generation): (Option<Vec<u8>>, String) = py.detach(|| {
-            self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn))
+        let (raw, generation): (Option<Vec<u8>>, Option<Vec<u8>>) = py.detach(|| {
+            self.call(|conn| {
+                LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn)
+            })
         })?;
+        let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
         let record = raw.and_then(|bytes| {
             let decoded = Record::decode(&bytes);
             if decoded.is_none() {
@@ -250,7 +271,7 @@ impl TokenCache {
         py: Python<'_>,
         token_key: &str,
         digest: &str,
-        generation: &str,
+        generation: &[u8],
         user_pk: &Bound<'_, PyAny>,
         created_us: i64,
         expiry_us: Option<i64>,
@@ -293,10 +314,13 @@ impl TokenCache {
         let mut token_keys = Vec::with_capacity(tokens.len());
         let mut index_keys = Vec::with_capacity(tokens.len());
         let mut ids = Vec::with_capacity(tokens.len());
+        let mut members = Vec::with_capacity(tokens.len());
         for (token_key, digest, user_pk) in &tokens {
+            let id = id_of(digest)?.to_owned();
             token_keys.push(self.token_key_name(token_key));
             index_keys.push(self.user_key_name(&user_pk_from_py(user_pk)?));
-            ids.push(id_of(digest)?.to_owned());
+            members.push(format!("{id}{token_key}"));
+            ids.push(id);
         }
         let user_keys = users
             .iter()
@@ -307,10 +331,10 @@ impl TokenCache {
         }
         let seed = new_generation();
         let removed: i64 = py.detach(|| {
-            self.call(|conn| {
+            self.call_with(false, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
                 invocation.key(&token_keys).key(&index_keys).key(&user_keys);
-                invocation.arg(ids.len()).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(&ids);
+                invocation.arg(ids.len()).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(&ids).arg(&members);
                 invocation.invoke(conn)
             })
         })?;

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 pub const VERSION: u8 = 1;
 
+/// 9999-12-31T23:59:59.999999Z in microseconds: the last instant a `datetime` can hold.
+pub const MAX_US: i64 = 253_402_300_799_999_999;
+
 /// A user primary key: the integer and string (UUID, slug) keys Django models use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -38,10 +41,15 @@ impl Record {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// `None` for anything that is not a record this version wrote.
+    /// `None` for anything that is not a record this version wrote, including times that
+    /// Python's `datetime` can't represent (garbage must be a miss, never an `OverflowError`).
     pub fn decode(bytes: &[u8]) -> Option<Record> {
         let record: Record = serde_json::from_slice(bytes).ok()?;
-        (record.version == VERSION).then_some(record)
+        let times_ok = [Some(record.created_us), record.expiry_us, Some(record.fresh_until_us)]
+            .into_iter()
+            .flatten()
+            .all(|us| (0..=MAX_US).contains(&us));
+        (record.version == VERSION && times_ok).then_some(record)
     }
 }
 
@@ -73,6 +81,14 @@ mod tests {
         let mut rec = sample(UserPk::Int(1));
         rec.version = 2;
         assert_eq!(Record::decode(rec.encode().as_bytes()), None);
+    }
+
+    #[test]
+    fn out_of_range_times_are_none() {
+        for (c, e, f) in [(-1, None, 1), (1, Some(MAX_US + 1), 1), (1, None, i64::MAX), (i64::MIN, Some(1), 1)] {
+            let rec = Record { version: VERSION, user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
+            assert_eq!(Record::decode(rec.encode().as_bytes()), None, "{c} {e:?} {f}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "knox",
     "knox_redis",
+    "tests.testapp",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

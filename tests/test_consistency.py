@@ -54,26 +54,39 @@ def record_exists(redis_conn, token: str) -> bool:
     return any(f.startswith(b"r:") for f in redis_conn.hkeys(f"knox:token:{token[:15]}"))
 
 
-def test_late_fill_cannot_resurrect_a_logged_out_token(make_token, redis_conn, monkeypatch):
+@pytest.mark.parametrize(
+    ("seen_before", "pause_in"),
+    [
+        (True, "_fill"),  # generation known: knox's read, then a direct fill
+        (False, "_fill"),  # first sight: generation created, row re-read, then the fill
+        (False, "_refill"),  # first sight, paused before the generation is even created
+    ],
+)
+def test_late_fill_cannot_resurrect_a_logged_out_token(make_token, redis_conn, monkeypatch, seen_before, pause_in):
     token = make_token()
+    if seen_before:
+        assert accepted(token)
+        key = f"knox:token:{token[:15]}"
+        redis_conn.hdel(key, *[f for f in redis_conn.hkeys(key) if f.startswith(b"r:")])  # record lapsed
     read_done, may_fill = threading.Event(), threading.Event()
-    real_store = cache.store
+    real = getattr(cache, pause_in)
 
-    def store_after_logout(auth_token, generation):
+    def paused(*args):
         read_done.set()  # the DB row has been read: the token was valid then
         assert may_fill.wait(10)
-        real_store(auth_token, generation)
+        return real(*args)
 
-    monkeypatch.setattr(cache, "store", store_after_logout)
+    monkeypatch.setattr(cache, pause_in, paused)
     thread, box = in_thread(accepted, token)
     assert read_done.wait(10)
     AuthToken.objects.get().delete()  # logout returns here
     may_fill.set()
     thread.join(10)
-    assert box.get("result") is True  # the request began before the logout: fine
-    monkeypatch.setattr(cache, "store", real_store)
+    assert box.get("result") is True, box  # the request began before the logout: fine
+    monkeypatch.setattr(cache, pause_in, real)
     assert not record_exists(redis_conn, token)
-    assert cache.get_client().stats()["fills_refused"] == 1
+    if pause_in == "_fill":
+        assert cache.get_client().stats()["fills_refused"] == 1
     assert not accepted(token)
 
 

@@ -61,8 +61,9 @@ def test_logoutall_costs_constant_round_trips(client, make_token, redis_conn, co
 def test_logoutall_stops_a_fill_in_flight_for_an_uncached_token(client, make_token, user):
     caller, other = make_token(), make_token()
     other_row = AuthToken.objects.get(token_key=other[:15])
-    # A request for `other` looked it up (miss) and read its row; its fill is still to come.
-    found = cache.lookup(other[:15], other_row.digest)
+    # A request for `other` missed, was authenticated by the database, took a generation and
+    # re-read its row; its fill is still to come.
+    found = cache.lookup(other[:15], other_row.digest, create=True)
     assert found is not None and found.record is None
     assert client.post("/api/logoutall/", **auth_header(caller)).status_code == 204
     assert cache._fill(other_row, found.generation) is False

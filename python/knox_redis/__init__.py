@@ -26,7 +26,7 @@ def invalidate_token(token: Any) -> None:
     """
     from knox_redis import cache
 
-    cache.revoke([token], required=True)
+    cache.revoke([token])
 
 
 def invalidate_user_tokens(user: Any) -> None:
@@ -41,4 +41,4 @@ def invalidate_user_tokens(user: Any) -> None:
 
     user_pk = getattr(user, "pk", user)
     tokens = list(get_token_model()._base_manager.filter(user_id=user_pk))
-    cache.revoke(tokens, users=[user_pk], required=True)
+    cache.revoke(tokens, users=[user_pk])

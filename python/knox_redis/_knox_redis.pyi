@@ -32,12 +32,12 @@ class TokenCache:
         max_idle: int = 32,
         lease_ms: int = 60000,
     ) -> None: ...
-    def lookup(self, token_key: str, digest: str) -> tuple[CachedRecord | None, str]: ...
+    def lookup(self, token_key: str, digest: str, create: bool = False) -> tuple[CachedRecord | None, bytes | None]: ...
     def fill(
         self,
         token_key: str,
         digest: str,
-        generation: str,
+        generation: bytes,
         user_pk: int | str,
         created_us: int,
         expiry_us: int | None,

@@ -6,13 +6,18 @@ class KnoxRedisConfig(AppConfig):
     verbose_name = "Knox Redis cache"
 
     def ready(self) -> None:
+        from django.apps import apps
         from django.db.models.signals import post_save, pre_delete, pre_save
         from knox.models import get_token_model
 
         from knox_redis import checks, signals  # noqa: F401  (checks register themselves)
 
         token_model = get_token_model()
-        uid = "knox_redis"
-        pre_delete.connect(signals.revoke_before_delete, sender=token_model, dispatch_uid=f"{uid}.delete")
-        pre_save.connect(signals.revoke_before_update, sender=token_model, dispatch_uid=f"{uid}.update")
-        post_save.connect(signals.mark_saved, sender=token_model, dispatch_uid=f"{uid}.saved")
+        # The token model and its proxies: a delete through a proxy sends the proxy as sender,
+        # and with no receiver for it Django would fast-delete without any signal.
+        for model in apps.get_models():
+            if model._meta.concrete_model is token_model._meta.concrete_model:
+                uid = f"knox_redis.{model._meta.label}"
+                pre_delete.connect(signals.revoke_before_delete, sender=model, dispatch_uid=f"{uid}.delete")
+                pre_save.connect(signals.revoke_before_update, sender=model, dispatch_uid=f"{uid}.update")
+                post_save.connect(signals.mark_saved, sender=model, dispatch_uid=f"{uid}.saved")

@@ -64,41 +64,45 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
 
     def authenticate_credentials(self, token: bytes) -> tuple[Any, Any]:
         text = decode_token(token)
-        if not knox_redis_settings.CACHE_ENABLED:
-            return super().authenticate_credentials(text.encode())
-
         token_key = text[: CONSTANTS.TOKEN_KEY_LENGTH]
         digest = hash_token(text)
-        found = cache.lookup(token_key, digest)
+        # knox's renew_token may save a longer expiry: an extension, not an edit to revoke.
         with refreshing(digest):
+            if not knox_redis_settings.CACHE_ENABLED:
+                return super().authenticate_credentials(text.encode())
+            found = cache.lookup(token_key, digest)
             if found is not None and found.record is not None:
                 result = self._authenticate_cached(token_key, digest, found)
                 if result is not None:
                     return result
             user, auth_token = super().authenticate_credentials(text.encode())
         if found is not None:
-            cache.store(auth_token, found.generation)
+            cache.store(auth_token, found)
         return user, auth_token
 
     def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
         """Authenticate from the record; None sends the request down knox's database path."""
         record = found.record
-        assert record is not None
-        now = timezone.now()
-        if record.fresh_until <= now:
+        if record is None:
             return None
         token_model = get_token_model()
         user = _load_user(token_model, record.user_pk)
         if user is None:
             return None
-        auth_token = token_model(
-            digest=digest, token_key=token_key, user=user, created=record.created, expiry=record.expiry
+        # As if loaded from the database: any field a custom TOKEN_MODEL adds is deferred, so
+        # reading it loads the real value instead of a default.
+        auth_token = token_model.from_db(
+            router.db_for_read(token_model),
+            ["digest", "token_key", "user_id", "created", "expiry"],
+            [digest, token_key, user.pk, record.created, record.expiry],
         )
-        auth_token._state.adding = False
-        auth_token._state.db = router.db_for_read(token_model, instance=auth_token)
+        auth_token.user = user
 
+        now = timezone.now()
         if auth_token.expiry is not None and auth_token.expiry < now:
             return self._expire(auth_token, now)
+        if record.fresh_until <= now:
+            return None  # re-read (and re-cache) from the database
         if knox_settings.AUTO_REFRESH and auth_token.expiry:
             if not self._renew(auth_token, found.generation):
                 return None
@@ -112,7 +116,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         token_expired.send(sender=self.__class__, username=auth_token.user.get_username(), source="auth_token")
         raise exceptions.AuthenticationFailed(INVALID_TOKEN)
 
-    def _renew(self, auth_token: Any, generation: str) -> bool:
+    def _renew(self, auth_token: Any, generation: bytes | None) -> bool:
         """knox's renew_token; if it saved a new expiry, cache that after commit."""
         using = router.db_for_write(type(auth_token), instance=auth_token)
         try:
@@ -132,5 +136,5 @@ def _load_user(token_model: Any, user_pk: Any) -> Any:
     try:
         pk = user_model._meta.pk.to_python(user_pk)
         return user_model._base_manager.get(pk=pk)
-    except (ObjectDoesNotExist, ValidationError, ValueError, TypeError):
+    except (ObjectDoesNotExist, ValidationError, ValueError, TypeError, OverflowError):
         return None

@@ -9,6 +9,7 @@ Policy lives here, in one place:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -55,10 +56,11 @@ class CachedToken:
 
 @dataclass(frozen=True)
 class Lookup:
-    """What Redis knows about a token: its record, if any, and the generation a fill needs."""
+    """What Redis knows about a token: its record, if any, and the generation a fill needs
+    (None until a request that the database authenticated has created one)."""
 
     record: CachedToken | None
-    generation: str
+    generation: bytes | None
 
 
 # --- the client -------------------------------------------------------------------------
@@ -102,6 +104,19 @@ def reset_client() -> None:
         _client = None
 
 
+def _forget_client_after_fork() -> None:
+    """In a forked child, drop the parent's client without touching its locks (another thread
+    of the parent may have held them at the fork). The child builds its own on first use; the
+    native pool would also refuse the parent's connections (it checks the pid)."""
+    global _client, _client_lock
+    _client_lock = threading.Lock()
+    _client = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_client_after_fork)
+
+
 # --- fail-open logging ------------------------------------------------------------------
 
 _last_warning: dict[str, float] = {}
@@ -121,78 +136,109 @@ def _warn(operation: str, exc: BaseException) -> None:
 # --- time -------------------------------------------------------------------------------
 
 
+# With USE_TZ = False, Django stores naive datetimes in the default time zone (TIME_ZONE), not
+# in whatever zone a request activated: convert with that one, or expiry would shift.
+
+
 def to_us(value: datetime) -> int:
     if timezone.is_naive(value):
-        value = timezone.make_aware(value)
+        value = timezone.make_aware(value, timezone.get_default_timezone())
     return (value - _EPOCH) // _MICROSECOND
 
 
 def from_us(value: int) -> datetime:
     moment = _EPOCH + value * _MICROSECOND
-    return moment if settings.USE_TZ else timezone.make_naive(moment)
+    return moment if settings.USE_TZ else timezone.make_naive(moment, timezone.get_default_timezone())
 
 
 # --- reads and fills (fail open) --------------------------------------------------------
 
 
-def lookup(token_key: str, digest: str) -> Lookup | None:
+def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | None:
     """One round trip; None when Redis can't answer (the caller uses the database alone)."""
     try:
-        raw, generation = get_client().lookup(token_key, digest)
+        raw, generation = get_client().lookup(token_key, digest, create)
+        record = None
+        if raw is not None:
+            user_pk, created_us, expiry_us, fresh_until_us = raw
+            record = CachedToken(
+                user_pk=user_pk,
+                created=from_us(created_us),
+                expiry=None if expiry_us is None else from_us(expiry_us),
+                fresh_until=from_us(fresh_until_us),
+            )
     except CacheError as exc:
         _warn("lookup", exc)
         return None
-    record = None
-    if raw is not None:
-        user_pk, created_us, expiry_us, fresh_until_us = raw
-        record = CachedToken(
-            user_pk=user_pk,
-            created=from_us(created_us),
-            expiry=None if expiry_us is None else from_us(expiry_us),
-            fresh_until=from_us(fresh_until_us),
-        )
+    except (OverflowError, ValueError) as exc:  # a record no datetime can hold: garbage
+        _warn("decode", exc)
+        return Lookup(None, None)
     return Lookup(record, generation)
 
 
-def store(token: Any, generation: str) -> None:
-    """Cache a token row this request read (or wrote) in the database.
+def store(token: Any, found: Lookup) -> None:
+    """Cache a token row this request read from the database, after looking it up (`found`).
 
-    Outside a transaction the row is committed data, read after `generation` was: fill now.
-    Inside one, the row may be uncommitted or from an old snapshot: after commit, read it
-    again under a new lookup and fill from that.
+    In autocommit mode the row is committed data, read after `found.generation` was: fill
+    now. Inside a transaction the row may be uncommitted or from an old snapshot: after
+    commit, read it again under a new lookup and fill from that. Without a generation yet
+    (the first request for this token), make one, then read the row again.
     """
     using = router.db_for_write(type(token), instance=token)
-    if transaction.get_connection(using).in_atomic_block:
-        transaction.on_commit(partial(_refill, token.token_key, token.digest, using), using=using)
-    else:
-        _fill(token, generation)
+    when = _when_committed(using)
+    if when == "now" and found.generation is not None:
+        _fill(token, found.generation)
+    elif when == "now":
+        _refill(token.token_key, token.digest, using)
+    elif when == "on_commit":
+        transaction.on_commit(partial(_refill, token.token_key, token.digest, using), using=using, robust=True)
 
 
-def store_refreshed(token: Any, generation: str) -> None:
-    """Cache a token whose new expiry this request just saved (UPDATE matched its row)."""
+def store_refreshed(token: Any, generation: bytes | None) -> None:
+    """Cache a token whose new expiry this request just saved (its UPDATE matched a row).
+
+    The UPDATE proved the row exists; the generation, read before it, proves no revocation
+    started since. Only the commit is missing."""
+    if generation is None:
+        return  # the record keeps the older, shorter expiry: safe
     using = router.db_for_write(type(token), instance=token)
-    # The UPDATE proved the row exists; the generation, read before it, proves no revocation
-    # started since. Only the commit is missing.
-    transaction.on_commit(partial(_fill, token, generation), using=using)
+    when = _when_committed(using)
+    if when == "now":
+        _fill(token, generation)
+    elif when == "on_commit":
+        transaction.on_commit(partial(_fill, token, generation), using=using, robust=True)
+
+
+def _when_committed(using: str) -> str:
+    """When what this connection reads or writes is known to be committed."""
+    connection = transaction.get_connection(using)
+    if connection.in_atomic_block:
+        return "on_commit"
+    if not connection.get_autocommit():
+        return "never"  # manual transaction management: on_commit isn't available
+    return "now"
 
 
 def _refill(token_key: str, digest: str, using: str) -> None:
-    found = lookup(token_key, digest)
-    if found is None:
+    found = lookup(token_key, digest, create=True)
+    if found is None or found.generation is None:
         return
     token = get_token_model()._base_manager.using(using).filter(digest=digest).first()
     if token is not None:
         _fill(token, found.generation)
 
 
-def _fill(token: Any, generation: str) -> bool:
+def _fill(token: Any, generation: bytes) -> bool:
     now = timezone.now()
+    # The record is re-read from the database after MAX_CACHE_TTL; the key itself lives no
+    # longer than the token.
     fresh_until = now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+    lifetime = fresh_until
     if token.expiry is not None:
         if token.expiry <= now:
             return False
-        fresh_until = min(fresh_until, token.expiry)
-    ttl_ms = max(1, int((fresh_until - now).total_seconds() * 1000))
+        lifetime = min(fresh_until, token.expiry)
+    ttl_ms = max(1, int((lifetime - now).total_seconds() * 1000))
     try:
         return get_client().fill(
             token.token_key,
@@ -224,37 +270,41 @@ def already_revoked(digest: str) -> bool:
     return digest in _already_revoked.get()
 
 
-def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), required: bool, using: str | None = None) -> None:
+# Tokens per script call: logoutall of a user with many tokens must not block Redis, nor
+# outlast SOCKET_TIMEOUT, in one script.
+REVOKE_BATCH = 500
+
+
+def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | None = None) -> None:
     """Revoke cached tokens before their rows change or go; again after commit.
 
-    With `required`, a failure raises RevocationUnavailable (the caller's transaction rolls
-    back, the token stays valid everywhere). Without it, the failure is only logged: callers
-    pass required=False only for tokens that every cache reader already rejects (expired).
+    Raises RevocationUnavailable when Redis can't be told: the caller's transaction rolls
+    back and the token stays valid everywhere, as the database says.
     """
     entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:
         return
     tombstone_ms = int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000)
+    batches = [entries[i : i + REVOKE_BATCH] for i in range(0, len(entries), REVOKE_BATCH)] or [[]]
     try:
-        get_client().revoke(entries, user_pks, tombstone_ms)
+        for i, batch in enumerate(batches):
+            get_client().revoke(batch, user_pks if i == len(batches) - 1 else [], tombstone_ms)
     except CacheError as exc:
-        if required:
-            logger.error("knox_redis: refusing to revoke tokens while Redis is unreachable: %s", exc)
-            raise RevocationUnavailable() from exc
-        _warn("revoke", exc)
-        return
+        logger.error("knox_redis: refusing to revoke tokens while Redis is unreachable: %s", exc)
+        raise RevocationUnavailable() from exc
     # After commit, revoke once more without a tombstone: a reader that looked the token up
     # after the first revocation but read the row before the commit can't fill it now.
     if using is None:
         using = router.db_for_write(get_token_model())
     if transaction.get_connection(using).in_atomic_block:
-        transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using)
+        transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using, robust=True)
 
 
 def _revoke_quietly(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
     try:
-        get_client().revoke(entries, user_pks, 0)
+        for i in range(0, max(len(entries), 1), REVOKE_BATCH):
+            get_client().revoke(entries[i : i + REVOKE_BATCH], user_pks, 0)
     except CacheError as exc:
         # The tombstone written before the delete still blocks stale fills for its lifetime.
         _warn("revoke after commit", exc)
@@ -275,7 +325,7 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
             .filter(user=user)
             .only("digest", "token_key", "user_id", "expiry")
         )
-        revoke(tokens, users=[user.pk], required=True, using=using)
+        revoke(tokens, users=[user.pk], using=using)
         reset = _already_revoked.set(_already_revoked.get() | {t.digest for t in tokens})
         try:
             yield
@@ -283,5 +333,8 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
             _already_revoked.reset(reset)
 
 
-def is_expired(token: Any) -> bool:
-    return token.expiry is not None and token.expiry < timezone.now()
+def expired_in_database(token: Any, using: str) -> bool:
+    """Does the database (not this possibly stale instance) hold an expiry in the past?"""
+    if token.expiry is None or token.expiry >= timezone.now():
+        return False
+    return type(token)._base_manager.using(using).filter(pk=token.pk, expiry__lt=timezone.now()).exists()

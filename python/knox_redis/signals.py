@@ -31,18 +31,22 @@ def refreshing(digest: str) -> Iterator[None]:
 def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     if cache.already_revoked(instance.digest):
         return
-    # An expired token is rejected by every reader of its record, so revoking it may fail
-    # without refusing the delete: knox's cleanup of expired tokens never becomes a 503.
-    cache.revoke([instance], required=not cache.is_expired(instance), using=using)
+    try:
+        cache.revoke([instance], using=using)
+    except cache.RevocationUnavailable:
+        # A token the database holds as expired is rejected by every reader of its record
+        # (a record's expiry is never later than the row's), so it may go without Redis:
+        # knox's cleanup of expired tokens never becomes a 503.
+        if not cache.expired_in_database(instance, using):
+            raise
+        cache.logger.info("knox_redis: deleting expired token %s without Redis", instance.token_key)
 
 
 def revoke_before_update(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     """An edited token (say, a shorter expiry set in the admin) must be re-read."""
-    if instance._state.adding:
+    if instance._state.adding or _refreshing.get() == instance.digest:
         return
-    if _refreshing.get() == instance.digest:
-        return
-    cache.revoke([instance], required=not cache.is_expired(instance), using=using)
+    cache.revoke([instance], using=using)
 
 
 def mark_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:

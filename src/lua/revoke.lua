@@ -6,7 +6,7 @@
 -- KEYS[n+1..2n]       {prefix}:user:{user_pk}:tokens of each token's owner (to forget it)
 -- KEYS[2n+1..]        {prefix}:user:{user_pk}:tokens to revoke in full
 -- ARGV[1] n   ARGV[2] tombstone ms (0: none)   ARGV[3] generation seed   ARGV[4] key prefix
--- ARGV[5..4+n] field ids of the n tokens
+-- ARGV[5..4+n] field ids of the n tokens; ARGV[5+n..4+2n] their user index members
 local n = tonumber(ARGV[1])
 local tombstone_ms = tonumber(ARGV[2])
 local seed, prefix = ARGV[3], ARGV[4]
@@ -34,7 +34,7 @@ end
 for i = 1, n do
   local id = ARGV[4 + i]
   revoke(KEYS[i], id)
-  redis.pcall('SREM', KEYS[n + i], id .. string.sub(KEYS[i], #prefix + 8))
+  redis.pcall('SREM', KEYS[n + i], ARGV[4 + n + i])
 end
 for i = 2 * n + 1, #KEYS do
   local ok, members = pcall(redis.call, 'SMEMBERS', KEYS[i])

@@ -1,0 +1,202 @@
+"""Holes found in review, each pinned by the test that first showed it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+from knox.models import AuthToken
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.test import APIRequestFactory
+
+from knox_redis import cache
+from knox_redis.auth import TokenAuthentication
+from tests.conftest import auth_header
+from tests.servers import TcpProxy
+from tests.testapp.models import ProxyToken
+
+factory = APIRequestFactory()
+
+
+def accepted(token: str) -> bool:
+    try:
+        return TokenAuthentication().authenticate(factory.get("/", **auth_header(token))) is not None
+    except AuthenticationFailed:
+        return False
+
+
+def record_exists(redis_conn, token: str) -> bool:
+    return any(f.startswith(b"r:") for f in redis_conn.hkeys(f"knox:token:{token[:15]}"))
+
+
+@pytest.fixture
+def via_proxy(settings, redis_server):
+    proxy = TcpProxy(redis_server.port)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": proxy.url, "CIRCUIT_BREAKER_COOLDOWN": 0.05}
+    yield proxy
+    proxy.close()
+
+
+def get(client, token) -> int:
+    return client.get("/api/whoami/", **auth_header(token)).status_code
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"v":1,"u":1,"c":9223372036854775807,"e":null,"f":99999999999999999}',
+        b'{"v":1,"u":1,"c":0,"e":null,"f":-9223372036854775808}',
+    ],
+)
+def test_out_of_range_times_in_a_record_are_a_miss(client, make_token, redis_conn, junk):
+    token = make_token()
+    assert get(client, token) == 200
+    redis_conn.hset(f"knox:token:{token[:15]}", f"r:{AuthToken.objects.get().digest[:32]}", junk)
+    client.raise_request_exception = False
+    assert get(client, token) == 200
+    assert cache.get_client().stats()["undecodable"] == 1
+
+
+def test_delete_through_a_proxy_model_revokes(client, make_token, redis_conn):
+    token = make_token()
+    assert get(client, token) == 200
+    assert record_exists(redis_conn, token)
+    ProxyToken.objects.all().delete()
+    assert not AuthToken.objects.exists()
+    assert get(client, token) == 401
+
+
+def test_edit_through_a_proxy_model_revokes(client, make_token):
+    token = make_token()
+    assert get(client, token) == 200
+    row = ProxyToken.objects.get()
+    row.expiry = timezone.now() - timedelta(seconds=1)
+    row.save()
+    assert get(client, token) == 401
+
+
+def test_expiring_by_edit_while_redis_is_down_is_refused(client, make_token, via_proxy):
+    token = make_token()
+    assert get(client, token) == 200
+    via_proxy.cut()
+    row = AuthToken.objects.get()
+    row.expiry = timezone.now() - timedelta(seconds=1)  # the admin "expires" the token
+    with pytest.raises(cache.RevocationUnavailable):
+        row.save()
+    via_proxy.heal()
+    time.sleep(0.1)
+    assert AuthToken.objects.get().expiry > timezone.now()  # refused: unchanged
+    assert get(client, token) == 200
+
+
+def test_stale_instance_that_looks_expired_still_needs_redis(client, make_token, via_proxy, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=10)}
+    token = make_token(expiry=timedelta(seconds=1))
+    stale = AuthToken.objects.get()  # loaded by a job: expiry now + 1 s
+    assert get(client, token) == 200  # AUTO_REFRESH extends it to now + 10 h; cached
+    time.sleep(1.1)
+    via_proxy.cut()
+    with pytest.raises(cache.RevocationUnavailable):
+        stale.delete()  # looks expired in memory, but the database says otherwise
+    via_proxy.heal()
+    time.sleep(0.1)
+    assert get(client, token) == 200
+
+
+def test_manual_transaction_rollback_is_never_cached(user, redis_conn):
+    transaction.set_autocommit(False)
+    try:
+        _instance, token = AuthToken.objects.create(user=user)
+        assert accepted(token)  # sees its own uncommitted row
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+    assert not AuthToken.objects.exists()
+    assert not record_exists(redis_conn, token)
+    assert not accepted(token)
+
+
+def test_auto_refresh_hit_in_manual_transaction_is_not_a_500(user, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0}
+    _instance, token = AuthToken.objects.create(user=user)
+    assert accepted(token)
+    assert accepted(token)
+    transaction.set_autocommit(False)
+    try:
+        assert accepted(token)  # hit + renew
+        transaction.commit()
+    finally:
+        transaction.set_autocommit(True)
+
+
+def test_use_tz_false_with_an_activated_time_zone_keeps_expiry(user, settings, redis_conn):
+    settings.USE_TZ = False
+    _instance, token = AuthToken.objects.create(user=user, expiry=timedelta(seconds=1))
+    assert accepted(token)
+    assert record_exists(redis_conn, token)
+    time.sleep(1.2)
+    with timezone.override("Etc/GMT-14"):  # a middleware activating the user's zone
+        assert not accepted(token)
+
+
+def test_non_utf8_generation_still_caches(client, make_token, redis_conn):
+    token = make_token()
+    assert get(client, token) == 200
+    key = f"knox:token:{token[:15]}"
+    redis_conn.delete(key)
+    redis_conn.hset(key, f"g:{AuthToken.objects.get().digest[:32]}", b"\xff\xfe")
+    for _ in range(3):
+        assert get(client, token) == 200
+    assert cache.get_client().stats()["hits"] >= 1
+
+
+def test_cache_disabled_auto_refresh_with_redis_down_authenticates(client, make_token, via_proxy, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0}
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CACHE_ENABLED": False}
+    token = make_token()
+    via_proxy.cut()
+    assert get(client, token) == 200
+
+
+def test_anonymous_traffic_cannot_fill_redis_and_block_revocation(client, make_token, redis_conn):
+    token = make_token()
+    used = int(redis_conn.info("memory")["used_memory"])
+    old = redis_conn.config_get("maxmemory*")
+    redis_conn.config_set("maxmemory", used + 400_000)
+    redis_conn.config_set("maxmemory-policy", "noeviction")
+    try:
+        for _ in range(3000):
+            assert not accepted(secrets.token_hex(32))
+        assert redis_conn.dbsize() == 0
+        assert get(client, token) == 200
+        assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    finally:
+        redis_conn.config_set("maxmemory", old["maxmemory"])
+        redis_conn.config_set("maxmemory-policy", old["maxmemory-policy"])
+
+
+def test_big_integer_user_pk_is_stored_as_text(make_token, user):
+    from knox_redis import _knox_redis
+
+    client = cache.get_client()
+    digest = "ab" * 64
+    found = cache.lookup("bigpk", digest, create=True)
+    assert client.fill("bigpk", digest, found.generation, 2**70, 0, None, 10**15, 60_000)
+    record, _ = client.lookup("bigpk", digest)
+    assert record[0] == str(2**70)
+    assert isinstance(client, _knox_redis.TokenCache)
+
+
+def test_logout_does_not_wait_for_the_breaker(client, make_token, via_proxy, settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CIRCUIT_BREAKER_COOLDOWN": 60}
+    token = make_token()
+    assert get(client, token) == 200
+    via_proxy.cut()
+    assert get(client, token) == 200  # a failed lookup opens the breaker for 60 s
+    via_proxy.heal()
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert get(client, token) == 401
