@@ -204,3 +204,28 @@ class TestAutoRefresh:
         with freeze_time(timedelta(seconds=120)):
             with pytest.raises(AuthenticationFailed):
                 authenticate(token)
+
+
+def test_record_is_reread_after_max_cache_ttl(make_token, user, settings, native):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 60}
+    token = make_token()
+    authenticate(token)
+    _, sql = queries_of(lambda: authenticate(token))
+    assert len(sql) == 1
+    # A delete that bypassed signals is noticed once the record is due for a re-read.
+    AuthToken.objects.filter(user=user)._raw_delete(AuthToken.objects.db)
+    assert authenticate(token)[0] == user  # still within MAX_CACHE_TTL: the documented bound
+    with freeze_time(timedelta(seconds=61)):
+        with pytest.raises(AuthenticationFailed):
+            authenticate(token)
+
+
+def test_fresh_record_is_refilled_after_max_cache_ttl(make_token, settings, native):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 60}
+    token = make_token()
+    authenticate(token)
+    with freeze_time(timedelta(seconds=61)):
+        _, sql = queries_of(lambda: authenticate(token))
+        assert len(sql) == 2  # knox's path; the generation is still there
+        _, sql = queries_of(lambda: authenticate(token))
+        assert len(sql) == 1  # refilled

@@ -85,6 +85,10 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         record = found.record
         if record is None:
             return None
+        now = timezone.now()
+        expired = record.expiry is not None and record.expiry < now
+        if not expired and record.fresh_until <= now:
+            return None  # due for a re-read from the database (MAX_CACHE_TTL)
         token_model = get_token_model()
         user = _load_user(token_model, record.user_pk)
         if user is None:
@@ -98,11 +102,8 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         )
         auth_token.user = user
 
-        now = timezone.now()
-        if auth_token.expiry is not None and auth_token.expiry < now:
+        if expired:
             return self._expire(auth_token, now)
-        if record.fresh_until <= now:
-            return None  # re-read (and re-cache) from the database
         if knox_settings.AUTO_REFRESH and auth_token.expiry:
             if not self._renew(auth_token, found.generation):
                 return None
