@@ -127,24 +127,29 @@ def test_cache_disabled_uses_database_only(make_token, settings, native):
     assert len(sql) == 2
 
 
-def test_prefix_collisions_are_cached_independently(user, settings):
+def test_tokens_sharing_a_token_key_are_cached_independently(user, settings, redis_conn):
+    # A 10-character TOKEN_PREFIX leaves 5 random characters in the 15-character token_key,
+    # so different tokens do share one. Make that collision happen for certain.
     settings.REST_KNOX = {"TOKEN_PREFIX": "abcdefghij"}
-    tokens = [AuthToken.objects.create(user=user, prefix="abcdefghij")[1] for _ in range(40)]
-    keys = [t[:15] for t in tokens]
-    assert len(set(keys)) < len(keys) or True  # collisions are likely but not certain
-    # Force a collision: two tokens with the same token_key.
-    first_instance, first = AuthToken.objects.create(user=user, prefix="abcdefghij")
+    first_row, first = AuthToken.objects.create(user=user, prefix="abcdefghij")
     twin = first[:15] + "f" * (len(first) - 15)
     from knox.crypto import hash_token
 
-    AuthToken.objects.create(user=user, expiry=None)  # an unrelated token
-    AuthToken.objects.filter(digest=first_instance.digest)  # keep the first
-    twin_digest = hash_token(twin)
-    AuthToken.objects.bulk_create([AuthToken(digest=twin_digest, token_key=first[:15], user=user, expiry=None)])
+    twin_row = AuthToken(digest=hash_token(twin), token_key=first[:15], user=user, expiry=None)
+    AuthToken.objects.bulk_create([twin_row])
     for _ in range(2):
-        assert authenticate(first)[1].digest == first_instance.digest
-        assert authenticate(twin)[1].digest == twin_digest
-    _, sql = queries_of(lambda: authenticate(twin))
+        assert authenticate(first)[1].digest == first_row.digest
+        assert authenticate(twin)[1].digest == twin_row.digest
+    for t in (first, twin):
+        _, sql = queries_of(lambda: authenticate(t))
+        assert len(sql) == 1
+    fields = redis_conn.hkeys(f"knox:token:{first[:15]}")
+    assert len([f for f in fields if f.startswith(b"r:")]) == 2
+    # Revoking one leaves the other cached.
+    twin_row.delete()
+    with pytest.raises(AuthenticationFailed):
+        authenticate(twin)
+    _, sql = queries_of(lambda: authenticate(first))
     assert len(sql) == 1
 
 
