@@ -19,7 +19,7 @@ demo: develop
 	$(BIN)/python demo/demo.py
 
 test: develop
-	cargo test --quiet
+	REDIS_SERVER="$$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')" cargo test --quiet
 	$(BIN)/python -m pytest
 	@if $(BIN)/python -m tests.pg_available; then \
 		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest; \

@@ -18,9 +18,9 @@ use crate::hashing::field_id;
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{Record, UserPk, VERSION};
 
-static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
-static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
-static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
+pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
+pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
+pub(crate) static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
 
 #[derive(Default)]
 struct Stats {
@@ -33,6 +33,9 @@ struct Stats {
     errors: AtomicU64,
     short_circuits: AtomicU64,
 }
+
+/// `(record tuple or None, generation bytes or None)`, as `lookup` returns it to Python.
+type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>);
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -235,7 +238,7 @@ impl TokenCache {
         token_key: &str,
         digest: &str,
         create: bool,
-    ) -> PyResult<(Option<Py<PyAny>>, Option<Py<PyBytes>>)> {
+    ) -> PyResult<LookupReply> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
         let candidate = new_generation();

@@ -6,6 +6,8 @@ mod errors;
 mod hashing;
 mod pool;
 mod record;
+#[cfg(test)]
+mod script_tests;
 
 use pyo3::prelude::*;
 
