@@ -229,7 +229,8 @@ impl TokenCache {
     }
 
     /// One round trip: `(record or None, generation or None)`. The record is
-    /// `(user_pk, created_us, expiry_us or None, fresh_until_us)`; an undecodable one is None.
+    /// `(digest, user_pk, created_us, expiry_us or None, fresh_until_us)`; an undecodable one
+    /// is None.
     /// The generation is opaque bytes; with `create`, a missing one is created.
     #[pyo3(signature = (token_key, digest, create = false))]
     fn lookup(
@@ -262,7 +263,7 @@ impl TokenCache {
         };
         bump(&self.stats.hits);
         let user_pk = user_pk_to_py(py, record.user_pk)?;
-        let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
+        let tuple = (record.digest, user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
         Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation))
     }
 
@@ -284,7 +285,7 @@ impl TokenCache {
         let user_pk = user_pk_from_py(user_pk)?;
         let id = id_of(digest)?.to_owned();
         let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
-        let record = Record { version: VERSION, user_pk, created_us, expiry_us, fresh_until_us }.encode();
+        let record = Record { version: VERSION, digest: digest.to_owned(), user_pk, created_us, expiry_us, fresh_until_us }.encode();
         let member = format!("{id}{token_key}");
         let ttl_ms = ttl_ms.max(1);
         let stored: i64 = py.detach(|| {

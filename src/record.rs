@@ -23,6 +23,10 @@ pub enum UserPk {
 pub struct Record {
     #[serde(rename = "v")]
     pub version: u8,
+    /// The token's full digest: the hash field names it by a prefix, and the caller checks the
+    /// whole with a constant-time comparison, as knox does against the row.
+    #[serde(rename = "d")]
+    pub digest: String,
     #[serde(rename = "u")]
     pub user_pk: UserPk,
     #[serde(rename = "c")]
@@ -58,7 +62,7 @@ mod tests {
     use super::*;
 
     fn sample(pk: UserPk) -> Record {
-        Record { version: VERSION, user_pk: pk, created_us: 1, expiry_us: Some(2), fresh_until_us: 3 }
+        Record { version: VERSION, digest: "ab".repeat(64), user_pk: pk, created_us: 1, expiry_us: Some(2), fresh_until_us: 3 }
     }
 
     #[test]
@@ -86,7 +90,7 @@ mod tests {
     #[test]
     fn out_of_range_times_are_none() {
         for (c, e, f) in [(-1, None, 1), (1, Some(MAX_US + 1), 1), (1, None, i64::MAX), (i64::MIN, Some(1), 1)] {
-            let rec = Record { version: VERSION, user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
+            let rec = Record { version: VERSION, digest: String::new(), user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
             assert_eq!(Record::decode(rec.encode().as_bytes()), None, "{c} {e:?} {f}");
         }
     }

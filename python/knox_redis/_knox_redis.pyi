@@ -11,7 +11,7 @@ class CacheUnavailable(CacheError):
 def hash_token(token: str) -> str:
     """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
 
-CachedRecord = tuple[int | str, int, int | None, int]
+CachedRecord = tuple[str, int | str, int, int | None, int]
 
 class TokenCache:
     def __init__(

@@ -14,6 +14,7 @@ The story of one request:
 from __future__ import annotations
 
 import hashlib
+from hmac import compare_digest
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
@@ -83,7 +84,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
     def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
         """Authenticate from the record; None sends the request down knox's database path."""
         record = found.record
-        if record is None:
+        if record is None or not compare_digest(record.digest, digest):
             return None
         now = timezone.now()
         expired = record.expiry is not None and record.expiry < now

@@ -48,6 +48,7 @@ class RevocationUnavailable(APIException):
 
 @dataclass(frozen=True)
 class CachedToken:
+    digest: str
     user_pk: int | str
     created: datetime
     expiry: datetime | None
@@ -160,8 +161,9 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
         raw, generation = get_client().lookup(token_key, digest, create)
         record = None
         if raw is not None:
-            user_pk, created_us, expiry_us, fresh_until_us = raw
+            record_digest, user_pk, created_us, expiry_us, fresh_until_us = raw
             record = CachedToken(
+                digest=record_digest,
                 user_pk=user_pk,
                 created=from_us(created_us),
                 expiry=None if expiry_us is None else from_us(expiry_us),
@@ -272,7 +274,7 @@ def already_revoked(digest: str) -> bool:
 
 # Tokens per script call: logoutall of a user with many tokens must not block Redis, nor
 # outlast SOCKET_TIMEOUT, in one script.
-REVOKE_BATCH = 500
+REVOKE_BATCH = 5000
 
 
 def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | None = None) -> None:
