@@ -77,3 +77,13 @@ def test_logoutall_only_touches_the_callers_tokens(client, make_token, django_us
         client.get("/api/whoami/", **auth_header(t))
     assert client.post("/api/logoutall/", **auth_header(mine)).status_code == 204
     assert client.get("/api/whoami/", **auth_header(bobs)).status_code == 200
+
+
+def test_logoutall_beyond_one_batch(client, make_token, redis_conn, monkeypatch):
+    monkeypatch.setattr(cache, "REVOKE_BATCH", 3)
+    tokens = [make_token() for _ in range(8)]
+    for t in tokens:
+        client.get("/api/whoami/", **auth_header(t))
+    assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
+    for t in tokens:
+        assert client.get("/api/whoami/", **auth_header(t)).status_code == 401

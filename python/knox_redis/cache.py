@@ -287,11 +287,8 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:
         return
-    tombstone_ms = int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000)
-    batches = [entries[i : i + REVOKE_BATCH] for i in range(0, len(entries), REVOKE_BATCH)] or [[]]
     try:
-        for i, batch in enumerate(batches):
-            get_client().revoke(batch, user_pks if i == len(batches) - 1 else [], tombstone_ms)
+        _send_revocations(entries, user_pks, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000))
     except CacheError as exc:
         logger.error("knox_redis: refusing to revoke tokens while Redis is unreachable: %s", exc)
         raise RevocationUnavailable() from exc
@@ -303,10 +300,16 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
         transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using, robust=True)
 
 
+def _send_revocations(entries: list[tuple[str, str, int | str]], user_pks: list[int | str], tombstone_ms: int) -> None:
+    client = get_client()
+    for start in range(0, max(len(entries), 1), REVOKE_BATCH):
+        last = start + REVOKE_BATCH >= len(entries)
+        client.revoke(entries[start : start + REVOKE_BATCH], user_pks if last else [], tombstone_ms)
+
+
 def _revoke_quietly(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
     try:
-        for i in range(0, max(len(entries), 1), REVOKE_BATCH):
-            get_client().revoke(entries[i : i + REVOKE_BATCH], user_pks, 0)
+        _send_revocations(entries, user_pks, 0)
     except CacheError as exc:
         # The tombstone written before the delete still blocks stale fills for its lifetime.
         _warn("revoke after commit", exc)
