@@ -53,7 +53,9 @@ impl Record {
             .into_iter()
             .flatten()
             .all(|us| (0..=MAX_US).contains(&us));
-        (record.version == VERSION && times_ok).then_some(record)
+        let digest_ok = record.digest.len() >= crate::hashing::FIELD_ID_LEN
+            && record.digest.bytes().all(|b| b.is_ascii_hexdigit());
+        (record.version == VERSION && times_ok && digest_ok).then_some(record)
     }
 }
 
@@ -90,8 +92,17 @@ mod tests {
     #[test]
     fn out_of_range_times_are_none() {
         for (c, e, f) in [(-1, None, 1), (1, Some(MAX_US + 1), 1), (1, None, i64::MAX), (i64::MIN, Some(1), 1)] {
-            let rec = Record { version: VERSION, digest: String::new(), user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
+            let rec = Record { version: VERSION, digest: "ab".repeat(64), user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
             assert_eq!(Record::decode(rec.encode().as_bytes()), None, "{c} {e:?} {f}");
+        }
+    }
+
+    #[test]
+    fn non_hex_digests_are_none() {
+        for digest in ["é".repeat(64), String::new(), "zz".repeat(64)] {
+            let mut rec = sample(UserPk::Int(1));
+            rec.digest = digest;
+            assert_eq!(Record::decode(rec.encode().as_bytes()), None);
         }
     }
 

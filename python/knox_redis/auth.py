@@ -65,21 +65,25 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
 
     def authenticate_credentials(self, token: bytes) -> tuple[Any, Any]:
         text = decode_token(token)
+        if not knox_redis_settings.CACHE_ENABLED:
+            return super().authenticate_credentials(text.encode())
         token_key = text[: CONSTANTS.TOKEN_KEY_LENGTH]
         digest = hash_token(text)
-        # knox's renew_token may save a longer expiry: an extension, not an edit to revoke.
-        with refreshing(digest):
-            if not knox_redis_settings.CACHE_ENABLED:
-                return super().authenticate_credentials(text.encode())
-            found = cache.lookup(token_key, digest)
-            if found is not None and found.record is not None:
-                result = self._authenticate_cached(token_key, digest, found)
-                if result is not None:
-                    return result
-            user, auth_token = super().authenticate_credentials(text.encode())
+        found = cache.lookup(token_key, digest)
+        if found is not None and found.record is not None:
+            result = self._authenticate_cached(token_key, digest, found)
+            if result is not None:
+                return result
+        user, auth_token = super().authenticate_credentials(text.encode())
+        auth_token.__dict__.pop("_knox_redis_saved", None)
         if found is not None:
             cache.store(auth_token, found)
         return user, auth_token
+
+    def renew_token(self, auth_token: Any) -> None:
+        # knox's renewal only extends the token: a save to re-cache, not an edit to revoke.
+        with refreshing(auth_token.digest):
+            super().renew_token(auth_token)
 
     def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
         """Authenticate from the record; None sends the request down knox's database path."""
@@ -106,7 +110,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         if expired:
             return self._expire(auth_token, now)
         if knox_settings.AUTO_REFRESH and auth_token.expiry:
-            if not self._renew(auth_token, found.generation):
+            if not self._renew(auth_token, found.generation, record):
                 return None
         return self.validate_user(auth_token)
 
@@ -118,18 +122,27 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         token_expired.send(sender=self.__class__, username=auth_token.user.get_username(), source="auth_token")
         raise exceptions.AuthenticationFailed(INVALID_TOKEN)
 
-    def _renew(self, auth_token: Any, generation: bytes | None) -> bool:
-        """knox's renew_token; if it saved a new expiry, cache that after commit."""
+    def _renew(self, auth_token: Any, generation: bytes | None, record: cache.CachedToken) -> bool:
+        """knox's renew_token; if it saved a new expiry, cache that after commit.
+
+        False (go to the database path) if the row is gone or its expiry is no longer the
+        cached one: a refresh must never overwrite what changed behind the cache."""
         using = router.db_for_write(type(auth_token), instance=auth_token)
+        auth_token.__dict__["_knox_redis_cached_expiry"] = record.expiry
         try:
-            # A savepoint, so a failed UPDATE can't poison an ATOMIC_REQUESTS transaction.
+            # A savepoint, so a failed UPDATE can't poison an ATOMIC_REQUESTS transaction;
+            # it also holds the row lock taken by the expiry check until the UPDATE is done.
             with transaction.atomic(using=using):
                 self.renew_token(auth_token)
         except DatabaseError:
-            # "Save with update_fields did not affect any rows": the token is gone.
+            # The expiry changed behind the cache, or "Save with update_fields did not affect
+            # any rows": the token is gone.
             return False
+        finally:
+            del auth_token.__dict__["_knox_redis_cached_expiry"]
         if auth_token.__dict__.pop("_knox_redis_saved", False):
-            cache.store_refreshed(auth_token, generation)
+            # The record keeps its re-read deadline: refreshing never postpones MAX_CACHE_TTL.
+            cache.store_refreshed(auth_token, generation, fresh_until=record.fresh_until)
         return True
 
 

@@ -1,7 +1,8 @@
 """The one adapter between Django and the native Redis client (``knox_redis._knox_redis``).
 
 Policy lives here, in one place:
-- reads and fills fail open: if Redis is slow or down, authentication goes to the database;
+- reads and fills fail open: if Redis is slow, down or misconfigured, authentication goes to
+  the database (misconfiguration is also reported by `manage.py check`);
 - revocations fail closed: if Redis can't be told that a live token is gone, the deletion is
   refused (503), so no process can keep accepting it from a stale record.
 """
@@ -21,6 +22,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import router, transaction
 from django.utils import timezone
 from rest_framework import status
@@ -77,24 +79,31 @@ def get_client() -> _knox_redis.TokenCache:
         with _client_lock:
             if _client is None:
                 target = redis_target()
-                _client = _knox_redis.TokenCache(
-                    host=target.host,
-                    port=target.port,
-                    unix_path=target.unix_path,
-                    db=target.db,
-                    username=target.username,
-                    password=target.password,
-                    tls=target.tls,
-                    tls_ca_certs=target.tls_ca_certs,
-                    key_prefix=knox_redis_settings.REDIS_KEY_PREFIX,
-                    connect_timeout=float(knox_redis_settings.SOCKET_CONNECT_TIMEOUT),
-                    socket_timeout=float(knox_redis_settings.SOCKET_TIMEOUT),
-                    breaker_cooldown=float(knox_redis_settings.CIRCUIT_BREAKER_COOLDOWN),
-                    max_idle=int(knox_redis_settings.MAX_IDLE_CONNECTIONS),
-                    lease_ms=int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000),
-                )
+                _client = _new_client(target)
             client = _client
     return client
+
+
+def _new_client(target: Any) -> _knox_redis.TokenCache:
+    try:
+        return _knox_redis.TokenCache(
+            host=target.host,
+            port=target.port,
+            unix_path=target.unix_path,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            tls=target.tls,
+            tls_ca_certs=target.tls_ca_certs,
+            key_prefix=knox_redis_settings.REDIS_KEY_PREFIX,
+            connect_timeout=float(knox_redis_settings.SOCKET_CONNECT_TIMEOUT),
+            socket_timeout=float(knox_redis_settings.SOCKET_TIMEOUT),
+            breaker_cooldown=float(knox_redis_settings.CIRCUIT_BREAKER_COOLDOWN),
+            max_idle=int(knox_redis_settings.MAX_IDLE_CONNECTIONS),
+            lease_ms=int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000),
+        )
+    except (CacheError, OverflowError, TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc
 
 
 def reset_client() -> None:
@@ -159,23 +168,27 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
     """One round trip; None when Redis can't answer (the caller uses the database alone)."""
     try:
         raw, generation = get_client().lookup(token_key, digest, create)
-        record = None
-        if raw is not None:
-            record_digest, user_pk, created_us, expiry_us, fresh_until_us = raw
-            record = CachedToken(
-                digest=record_digest,
-                user_pk=user_pk,
-                created=from_us(created_us),
-                expiry=None if expiry_us is None else from_us(expiry_us),
-                fresh_until=from_us(fresh_until_us),
-            )
-    except CacheError as exc:
+    except (CacheError, ImproperlyConfigured) as exc:
         _warn("lookup", exc)
         return None
-    except (OverflowError, ValueError) as exc:  # a record no datetime can hold: garbage
+    return Lookup(_record(raw), generation)
+
+
+def _record(raw: Any) -> CachedToken | None:
+    if raw is None:
+        return None
+    record_digest, user_pk, created_us, expiry_us, fresh_until_us = raw
+    try:
+        return CachedToken(
+            digest=record_digest,
+            user_pk=user_pk,
+            created=from_us(created_us),
+            expiry=None if expiry_us is None else from_us(expiry_us),
+            fresh_until=from_us(fresh_until_us),
+        )
+    except (OverflowError, ValueError) as exc:  # no datetime of this zone can hold it: garbage
         _warn("decode", exc)
-        return Lookup(None, None)
-    return Lookup(record, generation)
+        return None
 
 
 def store(token: Any, found: Lookup) -> None:
@@ -189,26 +202,28 @@ def store(token: Any, found: Lookup) -> None:
     using = router.db_for_write(type(token), instance=token)
     when = _when_committed(using)
     if when == "now" and found.generation is not None:
-        _fill(token, found.generation)
+        _fill(_values(token), found.generation)
     elif when == "now":
         _refill(token.token_key, token.digest, using)
     elif when == "on_commit":
         transaction.on_commit(partial(_refill, token.token_key, token.digest, using), using=using, robust=True)
 
 
-def store_refreshed(token: Any, generation: bytes | None) -> None:
-    """Cache a token whose new expiry this request just saved (its UPDATE matched a row).
+def store_refreshed(token: Any, generation: bytes | None, *, fresh_until: datetime) -> None:
+    """Cache a token whose new expiry this request just saved (its UPDATE matched a row
+    holding the cached expiry).
 
     The UPDATE proved the row exists; the generation, read before it, proves no revocation
     started since. Only the commit is missing."""
     if generation is None:
         return  # the record keeps the older, shorter expiry: safe
     using = router.db_for_write(type(token), instance=token)
+    values = _values(token)  # as saved now, whatever the view does to the instance later
     when = _when_committed(using)
     if when == "now":
-        _fill(token, generation)
+        _fill(values, generation, fresh_until)
     elif when == "on_commit":
-        transaction.on_commit(partial(_fill, token, generation), using=using, robust=True)
+        transaction.on_commit(partial(_fill, values, generation, fresh_until), using=using, robust=True)
 
 
 def _when_committed(using: str) -> str:
@@ -227,14 +242,32 @@ def _refill(token_key: str, digest: str, using: str) -> None:
         return
     token = get_token_model()._base_manager.using(using).filter(digest=digest).first()
     if token is not None:
-        _fill(token, found.generation)
+        _fill(_values(token), found.generation)
 
 
-def _fill(token: Any, generation: bytes) -> bool:
+@dataclass(frozen=True)
+class TokenValues:
+    """The columns of a token row that a record holds."""
+
+    token_key: str
+    digest: str
+    user_id: Any
+    created: datetime
+    expiry: datetime | None
+
+
+def _values(token: Any) -> TokenValues:
+    return TokenValues(token.token_key, token.digest, token.user_id, token.created, token.expiry)
+
+
+def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = None) -> bool:
     now = timezone.now()
     # The record is re-read from the database after MAX_CACHE_TTL; the key itself lives no
     # longer than the token.
-    fresh_until = now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+    if fresh_until is None:
+        fresh_until = now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+    if fresh_until <= now:
+        return False
     lifetime = fresh_until
     if token.expiry is not None:
         if token.expiry <= now:
@@ -252,7 +285,7 @@ def _fill(token: Any, generation: bytes) -> bool:
             to_us(fresh_until),
             ttl_ms,
         )
-    except CacheError as exc:
+    except (CacheError, ImproperlyConfigured) as exc:
         _warn("fill", exc)
         return False
 
@@ -289,7 +322,7 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
         return
     try:
         _send_revocations(entries, user_pks, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000))
-    except CacheError as exc:
+    except (CacheError, ImproperlyConfigured) as exc:
         logger.error("knox_redis: refusing to revoke tokens while Redis is unreachable: %s", exc)
         raise RevocationUnavailable() from exc
     # After commit, revoke once more without a tombstone: a reader that looked the token up
@@ -310,7 +343,7 @@ def _send_revocations(entries: list[tuple[str, str, int | str]], user_pks: list[
 def _revoke_quietly(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
     try:
         _send_revocations(entries, user_pks, 0)
-    except CacheError as exc:
+    except (CacheError, ImproperlyConfigured) as exc:
         # The tombstone written before the delete still blocks stale fills for its lifetime.
         _warn("revoke after commit", exc)
 
@@ -339,7 +372,14 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
 
 
 def expired_in_database(token: Any, using: str) -> bool:
-    """Does the database (not this possibly stale instance) hold an expiry in the past?"""
+    """Does the database (not this possibly stale instance) hold an expiry in the past?
+
+    Called inside the deleting transaction: the row stays locked until the delete commits,
+    so no refresh can extend it in between."""
     if token.expiry is None or token.expiry >= timezone.now():
         return False
-    return type(token)._base_manager.using(using).filter(pk=token.pk, expiry__lt=timezone.now()).exists()
+    expired = (
+        type(token)._base_manager.using(using).select_for_update()
+        .filter(pk=token.pk, expiry__lt=timezone.now()).values_list("pk", flat=True)[:1]
+    )
+    return bool(list(expired))

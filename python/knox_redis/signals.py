@@ -1,8 +1,9 @@
 """Revoke cached tokens on every ORM path by which a token row changes or leaves the database.
 
 Instance and queryset deletes, the admin, and cascades from a deleted user all send
-`pre_delete` for each token row (Django skips its fast-delete path when a receiver exists).
-Receivers run even with CACHE_ENABLED False: a fleet may mix processes with and without it.
+`pre_delete` for each token row (Django skips its fast-delete path when a receiver exists);
+saves send `pre_save`. Receivers are connected for the token model and its proxies, and run
+even with CACHE_ENABLED False: a fleet may mix processes with and without it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from django.db import DatabaseError
+
 from knox_redis import cache
 
-# The digest whose expiry this context is refreshing through knox's renew_token: that save
-# only extends the token, and the caller re-caches it itself.
+# The digest whose expiry knox's renew_token is saving in this context: that save only
+# extends the token, and the authentication class re-caches it itself.
 _refreshing: ContextVar[str | None] = ContextVar("knox_redis_refreshing", default=None)
+_MISSING = object()
+
+
+class CachedExpiryOutdated(DatabaseError):
+    """The row's expiry is no longer the one the cache had: something changed it behind the
+    cache (QuerySet.update, raw SQL), so a refresh must not overwrite it."""
 
 
 @contextmanager
@@ -36,17 +45,37 @@ def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) 
     except cache.RevocationUnavailable:
         # A token the database holds as expired is rejected by every reader of its record
         # (a record's expiry is never later than the row's), so it may go without Redis:
-        # knox's cleanup of expired tokens never becomes a 503.
+        # knox's cleanup of expired tokens never becomes a 503. The row stays locked until
+        # the delete commits, so a refresh can't slip in between.
         if not cache.expired_in_database(instance, using):
             raise
         cache.logger.info("knox_redis: deleting expired token %s without Redis", instance.token_key)
 
 
 def revoke_before_update(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
-    """An edited token (say, a shorter expiry set in the admin) must be re-read."""
-    if instance._state.adding or _refreshing.get() == instance.digest:
+    """A token row about to change (an admin edit, a save over an existing digest) is revoked
+    as the database holds it, so its record, under its old token_key too, can't outlive it."""
+    if _refreshing.get() == instance.digest:
+        _check_refresh(instance, using)
         return
-    cache.revoke([instance], using=using)
+    current = type(instance)._base_manager.using(using).filter(pk=instance.pk).first()
+    if current is None:
+        return  # an insert: nothing can be cached yet
+    changed = [current] if current.token_key == instance.token_key else [current, instance]
+    cache.revoke(changed, using=using)
+
+
+def _check_refresh(instance: Any, using: str) -> None:
+    """A refresh from a cache hit writes only over the expiry the cache had."""
+    cached_expiry = instance.__dict__.get("_knox_redis_cached_expiry", _MISSING)
+    if cached_expiry is _MISSING:
+        return  # knox's own path: the row was just read
+    unchanged = (
+        type(instance)._base_manager.using(using).select_for_update()
+        .filter(pk=instance.pk, expiry=cached_expiry).values_list("pk", flat=True)[:1]
+    )
+    if not list(unchanged):
+        raise CachedExpiryOutdated("the token's expiry changed behind the cache")
 
 
 def mark_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:

@@ -1,0 +1,252 @@
+"""Holes found in the second review, each pinned by the test that first showed it (the first
+review's are in test_edge_cases.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from knox.models import AuthToken
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.test import APIRequestFactory
+
+from knox_redis import cache
+from knox_redis.auth import TokenAuthentication
+from tests.conftest import auth_header
+
+factory = APIRequestFactory()
+
+
+def get(client, token) -> int:
+    return client.get("/api/whoami/", **auth_header(token)).status_code
+
+
+def accepted(token: str, cls=TokenAuthentication) -> bool:
+    try:
+        return cls().authenticate(factory.get("/", **auth_header(token))) is not None
+    except AuthenticationFailed:
+        return False
+
+
+def record_field(token):
+    row = AuthToken.objects.get(token_key=token[:15])
+    return f"knox:token:{token[:15]}", f"r:{row.digest[:32]}"
+
+
+# 1. Garbage in Redis -> 500: compare_digest raises TypeError on a non-ASCII str.
+def test_non_ascii_digest_in_record_is_a_miss_not_a_500(client, make_token, redis_conn):
+    token = make_token()
+    assert get(client, token) == 200
+    assert get(client, token) == 200  # now cached
+    key, field = record_field(token)
+    rec = json.loads(redis_conn.hget(key, field))
+    rec["d"] = "\u00e9" * 128
+    redis_conn.hset(key, field, json.dumps(rec))
+    client.raise_request_exception = False
+    assert get(client, token) == 200
+
+
+# 2. AUTO_REFRESH: a QuerySet.update that expires a token is reverted by the next cache hit,
+#    and the record is never re-read within MAX_CACHE_TTL (store_refreshed renews fresh_until).
+def test_queryset_update_expiry_is_not_reverted_by_auto_refresh(client, make_token, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0, "TOKEN_TTL": timedelta(hours=10)}
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 1}
+    token = make_token()
+    assert get(client, token) == 200
+    assert get(client, token) == 200  # cached
+    past = timezone.now() - timedelta(seconds=1)
+    AuthToken.objects.filter(token_key=token[:15]).update(expiry=past)  # documented bypass
+    get(client, token)  # within MAX_CACHE_TTL: may still be accepted (documented)
+    for _ in range(4):
+        time.sleep(0.4)
+        get(client, token)
+    row = AuthToken.objects.filter(token_key=token[:15]).first()
+    assert row is None or row.expiry <= past, f"DB expiry set to {past} was overwritten with {row.expiry}"
+    # MAX_CACHE_TTL (1 s) has long passed: README says the record has been re-read by now.
+    assert get(client, token) == 401, "token still accepted 1.6 s after MAX_CACHE_TTL=1"
+
+
+def test_max_cache_ttl_bound_without_db_revert(client, make_token, settings):
+    """Same, with a throttle so renew never writes: is fresh_until still renewed?"""
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0, "TOKEN_TTL": timedelta(hours=10)}
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 1}
+    token = make_token()
+    assert get(client, token) == 200
+    assert get(client, token) == 200
+    other = type(AuthToken.objects.get().user).objects.create_user(username="bob", password="pw")
+    AuthToken.objects.filter(token_key=token[:15]).update(user=other)  # documented bypass
+    for _ in range(4):
+        time.sleep(0.4)
+        r = client.get("/api/whoami/", **auth_header(token))
+    assert r.json()["user"] == "bob", f"after MAX_CACHE_TTL still authenticated as {r.json()['user']}"
+
+
+# 3. An ORM save of an instance built fresh (_state.adding) with an existing pk is an UPDATE,
+#    but pre_save skips the revocation.
+def test_save_of_new_instance_with_existing_pk_revokes(client, make_token):
+    token = make_token()
+    assert get(client, token) == 200
+    row = AuthToken.objects.get()
+    AuthToken(
+        digest=row.digest, token_key=row.token_key, user_id=row.user_id, created=row.created,
+        expiry=timezone.now() - timedelta(seconds=1),
+    ).save()
+    assert AuthToken.objects.get().expiry < timezone.now()  # the save was an UPDATE
+    assert get(client, token) == 401
+
+
+# 4. Editing token_key (the admin form exposes it): pre_save revokes under the NEW key.
+def test_token_key_edit_revokes_the_old_record(client, make_token):
+    token = make_token()
+    assert get(client, token) == 200
+    row = AuthToken.objects.get()
+    row.token_key = "zzzzzzzzzzzzzzz"
+    row.save()
+    # knox: token_key no longer matches, the token is unusable
+    assert get(client, token) == 401
+
+
+# 5. refreshing() covers validate_user: an edit of the same token there is skipped.
+class ExpiringAuth(TokenAuthentication):
+    def validate_user(self, auth_token):
+        if getattr(auth_token.user, "last_name", "") == "force-logout":
+            auth_token.expiry = timezone.now() - timedelta(seconds=1)
+            auth_token.save(update_fields=["expiry"])
+            raise AuthenticationFailed("re-login required")
+        return super().validate_user(auth_token)
+
+
+def test_edit_inside_validate_user_is_not_skipped(make_token, user):
+    token = make_token()
+    assert accepted(token, ExpiringAuth)
+    assert accepted(token, ExpiringAuth)  # cached
+    user.last_name = "force-logout"
+    user.save()
+    assert not accepted(token, ExpiringAuth)  # expires the token (DB)
+    user.last_name = ""
+    user.save()
+    assert AuthToken.objects.get().expiry < timezone.now()
+    assert not accepted(token, ExpiringAuth), "expired in DB, still accepted from cache"
+
+
+# 6. A db number beyond i64 passed `manage.py check`; logout then raised OverflowError (500).
+def test_bad_db_is_caught_by_check_and_never_a_500(client, make_token, settings):
+    from knox_redis.checks import check_settings
+
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": "redis://127.0.0.1:6379/9223372036854775808"}
+    errors = check_settings()
+    assert [e.id for e in errors] == ["knox_redis.E001"]
+    # A process started without running checks (gunicorn doesn't) still never answers 500.
+    token = make_token()
+    client.raise_request_exception = False
+    assert get(client, token) == 200  # lookups fail open
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 503  # revocations fail closed
+
+
+# 7. expired_in_database was check-then-act: a refresh that landed between the check and the
+#    DELETE was cached for a row about to go. Now the check locks the row until the delete
+#    commits, and the refresh's own check then finds no row.
+import threading  # noqa: E402
+
+from django.db import connection, connections  # noqa: E402
+
+
+def _in_thread(fn, *args):
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            connections.close_all()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row-level concurrency: PostgreSQL")
+def test_cleanup_without_redis_races_a_refresh(make_token, settings, monkeypatch, redis_conn):
+    from knox_redis import _knox_redis
+
+    token = make_token(expiry=timedelta(seconds=1.5))
+    assert accepted(token)
+    assert accepted(token)  # cached, record expiry = now + ~1.5 s
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=10)}  # MIN_REFRESH_INTERVAL 60
+
+    cleaner_ident: dict = {}
+    real_send = cache._send_revocations
+
+    def send(*a, **kw):  # the cleaning process is partitioned from Redis
+        if threading.get_ident() == cleaner_ident.get("id"):
+            raise _knox_redis.CacheUnavailable("partitioned")
+        return real_send(*a, **kw)
+
+    monkeypatch.setattr(cache, "_send_revocations", send)
+
+    checked, may_delete = threading.Event(), threading.Event()
+    real_check = cache.expired_in_database
+
+    def check(token_, using):
+        result = real_check(token_, using)
+        checked.set()
+        assert may_delete.wait(10)
+        return result
+
+    monkeypatch.setattr(cache, "expired_in_database", check)
+
+    in_renew, may_renew = threading.Event(), threading.Event()
+
+    class SlowRenew(TokenAuthentication):
+        def renew_token(self, auth_token):
+            in_renew.set()
+            assert may_renew.wait(10)
+            return super().renew_token(auth_token)
+
+    # Reader hits the (not yet expired) record and is about to refresh.
+    reader, rbox = _in_thread(accepted, token, SlowRenew)
+    assert in_renew.wait(10)
+    time.sleep(1.6)  # the row's expiry passes
+
+    def clean():
+        cleaner_ident["id"] = threading.get_ident()
+        return AuthToken.objects.filter(expiry__lt=timezone.now()).delete()  # knox_clear_expired
+
+    cleaner, cbox = _in_thread(clean)
+    assert checked.wait(10), (cbox, cleaner.is_alive())  # DB said "expired": proceeds without Redis
+    may_renew.set()
+    time.sleep(0.3)
+    assert reader.is_alive()  # the refresh waits on the row the cleanup has locked
+    may_delete.set()
+    cleaner.join(10)
+    reader.join(10)
+    assert "error" not in cbox, cbox
+    assert rbox.get("result") is False, rbox  # the row went: rejected, nothing re-cached
+    assert not AuthToken.objects.exists()  # the cleanup returned: token gone
+    monkeypatch.setattr(cache, "expired_in_database", real_check)
+    assert not accepted(token), "deleted token accepted from the cache"
+
+
+# 8. Redis closes idle connections (`timeout` config): the next call should retry, not trip the breaker.
+def test_idle_connection_closed_by_server_does_not_open_breaker(client, make_token, redis_conn):
+    old = redis_conn.config_get("timeout")["timeout"]
+    redis_conn.config_set("timeout", 1)
+    try:
+        token = make_token()
+        assert get(client, token) == 200
+        time.sleep(2.5)
+        assert get(client, token) == 200
+        stats = cache.get_client().stats()
+        assert stats["errors"] == 0 and not cache.get_client().breaker_open, stats
+    finally:
+        redis_conn.config_set("timeout", old)
+
+
+def test_logoutall_with_zero_tokens(user, redis_conn):
+    with cache.revoking_all_tokens_of(user):
+        pass
