@@ -283,6 +283,33 @@ class Result:
     mean_ms: float
     # The native client's counters over the timed requests only (hits, misses, fills, ...).
     cache_counters: dict[str, int] = field(default_factory=dict)
+    # Raw material for merging rounds; not reported.
+    latencies: list[float] = field(default_factory=list, repr=False)
+    elapsed: float = 0.0
+
+
+def merge(rounds: list[Result]) -> Result:
+    """One row from several interleaved rounds of the same scenario and thread count."""
+    latencies = sorted(latency for r in rounds for latency in r.latencies)
+    requests = sum(r.requests for r in rounds)
+    elapsed = sum(r.elapsed for r in rounds)
+    counters: dict[str, int] = {}
+    for r in rounds:
+        for key, value in r.cache_counters.items():
+            counters[key] = counters.get(key, 0) + value
+    return Result(
+        scenario=rounds[0].scenario,
+        threads=rounds[0].threads,
+        requests=requests,
+        db_queries_per_request=sum(r.db_queries_per_request * r.requests for r in rounds) / requests,
+        requests_per_second=requests / elapsed,
+        p50_ms=_percentile(latencies, 50) * 1000,
+        p99_ms=_percentile(latencies, 99) * 1000,
+        mean_ms=sum(latencies) / requests * 1000,
+        cache_counters=counters,
+        latencies=latencies,
+        elapsed=elapsed,
+    )
 
 
 @dataclass
@@ -436,6 +463,8 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
         p99_ms=_percentile(latencies, 99) * 1000,
         mean_ms=sum(latencies) / requests * 1000,
         cache_counters=counters,
+        latencies=latencies,
+        elapsed=elapsed,
     )
     _check(scenario, result)
     return result
@@ -518,6 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--only", metavar="TEXT", help="run only the scenarios whose name contains TEXT")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the requests are split into")
     args = parser.parse_args(argv)
     try:
         args.threads = [int(t) for t in args.threads.split(",")]
@@ -554,15 +584,22 @@ def bench(args: argparse.Namespace, engine: str, redis_port: int) -> None:
 
     call_command("migrate", verbosity=0)
     facts = machine_facts(engine, redis_port)
+    per_round = max(1, args.requests // args.rounds)
     pool = TokenPool(
-        sum(s.tokens_needed(t, args.requests) for t in args.threads for s in selected(args))
+        args.rounds * sum(s.tokens_needed(t, per_round) for t in args.threads for s in selected(args))
     )
 
+    # Scenarios take turns, round after round, so that a slow spell of this (shared, noisy)
+    # machine lands on all of them rather than on whichever ran during it.
     results = []
     for threads in args.threads:
-        for scenario in selected(args):
-            print(f"  {scenario.name}, {threads} thread(s)...", file=sys.stderr, flush=True)
-            results.append(run(scenario, threads, args.requests, pool))
+        rounds: dict[str, list[Result]] = {s.name: [] for s in selected(args)}
+        for round_number in range(args.rounds):
+            for scenario in selected(args):
+                print(f"  {scenario.name}, {threads} thread(s), round {round_number + 1}/{args.rounds}...",
+                      file=sys.stderr, flush=True)
+                rounds[scenario.name].append(run(scenario, threads, per_round, pool))
+        results.extend(merge(r) for r in rounds.values())
 
     print(render(facts, results))
     if args.json:
@@ -570,7 +607,10 @@ def bench(args: argparse.Namespace, engine: str, redis_port: int) -> None:
             "machine": facts,
             "requests_per_row": args.requests,
             "warmup_requests_per_thread": WARMUP_REQUESTS,
-            "results": [asdict(r) for r in results],
+            "rounds": args.rounds,
+            "results": [
+                {k: v for k, v in asdict(r).items() if k not in ("latencies", "elapsed")} for r in results
+            ],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -62,6 +62,7 @@ class RedisServer:
                         return self
             except OSError:
                 time.sleep(0.02)
+        self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:
