@@ -290,18 +290,26 @@ class Result:
 
 def merge(rounds: list[Result]) -> Result:
     """One row from several interleaved rounds of the same scenario and thread count."""
-    latencies = sorted(latency for r in rounds for latency in r.latencies)
-    requests = sum(r.requests for r in rounds)
+    latencies = [latency for r in rounds for latency in r.latencies]
     elapsed = sum(r.elapsed for r in rounds)
     counters: dict[str, int] = {}
     for r in rounds:
         for key, value in r.cache_counters.items():
             counters[key] = counters.get(key, 0) + value
+    queries = sum(r.db_queries_per_request * r.requests for r in rounds)
+    return _summarize(rounds[0].scenario, rounds[0].threads, latencies, queries, elapsed, counters)
+
+
+def _summarize(
+    scenario: str, threads: int, latencies: list[float], queries: float, elapsed: float, counters: dict[str, int]
+) -> Result:
+    latencies = sorted(latencies)
+    requests = len(latencies)
     return Result(
-        scenario=rounds[0].scenario,
-        threads=rounds[0].threads,
+        scenario=scenario,
+        threads=threads,
         requests=requests,
-        db_queries_per_request=sum(r.db_queries_per_request * r.requests for r in rounds) / requests,
+        db_queries_per_request=queries / requests,
         requests_per_second=requests / elapsed,
         p50_ms=_percentile(latencies, 50) * 1000,
         p99_ms=_percentile(latencies, 99) * 1000,
@@ -450,22 +458,10 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
     if errors:
         raise BenchError(f"{scenario.name}, {threads} thread(s): {errors[0]!r}") from errors[0]
 
-    latencies = sorted(latency for outcome in outcomes for latency in outcome.latencies)
+    latencies = [latency for outcome in outcomes for latency in outcome.latencies]
     assert len(latencies) == requests
     counters = {k: after[k] - before[k] for k in after if k != "idle_connections"}
-    result = Result(
-        scenario=scenario.name,
-        threads=threads,
-        requests=requests,
-        db_queries_per_request=sum(o.queries for o in outcomes) / requests,
-        requests_per_second=requests / elapsed,
-        p50_ms=_percentile(latencies, 50) * 1000,
-        p99_ms=_percentile(latencies, 99) * 1000,
-        mean_ms=sum(latencies) / requests * 1000,
-        cache_counters=counters,
-        latencies=latencies,
-        elapsed=elapsed,
-    )
+    result = _summarize(scenario.name, threads, latencies, sum(o.queries for o in outcomes), elapsed, counters)
     _check(scenario, result)
     return result
 

@@ -10,48 +10,17 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from knox.models import AuthToken
-from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.test import APIRequestFactory
 
 from knox_redis import cache
-from knox_redis.auth import TokenAuthentication
 from tests.conftest import auth_header
-
-factory = APIRequestFactory()
-
-
-def authenticate(token: str):
-    return TokenAuthentication().authenticate(factory.get("/", **auth_header(token)))
+from tests.helpers import accepted, in_thread, record_exists
 
 
-def accepted(token: str) -> bool:
-    try:
-        return authenticate(token) is not None
-    except AuthenticationFailed:
-        return False
 
 
-def in_thread(fn, *args):
-    """Run fn in a thread with its own database connection; return (thread, result box)."""
-    box: dict = {}
 
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:  # surfaced by the test
-            box["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
-
-
-def record_exists(redis_conn, token: str) -> bool:
-    return any(f.startswith(b"r:") for f in redis_conn.hkeys(f"knox:token:{token[:15]}"))
 
 
 @pytest.mark.parametrize(

@@ -10,27 +10,15 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 from knox.models import AuthToken
-from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.test import APIRequestFactory
 
 from knox_redis import cache
-from knox_redis.auth import TokenAuthentication
 from tests.conftest import auth_header
+from tests.helpers import accepted, record_exists
 from tests.servers import TcpProxy
 from tests.testapp.models import ProxyToken
 
-factory = APIRequestFactory()
 
 
-def accepted(token: str) -> bool:
-    try:
-        return TokenAuthentication().authenticate(factory.get("/", **auth_header(token))) is not None
-    except AuthenticationFailed:
-        return False
-
-
-def record_exists(redis_conn, token: str) -> bool:
-    return any(f.startswith(b"r:") for f in redis_conn.hkeys(f"knox:token:{token[:15]}"))
 
 
 @pytest.fixture

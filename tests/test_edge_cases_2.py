@@ -11,24 +11,17 @@ import pytest
 from django.utils import timezone
 from knox.models import AuthToken
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.test import APIRequestFactory
 
 from knox_redis import cache
 from knox_redis.auth import TokenAuthentication
 from tests.conftest import auth_header
+from tests.helpers import accepted, in_thread
 
-factory = APIRequestFactory()
 
 
 def get(client, token) -> int:
     return client.get("/api/whoami/", **auth_header(token)).status_code
 
-
-def accepted(token: str, cls=TokenAuthentication) -> bool:
-    try:
-        return cls().authenticate(factory.get("/", **auth_header(token))) is not None
-    except AuthenticationFailed:
-        return False
 
 
 def record_field(token):
@@ -151,23 +144,8 @@ def test_bad_db_is_caught_by_check_and_never_a_500(client, make_token, settings)
 #    commits, and the refresh's own check then finds no row.
 import threading  # noqa: E402
 
-from django.db import connection, connections  # noqa: E402
+from django.db import connection  # noqa: E402
 
-
-def _in_thread(fn, *args):
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            connections.close_all()
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row-level concurrency: PostgreSQL")
@@ -209,7 +187,7 @@ def test_cleanup_without_redis_races_a_refresh(make_token, settings, monkeypatch
             return super().renew_token(auth_token)
 
     # Reader hits the (not yet expired) record and is about to refresh.
-    reader, rbox = _in_thread(accepted, token, SlowRenew)
+    reader, rbox = in_thread(accepted, token, SlowRenew)
     assert in_renew.wait(10)
     time.sleep(1.6)  # the row's expiry passes
 
@@ -217,7 +195,7 @@ def test_cleanup_without_redis_races_a_refresh(make_token, settings, monkeypatch
         cleaner_ident["id"] = threading.get_ident()
         return AuthToken.objects.filter(expiry__lt=timezone.now()).delete()  # knox_clear_expired
 
-    cleaner, cbox = _in_thread(clean)
+    cleaner, cbox = in_thread(clean)
     assert checked.wait(10), (cbox, cleaner.is_alive())  # DB said "expired": proceeds without Redis
     may_renew.set()
     time.sleep(0.3)

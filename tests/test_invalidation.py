@@ -10,7 +10,6 @@ from django.utils import timezone
 from knox.models import AuthToken
 
 import knox_redis
-from knox_redis import cache
 from tests.conftest import auth_header
 
 

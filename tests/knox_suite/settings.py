@@ -1,7 +1,6 @@
 """Settings for running knox's own test suite with knox_redis swapped in."""
 
-from tests.settings import *  # noqa: F403
-from tests.settings import DATABASES, INSTALLED_APPS  # noqa: F401
+from tests.settings import *  # noqa: F403  (the same project, with knox's URLs)
 
 ROOT_URLCONF = "tests.knox_suite.urls"
 REST_FRAMEWORK = {
