@@ -5,8 +5,9 @@ The story of one request:
 1. The header is parsed exactly as knox does; bytes that can't be a token get a 401 here
    (knox would answer non-UTF-8 with a 500, NUL bytes with a database error).
 2. The token is hashed and its record fetched from Redis in one round trip.
-3. Hit: the record gives user, created and expiry, so no token row is read. The user is
-   loaded by primary key (the one query) so a deactivated user is rejected at once.
+3. Hit: the record's digest matches (compared in constant time, as knox does) and it gives
+   user, created and expiry, so no token row is read. The user is loaded by primary key (the
+   one query) so a deactivated user is rejected at once.
 4. Miss (or Redis unavailable): knox's own database path runs unchanged, then the row is
    cached, unless a revocation started since the lookup.
 """
@@ -29,7 +30,6 @@ from knox.signals import token_expired
 from rest_framework import exceptions
 
 from knox_redis import cache
-from knox_redis._knox_redis import hash_token as native_sha512
 from knox_redis.settings import knox_redis_settings
 from knox_redis.signals import refreshing
 
@@ -41,7 +41,7 @@ INVALID_TOKEN = _("Invalid token.")
 
 def hash_token(token: str) -> str:
     if knox_settings.SECURE_HASH_ALGORITHM is hashlib.sha512:
-        return native_sha512(token)
+        return cache.sha512_hex(token)
     return knox_hash_token(token)
 
 

@@ -36,6 +36,9 @@ from knox_redis.settings import knox_redis_settings, redis_target
 
 logger = logging.getLogger("knox_redis")
 
+# SHA-512 hex, as knox.crypto.hash_token computes it by default (the Rust one is faster).
+sha512_hex = _knox_redis.hash_token
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
