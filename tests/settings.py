@@ -65,6 +65,9 @@ else:
     _db = os.path.join(tempfile.gettempdir(), f"knox_redis_test_{os.getpid()}.sqlite3")
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": _db, "TEST": {"NAME": _db}}}
 
+# A read replica alias (a mirror of default in tests) for the primary/replica router test.
+DATABASES["replica"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     "redis": {

@@ -197,19 +197,25 @@ def _record(raw: Any) -> CachedToken | None:
 def store(token: Any, found: Lookup) -> None:
     """Cache a token row this request read from the database, after looking it up (`found`).
 
-    In autocommit mode the row is committed data, read after `found.generation` was: fill
-    now. Inside a transaction the row may be uncommitted or from an old snapshot: after
-    commit, read it again under a new lookup and fill from that. Without a generation yet
-    (the first request for this token), make one, then read the row again.
+    In autocommit mode, a row read from the token model's write database is committed data,
+    read after `found.generation` was: fill now. Inside a transaction the row may be
+    uncommitted or from an old snapshot, and a read replica may lag: then (after commit, in
+    a transaction) read it again from the write database under a new lookup, and fill from
+    that. So does the first request for a token, which has no generation yet.
     """
-    using = router.db_for_write(type(token), instance=token)
-    when = _when_committed(using)
-    if when == "now" and found.generation is not None:
+    write_db = router.db_for_write(type(token), instance=token)
+    read_db = token._state.db or write_db
+    states = {db: _when_committed(db) for db in (read_db, write_db)}
+    if "never" in states.values():
+        return
+    in_transaction = [db for db, state in states.items() if state == "on_commit"]
+    refill = partial(_refill, token.token_key, token.digest, write_db)
+    if in_transaction:
+        transaction.on_commit(refill, using=in_transaction[0], robust=True)
+    elif found.generation is not None and read_db == write_db:
         _fill(_values(token), found.generation)
-    elif when == "now":
-        _refill(token.token_key, token.digest, using)
-    elif when == "on_commit":
-        transaction.on_commit(partial(_refill, token.token_key, token.digest, using), using=using, robust=True)
+    else:
+        refill()
 
 
 def store_refreshed(token: Any, generation: bytes | None, *, fresh_until: datetime) -> None:
@@ -319,6 +325,7 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
     Raises RevocationUnavailable when Redis can't be told: the caller's transaction rolls
     back and the token stays valid everywhere, as the database says.
     """
+    tokens = list(tokens)
     entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:
@@ -331,7 +338,8 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
     # After commit, revoke once more without a tombstone: a reader that looked the token up
     # after the first revocation but read the row before the commit can't fill it now.
     if using is None:
-        using = router.db_for_write(get_token_model())
+        hints = {"instance": tokens[0]} if tokens else {}
+        using = router.db_for_write(get_token_model(), **hints)
     if transaction.get_connection(using).in_atomic_block:
         transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using, robust=True)
 
@@ -359,7 +367,8 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
     plus whatever the user's index in Redis lists.
     """
     token_model = get_token_model()
-    using = router.db_for_write(token_model)
+    # The database the view's `user.auth_token_set.all().delete()` will use.
+    using = router.db_for_write(token_model, instance=user)
     with transaction.atomic(using=using):
         tokens = list(
             token_model._base_manager.using(using)
