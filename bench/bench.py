@@ -235,8 +235,8 @@ class Scenario:
     route: str
     # True: every timed request presents a token never seen before (the miss path).
     cold: bool = False
-    # With cold: each token was cached once and its record has since lapsed (MAX_CACHE_TTL,
-    # eviction); its generation is still there, so the miss costs knox's queries only.
+    # With cold: each token was cached once and its record has since lapsed (MAX_CACHE_TTL);
+    # its generation is still there, so the miss costs knox's queries only.
     seen_before: bool = False
     # A context manager around the whole run (the Redis-down scenario changes settings).
     context: Callable[[], Any] | None = None

@@ -306,14 +306,16 @@ impl TokenCache {
 
     /// Revoke `(token_key, digest, user_pk)` tokens and every token indexed under `users`, in
     /// one script: records deleted, generations renewed, tombstones written. Returns how many
-    /// records were deleted.
-    #[pyo3(signature = (tokens, users = Vec::new(), tombstone_ms = 60_000))]
+    /// records were deleted. Revocations ignore the breaker (a logout must try) unless
+    /// `use_breaker`: for tokens that may go without Redis anyway, failing fast is better.
+    #[pyo3(signature = (tokens, users = Vec::new(), tombstone_ms = 60_000, use_breaker = false))]
     fn revoke(
         &self,
         py: Python<'_>,
         tokens: Vec<(String, String, Bound<'_, PyAny>)>,
         users: Vec<Bound<'_, PyAny>>,
         tombstone_ms: u64,
+        use_breaker: bool,
     ) -> PyResult<i64> {
         let mut token_keys = Vec::with_capacity(tokens.len());
         let mut index_keys = Vec::with_capacity(tokens.len());
@@ -335,7 +337,7 @@ impl TokenCache {
         }
         let seed = new_generation();
         let removed: i64 = py.detach(|| {
-            self.call_with(false, |conn| {
+            self.call_with(use_breaker, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
                 invocation.key(&token_keys).key(&index_keys).key(&user_keys);
                 invocation.arg(ids.len()).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(&ids).arg(&members);

@@ -69,6 +69,10 @@ def test_redis_url_overrides_alias():
         ({"CACHE_ALIASES": "redis"}, "unknown keys: CACHE_ALIASES"),
         ({"REDIS_URL": "http://x"}, "Invalid Redis URL"),
         ({"REDIS_URL": "rediss://x?ssl_cert_reqs=none"}, "always verifies"),
+        ({"REDIS_URL": "rediss://x?ssl_cert_reqs=0"}, "always verifies"),
+        ({"REDIS_URL": "rediss://x?ssl_certfile=/c.pem&ssl_keyfile=/k.pem"}, "client certificates"),
+        ({"MAX_IDLE_CONNECTIONS": 2.5}, "MAX_IDLE_CONNECTIONS"),
+        ({"REDIS_URL": "redis://x/9223372036854775808"}, "can't use"),
     ],
 )
 def test_invalid_settings_fail_the_system_check(value, message):

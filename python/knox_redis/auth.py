@@ -128,17 +128,24 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         False (go to the database path) if the row is gone or its expiry is no longer the
         cached one: a refresh must never overwrite what changed behind the cache."""
         using = router.db_for_write(type(auth_token), instance=auth_token)
+        model_save = auth_token.save
+
+        def save_in_savepoint(*args: Any, **kwargs: Any) -> None:
+            # Only when knox decides to save: a savepoint, so a failed UPDATE can't poison an
+            # ATOMIC_REQUESTS transaction, holding the row lock the expiry check takes.
+            with transaction.atomic(using=using):
+                model_save(*args, **kwargs)
+
+        auth_token.save = save_in_savepoint
         auth_token.__dict__["_knox_redis_cached_expiry"] = record.expiry
         try:
-            # A savepoint, so a failed UPDATE can't poison an ATOMIC_REQUESTS transaction;
-            # it also holds the row lock taken by the expiry check until the UPDATE is done.
-            with transaction.atomic(using=using):
-                self.renew_token(auth_token)
+            self.renew_token(auth_token)
         except DatabaseError:
             # The expiry changed behind the cache, or "Save with update_fields did not affect
             # any rows": the token is gone.
             return False
         finally:
+            del auth_token.save
             del auth_token.__dict__["_knox_redis_cached_expiry"]
         if auth_token.__dict__.pop("_knox_redis_saved", False):
             # The record keeps its re-read deadline: refreshing never postpones MAX_CACHE_TTL.

@@ -205,17 +205,16 @@ def store(token: Any, found: Lookup) -> None:
     """
     write_db = router.db_for_write(type(token), instance=token)
     read_db = token._state.db or write_db
-    states = {db: _when_committed(db) for db in (read_db, write_db)}
+    # The write database first: the refill reads it, and must not see its uncommitted rows.
+    states = {db: _when_committed(db) for db in (write_db, read_db)}
     if "never" in states.values():
         return
-    in_transaction = [db for db, state in states.items() if state == "on_commit"]
-    refill = partial(_refill, token.token_key, token.digest, write_db)
-    if in_transaction:
-        transaction.on_commit(refill, using=in_transaction[0], robust=True)
+    if "on_commit" in states.values():
+        _refill(token.token_key, token.digest, write_db)  # defers itself until commit
     elif found.generation is not None and read_db == write_db:
         _fill(_values(token), found.generation)
     else:
-        refill()
+        _refill(token.token_key, token.digest, write_db)
 
 
 def store_refreshed(token: Any, generation: bytes | None, *, fresh_until: datetime) -> None:
@@ -246,6 +245,12 @@ def _when_committed(using: str) -> str:
 
 
 def _refill(token_key: str, digest: str, using: str) -> None:
+    """Re-read the row from the write database under a fresh generation, and cache it; while
+    that database (or the one this request read from) is in a transaction, after commit."""
+    for db in dict.fromkeys((using, router.db_for_read(get_token_model()))):
+        if transaction.get_connection(db).in_atomic_block:
+            transaction.on_commit(partial(_refill, token_key, digest, using), using=db, robust=True)
+            return
     found = lookup(token_key, digest, create=True)
     if found is None or found.generation is None:
         return
@@ -271,17 +276,19 @@ def _values(token: Any) -> TokenValues:
 
 def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = None) -> bool:
     now = timezone.now()
-    # The record is re-read from the database after MAX_CACHE_TTL; the key itself lives no
-    # longer than the token.
+    # The record is re-read from the database after MAX_CACHE_TTL. The key, and with it the
+    # generation, lives one period longer (so that re-read is knox's 2 queries, not a first
+    # sight's 3), but never longer than the token.
+    period = timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
     if fresh_until is None:
-        fresh_until = now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+        fresh_until = now + period
     if fresh_until <= now:
         return False
-    lifetime = fresh_until
+    lifetime = fresh_until + period
     if token.expiry is not None:
         if token.expiry <= now:
             return False
-        lifetime = min(fresh_until, token.expiry)
+        lifetime = min(lifetime, token.expiry)
     ttl_ms = max(1, int((lifetime - now).total_seconds() * 1000))
     try:
         return get_client().fill(
@@ -319,21 +326,25 @@ def already_revoked(digest: str) -> bool:
 REVOKE_BATCH = 5000
 
 
-def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | None = None) -> None:
+def revoke(
+    tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | None = None, fail_fast: bool = False
+) -> None:
     """Revoke cached tokens before their rows change or go; again after commit.
 
     Raises RevocationUnavailable when Redis can't be told: the caller's transaction rolls
-    back and the token stays valid everywhere, as the database says.
+    back and the token stays valid everywhere, as the database says. Revocations ignore the
+    circuit breaker unless `fail_fast` (for callers with a fallback of their own).
     """
-    tokens = list(tokens)
+    # A row whose digest can't name a hash field (imported, hand-made) was never cached.
+    tokens = [t for t in tokens if _cacheable(t.digest)]
     entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:
         return
     try:
-        _send_revocations(entries, user_pks, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000))
+        _send_revocations(entries, user_pks, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
     except (CacheError, ImproperlyConfigured) as exc:
-        logger.error("knox_redis: refusing to revoke tokens while Redis is unreachable: %s", exc)
+        logger.error("knox_redis: refusing to revoke tokens, Redis can't be told: %s", exc)
         raise RevocationUnavailable() from exc
     # After commit, revoke once more without a tombstone: a reader that looked the token up
     # after the first revocation but read the row before the commit can't fill it now.
@@ -344,11 +355,20 @@ def revoke(tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | Non
         transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using, robust=True)
 
 
-def _send_revocations(entries: list[tuple[str, str, int | str]], user_pks: list[int | str], tombstone_ms: int) -> None:
+def _send_revocations(
+    entries: list[tuple[str, str, int | str]], user_pks: list[int | str], tombstone_ms: int, fail_fast: bool = False
+) -> None:
     client = get_client()
     for start in range(0, max(len(entries), 1), REVOKE_BATCH):
         last = start + REVOKE_BATCH >= len(entries)
-        client.revoke(entries[start : start + REVOKE_BATCH], user_pks if last else [], tombstone_ms)
+        client.revoke(entries[start : start + REVOKE_BATCH], user_pks if last else [], tombstone_ms, fail_fast)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _cacheable(digest: Any) -> bool:
+    return isinstance(digest, str) and len(digest) >= 32 and set(digest[:32]) <= _HEX
 
 
 def _revoke_quietly(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
@@ -383,12 +403,16 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
             _already_revoked.reset(reset)
 
 
+def looks_expired(token: Any) -> bool:
+    return token.expiry is not None and token.expiry < timezone.now()
+
+
 def expired_in_database(token: Any, using: str) -> bool:
     """Does the database (not this possibly stale instance) hold an expiry in the past?
 
     Called inside the deleting transaction: the row stays locked until the delete commits,
     so no refresh can extend it in between."""
-    if token.expiry is None or token.expiry >= timezone.now():
+    if not looks_expired(token):
         return False
     expired = (
         type(token)._base_manager.using(using).select_for_update()

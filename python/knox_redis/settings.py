@@ -81,6 +81,8 @@ def load() -> dict[str, Any]:
     _number(values, "MAX_CACHE_TTL", low=1, high=30 * 86400)
     _number(values, "REVOCATION_TOMBSTONE_TTL", low=1, high=86400)
     _number(values, "MAX_IDLE_CONNECTIONS", low=0, high=10_000)
+    if not isinstance(values["MAX_IDLE_CONNECTIONS"], int):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['MAX_IDLE_CONNECTIONS'] must be an integer.")
     if not isinstance(values["CACHE_ENABLED"], bool):
         raise ImproperlyConfigured("REST_KNOX_REDIS['CACHE_ENABLED'] must be True or False.")
     prefix = values["REDIS_KEY_PREFIX"]
@@ -144,16 +146,27 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     # TLS options as redis-py takes them: in the URL query, in OPTIONS (Django's RedisCache),
     # or in OPTIONS["CONNECTION_POOL_KWARGS"] (django-redis).
     tls_options = {**(options.get("CONNECTION_POOL_KWARGS") or {}), **options, **kwargs}
-    if str(tls_options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+    if str(tls_options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional", "0", "1"):
         raise ImproperlyConfigured(
             f"{url!r}: knox_redis always verifies the Redis server's certificate "
             "(ssl_cert_reqs must be 'required'); trust a private CA with ssl_ca_certs."
         )
+    if tls_options.get("ssl_certfile") or tls_options.get("ssl_keyfile"):
+        raise ImproperlyConfigured(
+            f"{url!r}: TLS client certificates (ssl_certfile, ssl_keyfile) are not supported by "
+            "knox_redis yet; it would connect without them."
+        )
+    try:
+        db = int(db or 0)
+    except (TypeError, ValueError):
+        db = -1
+    if not 0 <= db < 2**31:
+        raise ImproperlyConfigured(f"{url!r}: knox_redis can't use database number {db!r}.")
     target = RedisTarget(
         host=kwargs.get("host"),
         port=int(kwargs.get("port") or 6379),
         unix_path=kwargs.get("path"),
-        db=int(db or 0),
+        db=db,
         username=unquote(kwargs["username"]) if kwargs.get("username") else options.get("username"),
         password=password,
         tls=scheme == "rediss",

@@ -37,11 +37,17 @@ def refreshing(digest: str) -> Iterator[None]:
         _refreshing.reset(reset)
 
 
+# The columns a record holds: a save that touches none of them leaves the record true.
+RECORD_FIELDS = frozenset({"digest", "token_key", "user", "user_id", "created", "expiry"})
+
+
 def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     if cache.already_revoked(instance.digest):
         return
     try:
-        cache.revoke([instance], using=using)
+        # A token that looks expired can go without Redis if the database agrees: don't make
+        # knox's cleanup wait on a Redis known to be down.
+        cache.revoke([instance], using=using, fail_fast=cache.looks_expired(instance))
     except cache.RevocationUnavailable:
         # A token the database holds as expired is rejected by every reader of its record
         # (a record's expiry is never later than the row's), so it may go without Redis:
@@ -52,12 +58,16 @@ def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) 
         cache.logger.info("knox_redis: deleting expired token %s without Redis", instance.token_key)
 
 
-def revoke_before_update(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+def revoke_before_update(
+    sender: Any, instance: Any, using: str, update_fields: Any = None, **kwargs: Any
+) -> None:
     """A token row about to change (an admin edit, a save over an existing digest) is revoked
     as the database holds it, so its record, under its old token_key too, can't outlive it."""
     if _refreshing.get() == instance.digest:
         _check_refresh(instance, using)
         return
+    if update_fields is not None and not RECORD_FIELDS.intersection(update_fields):
+        return  # e.g. a custom model's last_used: the record still says the truth
     current = type(instance)._base_manager.using(using).filter(pk=instance.pk).first()
     if current is None:
         return  # an insert: nothing can be cached yet

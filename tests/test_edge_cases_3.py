@@ -1,0 +1,194 @@
+"""Holes and README mismatches found in the third review, each pinned by its test."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections, transaction
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from knox.models import AuthToken
+
+from knox_redis import cache
+from tests.conftest import auth_header
+from tests.helpers import authenticate
+from tests.test_routers import PrimaryReplicaRouter
+from tests.test_views import script_calls
+
+
+def sql_of(fn):
+    with CaptureQueriesContext(connection) as ctx:
+        fn()
+    return [q["sql"] for q in ctx.captured_queries]
+
+
+# README 136 ("later misses 2"), 223 and 237-238 ("re-read after MAX_CACHE_TTL: knox's two
+# queries"): fill.lua sets the key's TTL to min(expiry, fresh_until), so the generation dies
+# with the record; a real (not freeze_time) re-read after MAX_CACHE_TTL is a first sight.
+def test_reread_after_max_cache_ttl_costs_two_queries(make_token, settings, redis_conn):
+    # MAX_CACHE_TTL above the tombstone TTL, as with the defaults (3600 > 60): the fill then
+    # stretches the key's TTL to fresh_until and no further.
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 2, "REVOCATION_TOMBSTONE_TTL": 1}
+    token = make_token()
+    assert len(sql_of(lambda: authenticate(token))) == 3  # first sight
+    assert len(sql_of(lambda: authenticate(token))) == 1  # hit
+    time.sleep(2.3)
+    sql = sql_of(lambda: authenticate(token))
+    assert len(sql) == 2, sql
+
+
+# README 5-6, 136 ("hits 1"): with AUTO_REFRESH every hit opens transaction.atomic in _renew,
+# even when knox's throttle writes nothing.
+def test_auto_refresh_hit_is_one_query(make_token, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
+    token = make_token()
+    authenticate(token)
+    sql = sql_of(lambda: authenticate(token))
+    assert len(sql) == 1, sql
+
+
+def test_auto_refresh_hit_inside_atomic_is_one_query(make_token, settings):
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
+    token = make_token()
+    authenticate(token)
+    with transaction.atomic():
+        sql = sql_of(lambda: authenticate(token))
+    assert len(sql) == 1, sql
+
+
+# README 143-149 (the admin is an ORM path that revokes) + 167-169, 180-182 ("refuses
+# revocations (503), never answering 500"): outside a DRF view RevocationUnavailable is an
+# unhandled exception.
+def test_admin_delete_with_redis_unreachable_is_not_a_500(client, make_token, settings, django_user_model):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    make_token()
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw")
+    client.force_login(admin)
+    digest = AuthToken.objects.get().digest
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": f"redis://127.0.0.1:{dead}/0"}
+    client.raise_request_exception = False
+    response = client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
+    assert AuthToken.objects.filter(digest=digest).exists()  # refused: good
+    assert response.status_code == 503, response.status_code
+
+
+# logoutall: one script per REVOKE_BATCH tokens before the delete, and again after commit.
+def test_logoutall_round_trips_per_batch(client, make_token, redis_conn, monkeypatch):
+    monkeypatch.setattr(cache, "REVOKE_BATCH", 3)
+    tokens = [make_token() for _ in range(8)]
+    client.get("/api/whoami/", **auth_header(tokens[0]))
+    client.get("/api/whoami/", **auth_header(tokens[0]))  # cached: the logout request is a hit
+    cache.get_client().revoke([], users=[999999])  # load the script: no NOSCRIPT retry below
+    before = script_calls(redis_conn)
+    assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
+    # the request's lookup, then 3 batches of 3 before the delete and 3 after commit
+    assert script_calls(redis_conn) - before == 1 + 3 + 3, script_calls(redis_conn) - before
+
+
+# README 156-159: "the fill waits for on_commit on the token model's database". store()
+# registers on in_transaction[0], the *read* database, when both are in a transaction: if
+# the replica's block commits first, the refill reads the write database inside its still
+# open transaction and caches what it then rolls back.
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_replica_commit_first_does_not_cache_uncommitted_rows(django_user_model):
+    alice = django_user_model.objects.create_user(username="alice")
+    bob = django_user_model.objects.create_user(username="bob")
+    _row, token = AuthToken.objects.create(user=alice)
+    with override_settings(DATABASE_ROUTERS=[PrimaryReplicaRouter()]):
+        seen = []
+        real_fill = cache._fill
+
+        def spy(values, *a, **kw):
+            seen.append(connections["default"].in_atomic_block)
+            return real_fill(values, *a, **kw)
+
+        cache._fill = spy
+        try:
+            with pytest.raises(Boom):
+                with transaction.atomic(using="default"):
+                    with transaction.atomic(using="replica"):
+                        assert authenticate(token)[0] == alice  # knox reads the replica
+                        # uncommitted on the write database, rolled back below
+                        AuthToken.objects.using("default").filter(token_key=token[:15]).update(user=bob)
+                    raise Boom
+        finally:
+            cache._fill = real_fill
+        assert AuthToken.objects.using("default").get().user_id == alice.pk
+        user, _ = authenticate(token)
+    assert user == alice, f"rolled-back owner {user} cached (fill saw default in_atomic_block={seen})"
+
+
+# A row whose digest isn't 32+ hex characters (imported, hand-made) can never be presented, so
+# there is nothing to revoke, but revoke() raises CacheError -> RevocationUnavailable: the
+# row, and its user (cascade), can't be deleted even with Redis up.
+def test_row_with_non_hex_digest_does_not_block_deleting_its_user(user):
+    AuthToken(digest="legacy-import-1", token_key="legacy", user=user).save()
+    user.delete()
+    assert not AuthToken.objects.exists()
+
+
+# _check_refresh under a request transaction and in autocommit: a due refresh on a hit
+# writes once and is cached after commit (expected to pass on both backends).
+@pytest.mark.parametrize("atomic", [False, True])
+def test_due_refresh_on_hit_in_and_out_of_a_transaction(make_token, settings, atomic):
+    from contextlib import nullcontext
+
+    from freezegun import freeze_time
+
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
+    token = make_token()
+    authenticate(token)
+    with freeze_time(timedelta(seconds=120)):
+        with transaction.atomic() if atomic else nullcontext():
+            sql = sql_of(lambda: authenticate(token))
+        assert sum(s.startswith("UPDATE") for s in sql) == 1, sql
+        assert any("FOR UPDATE" in s for s in sql) == (connection.vendor == "postgresql"), sql
+        refreshed = AuthToken.objects.get().expiry
+        sql = sql_of(lambda: authenticate(token))
+        assert not [s for s in sql if "knox_authtoken" in s], sql
+        assert authenticate(token)[1].expiry == refreshed
+
+
+def test_saving_fields_the_record_doesnt_hold_keeps_it_cached(make_token, redis_conn):
+    from tests.helpers import record_exists
+
+    token = make_token()
+    authenticate(token)
+    row = AuthToken.objects.get()
+    row.save(update_fields=[])  # e.g. a custom model's last_used: nothing the record holds
+    assert record_exists(redis_conn, token)
+    row.save(update_fields=["expiry"])
+    assert not record_exists(redis_conn, token)
+
+
+def test_knox_cleanup_with_redis_hung_pays_the_timeout_once(make_token, settings, redis_server, user):
+    from tests.servers import TcpProxy
+
+    proxy = TcpProxy(redis_server.port)
+    try:
+        settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": proxy.url}
+        token = make_token()
+        for _ in range(5):
+            make_token(expiry=timedelta(seconds=-1))
+        authenticate(token)  # connects while Redis answers
+        proxy.blackhole()
+        started = time.monotonic()
+        # The lookup times out (one timeout, the breaker opens), so knox's path runs and
+        # deletes the 10 expired siblings: each revocation fails fast, the database confirms.
+        cache.get_client().reset()
+        assert authenticate(token)[0] == user
+        assert time.monotonic() - started < 1.2
+        assert AuthToken.objects.filter(user=user).count() == 1
+    finally:
+        proxy.close()
