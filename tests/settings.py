@@ -64,7 +64,15 @@ if os.environ.get("KNOX_REDIS_TEST_DB") == "postgres":
 else:
     # A file, not :memory:, so that threads and forked processes share one database.
     _db = os.path.join(tempfile.gettempdir(), f"knox_redis_test_{os.getpid()}.sqlite3")
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": _db, "TEST": {"NAME": _db}}}
+    # A generous lock timeout: the stress tests write from several threads on a busy machine.
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": _db,
+            "TEST": {"NAME": _db},
+            "OPTIONS": {"timeout": 30},
+        }
+    }
 
 # A read replica alias (a mirror of default in tests) for the primary/replica router test.
 DATABASES["replica"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}

@@ -39,6 +39,11 @@ MAX_TOKEN_LENGTH = 1024
 INVALID_TOKEN = _("Invalid token.")
 
 
+class CachedExpiryOutdated(Exception):
+    """The row's expiry is no longer the one the cache had: something changed it behind the
+    cache (QuerySet.update, raw SQL), so a refresh must not overwrite it."""
+
+
 def hash_token(token: str) -> str:
     if knox_settings.SECURE_HASH_ALGORITHM is hashlib.sha512:
         return cache.sha512_hex(token)
@@ -81,9 +86,33 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         return user, auth_token
 
     def renew_token(self, auth_token: Any) -> None:
-        # knox's renewal only extends the token: a save to re-cache, not an edit to revoke.
-        with refreshing(auth_token.digest):
-            super().renew_token(auth_token)
+        """knox's renewal, made safe against the row changing under it.
+
+        The save runs in a savepoint (so a failure can't poison an ATOMIC_REQUESTS
+        transaction) and, being only an extension, is not revoked as an edit would be. If the
+        row went meanwhile (a logout in another request), this is a 401, not knox's 500.
+        """
+        using = router.db_for_write(type(auth_token), instance=auth_token)
+        model_save = auth_token.save
+
+        def save_in_savepoint(*args: Any, **kwargs: Any) -> None:
+            with transaction.atomic(using=using):
+                model_save(*args, **kwargs)
+
+        auth_token.save = save_in_savepoint
+        try:
+            with refreshing(auth_token.digest):
+                super().renew_token(auth_token)
+        except DatabaseError:
+            # "Save with update_fields did not affect any rows": the row went, or (from a
+            # cache hit) its expiry is no longer the cached one.
+            if not type(auth_token)._base_manager.using(using).filter(pk=auth_token.pk).exists():
+                raise exceptions.AuthenticationFailed(INVALID_TOKEN) from None
+            if "_do_update" in auth_token.__dict__:
+                raise CachedExpiryOutdated() from None
+            raise
+        finally:
+            del auth_token.save
 
     def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
         """Authenticate from the record; None sends the request down knox's database path."""
@@ -123,30 +152,23 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         raise exceptions.AuthenticationFailed(INVALID_TOKEN)
 
     def _renew(self, auth_token: Any, generation: bytes | None, record: cache.CachedToken) -> bool:
-        """knox's renew_token; if it saved a new expiry, cache that after commit.
+        """knox's renew_token from a cache hit; if it saved a new expiry, cache that after
+        commit. False (go to the database path) if the row's expiry is no longer the cached
+        one: a refresh must never overwrite what changed behind the cache."""
+        model_do_update = auth_token._do_update
 
-        False (go to the database path) if the row is gone or its expiry is no longer the
-        cached one: a refresh must never overwrite what changed behind the cache."""
-        using = router.db_for_write(type(auth_token), instance=auth_token)
-        model_save = auth_token.save
+        def update_if_unchanged(base_qs: Any, *args: Any, **kwargs: Any) -> Any:
+            # knox's one UPDATE, made a compare-and-set: "... WHERE digest = %s AND expiry =
+            # <cached>". Django's save then reports 0 rows as a DatabaseError.
+            return model_do_update(base_qs.filter(expiry=record.expiry), *args, **kwargs)
 
-        def save_in_savepoint(*args: Any, **kwargs: Any) -> None:
-            # Only when knox decides to save: a savepoint, so a failed UPDATE can't poison an
-            # ATOMIC_REQUESTS transaction, holding the row lock the expiry check takes.
-            with transaction.atomic(using=using):
-                model_save(*args, **kwargs)
-
-        auth_token.save = save_in_savepoint
-        auth_token.__dict__["_knox_redis_cached_expiry"] = record.expiry
+        auth_token._do_update = update_if_unchanged
         try:
             self.renew_token(auth_token)
-        except DatabaseError:
-            # The expiry changed behind the cache, or "Save with update_fields did not affect
-            # any rows": the token is gone.
+        except CachedExpiryOutdated:
             return False
         finally:
-            del auth_token.save
-            del auth_token.__dict__["_knox_redis_cached_expiry"]
+            del auth_token._do_update
         if auth_token.__dict__.pop("_knox_redis_saved", False):
             # The record keeps its re-read deadline: refreshing never postpones MAX_CACHE_TTL.
             cache.store_refreshed(auth_token, generation, fresh_until=record.fresh_until)

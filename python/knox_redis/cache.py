@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import router, transaction
+from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
 from rest_framework.exceptions import APIException
@@ -209,12 +210,10 @@ def store(token: Any, found: Lookup) -> None:
     states = {db: _when_committed(db) for db in (write_db, read_db)}
     if "never" in states.values():
         return
-    if "on_commit" in states.values():
-        _refill(token.token_key, token.digest, write_db)  # defers itself until commit
-    elif found.generation is not None and read_db == write_db:
+    if set(states.values()) == {"now"} and found.generation is not None and read_db == write_db:
         _fill(_values(token), found.generation)
     else:
-        _refill(token.token_key, token.digest, write_db)
+        _refill(token.token_key, token.digest, write_db)  # defers itself until commit
 
 
 def store_refreshed(token: Any, generation: bytes | None, *, fresh_until: datetime) -> None:
@@ -410,12 +409,10 @@ def looks_expired(token: Any) -> bool:
 def expired_in_database(token: Any, using: str) -> bool:
     """Does the database (not this possibly stale instance) hold an expiry in the past?
 
-    Called inside the deleting transaction: the row stays locked until the delete commits,
-    so no refresh can extend it in between."""
+    Called inside the deleting transaction. Asked with a no-op UPDATE rather than a read, so
+    the row stays locked until the delete commits and no refresh can extend it in between
+    (and SQLite takes its write lock at once instead of deadlocking on an upgrade)."""
     if not looks_expired(token):
         return False
-    expired = (
-        type(token)._base_manager.using(using).select_for_update()
-        .filter(pk=token.pk, expiry__lt=timezone.now()).values_list("pk", flat=True)[:1]
-    )
-    return bool(list(expired))
+    rows = type(token)._base_manager.using(using).filter(pk=token.pk, expiry__lt=timezone.now())
+    return bool(rows.update(expiry=F("expiry")))

@@ -13,19 +13,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from django.db import DatabaseError
-
 from knox_redis import cache
 
 # The digest whose expiry knox's renew_token is saving in this context: that save only
 # extends the token, and the authentication class re-caches it itself.
 _refreshing: ContextVar[str | None] = ContextVar("knox_redis_refreshing", default=None)
-_MISSING = object()
-
-
-class CachedExpiryOutdated(DatabaseError):
-    """The row's expiry is no longer the one the cache had: something changed it behind the
-    cache (QuerySet.update, raw SQL), so a refresh must not overwrite it."""
 
 
 @contextmanager
@@ -64,7 +56,6 @@ def revoke_before_update(
     """A token row about to change (an admin edit, a save over an existing digest) is revoked
     as the database holds it, so its record, under its old token_key too, can't outlive it."""
     if _refreshing.get() == instance.digest:
-        _check_refresh(instance, using)
         return
     if update_fields is not None and not RECORD_FIELDS.intersection(update_fields):
         return  # e.g. a custom model's last_used: the record still says the truth
@@ -73,19 +64,6 @@ def revoke_before_update(
         return  # an insert: nothing can be cached yet
     changed = [current] if current.token_key == instance.token_key else [current, instance]
     cache.revoke(changed, using=using)
-
-
-def _check_refresh(instance: Any, using: str) -> None:
-    """A refresh from a cache hit writes only over the expiry the cache had."""
-    cached_expiry = instance.__dict__.get("_knox_redis_cached_expiry", _MISSING)
-    if cached_expiry is _MISSING:
-        return  # knox's own path: the row was just read
-    unchanged = (
-        type(instance)._base_manager.using(using).select_for_update()
-        .filter(pk=instance.pk, expiry=cached_expiry).values_list("pk", flat=True)[:1]
-    )
-    if not list(unchanged):
-        raise CachedExpiryOutdated("the token's expiry changed behind the cache")
 
 
 def mark_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
