@@ -21,8 +21,10 @@ demo: develop
 test: develop
 	REDIS_SERVER="$$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')" cargo test --quiet
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py
 	@if $(BIN)/python -m tests.pg_available; then \
-		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest; \
+		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest && \
+		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py; \
 	else \
 		echo "SKIPPED the PostgreSQL pass: no server (see the reason above)"; \
 	fi

@@ -19,10 +19,13 @@ def tests(session: nox.Session) -> None:
     ).strip()
     session.run("cargo", "test", "--quiet", external=True, env={"REDIS_SERVER": redis_server})
     session.run("python", "-m", "pytest", *session.posargs)
+    uuid_users = ("--ds=tests.settings_uuid", "tests/test_uuid_users.py")
+    session.run("python", "-m", "pytest", *uuid_users)
     # nox returns a command's output, not its status: pg_available prints which it was.
     probe = session.run("python", "-m", "tests.pg_available", success_codes=[0, 1], silent=True) or ""
     if "PostgreSQL available" in probe:
         session.run("python", "-m", "pytest", *session.posargs, env={"KNOX_REDIS_TEST_DB": "postgres"})
+        session.run("python", "-m", "pytest", *uuid_users, env={"KNOX_REDIS_TEST_DB": "postgres"})
     else:
         session.log(f"SKIPPED the PostgreSQL pass: {probe.strip()}")
     session.run("python", "-m", "tests.knox_suite.run")

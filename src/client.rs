@@ -288,6 +288,7 @@ impl TokenCache {
         let record = Record { version: VERSION, digest: digest.to_owned(), user_pk, created_us, expiry_us, fresh_until_us }.encode();
         let member = format!("{id}{token_key}");
         let ttl_ms = ttl_ms.max(1);
+        let lease_ms = self.lease_ms;
         let stored: i64 = py.detach(|| {
             self.call(|conn| {
                 FILL.key(&keys[0])
@@ -297,6 +298,7 @@ impl TokenCache {
                     .arg(&record)
                     .arg(ttl_ms)
                     .arg(&member)
+                    .arg(lease_ms)
                     .invoke(conn)
             })
         })?;

@@ -44,17 +44,19 @@ fn start() -> Option<(Server, Connection)> {
 const KEY: &str = "knox:token:abc";
 const INDEX: &str = "knox:user:1:tokens";
 const ID: &str = "0123456789abcdef0123456789abcdef";
+const FRESH: &str = "feedfacefeedfacefeedfacefeedface";
+const SEED: &str = "5eed5eed5eed5eed5eed5eed5eed5eed";
 
 fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String>) {
-    LOOKUP.key(KEY).arg(ID).arg("fresh-gen").arg(60_000).arg(u8::from(create)).invoke(conn).unwrap()
+    LOOKUP.key(KEY).arg(ID).arg(FRESH).arg(60_000).arg(u8::from(create)).invoke(conn).unwrap()
 }
 
 fn fill(conn: &mut Connection, generation: &str) -> i64 {
-    FILL.key(KEY).key(INDEX).arg(ID).arg(generation).arg("record").arg(60_000).arg(format!("{ID}abc")).invoke(conn).unwrap()
+    FILL.key(KEY).key(INDEX).arg(ID).arg(generation).arg("record").arg(60_000).arg(format!("{ID}abc")).arg(60_000).invoke(conn).unwrap()
 }
 
 fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
-    REVOKE.key(KEY).key(INDEX).arg(1).arg(tombstone_ms).arg("seed").arg("knox").arg(ID).arg(format!("{ID}abc")).invoke(conn).unwrap()
+    REVOKE.key(KEY).key(INDEX).arg(1).arg(tombstone_ms).arg(SEED).arg("knox").arg(ID).arg(format!("{ID}abc")).invoke(conn).unwrap()
 }
 
 #[test]
@@ -100,4 +102,34 @@ fn wrong_types_are_misses_then_replaced() {
     let _: () = conn.set(KEY, "again").unwrap();
     assert_eq!(revoke(&mut conn, 1000), 0);
     assert_eq!(redis::cmd("TYPE").arg(KEY).query::<String>(&mut conn).unwrap(), "hash");
+}
+
+#[test]
+fn garbage_generation_and_tombstone_are_replaced_and_every_key_gets_a_ttl() {
+    let Some((_server, mut conn)) = start() else { return };
+    // Planted with no TTL: a generation this code never writes, an unreadable tombstone.
+    let _: () = conn.hset_multiple(KEY, &[(format!("g:{ID}"), "junk"), (format!("t:{ID}"), "soon")]).unwrap();
+    assert_eq!(conn.pttl::<_, i64>(KEY).unwrap(), -1);
+    assert_eq!(lookup(&mut conn, false), (None, None), "junk generation reads as missing");
+    assert_eq!(fill(&mut conn, "junk"), 0, "nor can it be presented");
+    assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0, "a refused fill still gives the key a TTL");
+    let (_, generation) = lookup(&mut conn, true);
+    let generation = generation.unwrap();
+    assert_eq!(generation, FRESH, "replaced by a fresh one");
+    // The unreadable tombstone stands one more lease, rewritten as a deadline, then lapses.
+    assert_eq!(fill(&mut conn, &generation), 0);
+    let tombstone: String = conn.hget(KEY, format!("t:{ID}")).unwrap();
+    assert!(tombstone.parse::<i64>().is_ok(), "{tombstone}");
+    let _: () = conn.hset(KEY, format!("t:{ID}"), "1").unwrap(); // as if the lease had passed
+    assert_eq!(fill(&mut conn, &generation), 1);
+    assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0 && conn.pttl::<_, i64>(INDEX).unwrap() > 0);
+}
+
+#[test]
+fn a_key_without_ttl_gets_one_from_a_creating_lookup() {
+    let Some((_server, mut conn)) = start() else { return };
+    let _: () = conn.hset(KEY, "unrelated", "x").unwrap();
+    let _ = lookup(&mut conn, true);
+    let ttl = conn.pttl::<_, i64>(KEY).unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
 }

@@ -15,6 +15,9 @@ from tests.servers import RedisServer
 
 _server: RedisServer | None = None
 
+# Tests that need another AUTH_USER_MODEL run under their own settings module (`make test`).
+collect_ignore = [] if settings.AUTH_USER_MODEL == "uuidapp.UUIDUser" else ["test_uuid_users.py"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     global _server

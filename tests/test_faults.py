@@ -181,3 +181,60 @@ class TestGarbageInRedis:
         token = make_token()
         fake = token[:15] + "0" * (len(token) - 15)
         assert get(client, fake)[0] == 401
+
+
+def test_revocation_lost_by_redis_then_after_commit_failure_is_retried(make_token, proxy, via, redis_conn, caplog):
+    """Two faults at once: Redis loses the revocation (flushed, or the key evicted) between
+    logout's revocation and its commit, a reader re-caches the still-committed row, and the
+    after-commit revocation can't reach Redis. It is kept and retried until Redis takes it;
+    meanwhile this process trusts no record, and the retry removes the stale one."""
+    from django.db import transaction
+
+    from tests.helpers import accepted, in_thread, record_exists
+
+    via(proxy.url, cooldown=0.05)
+    token = make_token()
+    assert accepted(token) and accepted(token)
+    with caplog.at_level(logging.ERROR, logger="knox_redis"), transaction.atomic():
+        AuthToken.objects.filter(token_key=token[:15]).delete()  # revoked in Redis first
+        redis_conn.flushall()  # fault 1: Redis forgets the revocation
+        reader, box = in_thread(accepted, token)  # another request, before the commit
+        reader.join()
+        assert box == {"result": True} and record_exists(redis_conn, token)
+        proxy.cut()  # fault 2: the after-commit revocation can't be delivered
+    assert len(cache.pending_revocations) == 1
+    assert any("revocation after commit failed" in r.getMessage() for r in caplog.records)
+    assert record_exists(redis_conn, token)  # what another process could still find...
+    assert not accepted(token)  # ...but this one trusts no record until it is delivered
+    proxy.heal()
+    deadline = time.monotonic() + 3
+    while record_exists(redis_conn, token) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not record_exists(redis_conn, token), "the retry thread delivered it"
+    assert len(cache.pending_revocations) == 0
+    assert not accepted(token)
+
+
+def test_pending_revocations_do_not_slow_requests_while_redis_is_down(make_token, proxy, via):
+    """While a revocation waits for Redis, requests go to the database at once: the retry
+    thread pays the connection attempts, requests don't (the breaker is open)."""
+    from tests.helpers import accepted
+
+    via(proxy.url, cooldown=5)
+    token = make_token()
+    assert accepted(token)
+    proxy.cut()
+    cache.pending_revocations.add([(token[:15], AuthToken.objects.get().digest, 1)], [], RuntimeError("test"))
+    assert accepted(token)  # opens the breaker
+    started = time.perf_counter()
+    assert all(accepted(token) for _ in range(20))
+    assert time.perf_counter() - started < 0.5
+    assert threading_names() >= {cache.PendingRevocations.THREAD_NAME}
+    cache.pending_revocations.clear()
+    assert cache.PendingRevocations.THREAD_NAME not in threading_names()
+
+
+def threading_names() -> set[str]:
+    import threading
+
+    return {t.name for t in threading.enumerate()}

@@ -93,6 +93,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         row went meanwhile (a logout in another request), this is a 401, not knox's 500.
         """
         using = router.db_for_write(type(auth_token), instance=auth_token)
+        current_expiry = auth_token.expiry
         model_save = auth_token.save
 
         def save_in_savepoint(*args: Any, **kwargs: Any) -> None:
@@ -103,6 +104,10 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         try:
             with refreshing(auth_token.digest):
                 super().renew_token(auth_token)
+        except OverflowError:
+            # created + AUTO_REFRESH_MAX_TTL beyond year 9999 (a row no real clock wrote):
+            # knox would answer a 500; the token keeps the expiry it has.
+            auth_token.expiry = current_expiry
         except DatabaseError:
             # "Save with update_fields did not affect any rows": the row went, or (from a
             # cache hit) its expiry is no longer the cached one.
@@ -121,7 +126,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
             return None
         now = timezone.now()
         expired = record.expiry is not None and record.expiry < now
-        if not expired and record.fresh_until <= now:
+        if not expired and not cache.fresh(record, now):
             return None  # due for a re-read from the database (MAX_CACHE_TTL)
         token_model = get_token_model()
         user = _load_user(token_model, record.user_pk)

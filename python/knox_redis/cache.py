@@ -30,6 +30,7 @@ from rest_framework import status
 from rest_framework.exceptions import APIException
 
 from knox.models import get_token_model
+from knox.settings import knox_settings
 
 from knox_redis import _knox_redis
 from knox_redis._knox_redis import CacheError
@@ -112,6 +113,7 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
 
 def reset_client() -> None:
     global _client
+    pending_revocations.clear()
     with _client_lock:
         if _client is not None:
             _client.reset()
@@ -125,6 +127,7 @@ def _forget_client_after_fork() -> None:
     global _client, _client_lock
     _client_lock = threading.Lock()
     _client = None
+    pending_revocations.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -170,6 +173,8 @@ def from_us(value: int) -> datetime:
 
 def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | None:
     """One round trip; None when Redis can't answer (the caller uses the database alone)."""
+    if len(pending_revocations) and not pending_revocations.drain(fail_fast=True):
+        return None  # a revocation Redis hasn't taken yet: no cached record can be trusted
     try:
         raw, generation = get_client().lookup(token_key, digest, create)
     except (CacheError, ImproperlyConfigured) as exc:
@@ -183,16 +188,30 @@ def _record(raw: Any) -> CachedToken | None:
         return None
     record_digest, user_pk, created_us, expiry_us, fresh_until_us = raw
     try:
-        return CachedToken(
+        record = CachedToken(
             digest=record_digest,
             user_pk=user_pk,
             created=from_us(created_us),
             expiry=None if expiry_us is None else from_us(expiry_us),
             fresh_until=from_us(fresh_until_us),
         )
+        # The one sum a hit computes from a record's times: knox's renew_token caps the new
+        # expiry at created + AUTO_REFRESH_MAX_TTL. (The rest is comparisons and differences.)
+        if knox_settings.AUTO_REFRESH_MAX_TTL is not None:
+            record.created + knox_settings.AUTO_REFRESH_MAX_TTL  # noqa: B018
     except (OverflowError, ValueError) as exc:  # no datetime of this zone can hold it: garbage
         _warn("decode", exc)
         return None
+    return record
+
+
+def fresh(record: CachedToken, now: datetime) -> bool:
+    """May a hit trust this record without re-reading the row?
+
+    Not once its re-read deadline has passed, nor while that deadline lies further ahead
+    than MAX_CACHE_TTL allows now: it was set under a longer setting, or by a writer whose
+    clock runs fast, and a lowered MAX_CACHE_TTL must bound records cached before it."""
+    return now < record.fresh_until <= now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
 
 
 def store(token: Any, found: Lookup) -> None:
@@ -277,18 +296,19 @@ def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = 
     now = timezone.now()
     # The record is re-read from the database after MAX_CACHE_TTL. The key, and with it the
     # generation, lives one period longer (so that re-read is knox's 2 queries, not a first
-    # sight's 3), but never longer than the token.
+    # sight's 3), but never longer than the token. Durations from now, never sums of
+    # datetimes: a time near year 9999 must not overflow after the database was written.
     period = timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
     if fresh_until is None:
         fresh_until = now + period
     if fresh_until <= now:
         return False
-    lifetime = fresh_until + period
+    lifetime = (fresh_until - now) + period
     if token.expiry is not None:
         if token.expiry <= now:
             return False
-        lifetime = min(lifetime, token.expiry)
-    ttl_ms = max(1, int((lifetime - now).total_seconds() * 1000))
+        lifetime = min(lifetime, token.expiry - now)
+    ttl_ms = max(1, int(lifetime.total_seconds() * 1000))
     try:
         return get_client().fill(
             token.token_key,
@@ -306,7 +326,17 @@ def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = 
 
 
 def _user_pk(pk: Any) -> int | str:
-    return pk if isinstance(pk, int) and not isinstance(pk, bool) else str(pk)
+    """The user's primary key as the user index key spells it: canonical, through the pk
+    field's own to_python (a UUID in upper case or without dashes names the same user).
+
+    Raises ValidationError for a value that can't be a primary key of the user model."""
+    value = _user_pk_field().to_python(pk)
+    return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _user_pk_field() -> Any:
+    # The field the token's user foreign key points at: the user model's primary key.
+    return get_token_model()._meta.get_field("user").target_field
 
 
 # --- revocation (fails closed) ----------------------------------------------------------
@@ -351,7 +381,7 @@ def revoke(
         hints = {"instance": tokens[0]} if tokens else {}
         using = router.db_for_write(get_token_model(), **hints)
     if transaction.get_connection(using).in_atomic_block:
-        transaction.on_commit(partial(_revoke_quietly, entries, user_pks), using=using, robust=True)
+        transaction.on_commit(partial(_revoke_after_commit, entries, user_pks), using=using, robust=True)
 
 
 def _send_revocations(
@@ -370,12 +400,109 @@ def _cacheable(digest: Any) -> bool:
     return isinstance(digest, str) and len(digest) >= 32 and set(digest[:32]) <= _HEX
 
 
-def _revoke_quietly(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
+def _revoke_after_commit(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
     try:
         _send_revocations(entries, user_pks, 0)
     except (CacheError, ImproperlyConfigured) as exc:
-        # The tombstone written before the delete still blocks stale fills for its lifetime.
-        _warn("revoke after commit", exc)
+        pending_revocations.add(entries, user_pks, exc)
+
+
+class PendingRevocations:
+    """After-commit revocations that Redis didn't take, retried until it does.
+
+    The revocation before the DELETE already stops every fill that races it, unless Redis
+    lost it (the key evicted, or the database flushed) before the DELETE committed and a
+    reader re-cached the row in between: then only the after-commit revocation removes that
+    record. If it fails as well, it is kept here and a thread this module owns retries it
+    (back-off from 50 ms to 1 s) until Redis takes it; meanwhile this process trusts no
+    cached record at all. Other processes may accept the token until the retry lands, or the
+    record's MAX_CACHE_TTL passes if this process dies first: the README states this bound.
+    """
+
+    THREAD_NAME = "knox_redis-revocation-retry"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: list[tuple[list[tuple[str, str, int | str]], list[int | str]]] = []
+        self._drain_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def add(self, entries: list[tuple[str, str, int | str]], user_pks: list[int | str], exc: BaseException) -> None:
+        with self._lock:
+            first = not self._batches
+            self._batches.append((entries, user_pks))
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._retry_until_drained, name=self.THREAD_NAME, daemon=True)
+                self._thread.start()
+        if first:
+            logger.error(
+                "knox_redis: a revocation after commit failed (%s); retrying until Redis takes it. "
+                "Until then this process reads tokens from the database only.",
+                exc,
+            )
+
+    def drain(self, *, fail_fast: bool = False) -> bool:
+        """Send what is pending; True when nothing is left. `fail_fast` (from a request):
+        don't wait on a Redis the circuit breaker already knows to be down.
+
+        A batch leaves the journal only once Redis has taken it: while one thread delivers,
+        every other one still finds it pending, and trusts no record."""
+        if not self._drain_lock.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                batches = list(self._batches)
+            sent = 0
+            for entries, user_pks in batches:
+                try:
+                    _send_revocations(entries, user_pks, 0, fail_fast)
+                except (CacheError, ImproperlyConfigured):
+                    break
+                sent += 1
+            with self._lock:
+                del self._batches[:sent]
+                empty = not self._batches
+        finally:
+            self._drain_lock.release()
+        if sent and empty:
+            logger.warning("knox_redis: pending revocations delivered; the cache is trusted again.")
+        return empty
+
+    def _retry_until_drained(self) -> None:
+        delay = 0.05
+        while not self._stop.wait(delay):
+            if self.drain():
+                with self._lock:
+                    if not self._batches:
+                        self._thread = None
+                        return
+            delay = min(delay * 2, 1.0)
+
+    def clear(self) -> None:
+        """Forget everything and stop the thread (settings changed: another Redis, or tests)."""
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        with self._drain_lock, self._lock:
+            self._batches.clear()
+
+    def after_fork_in_child(self) -> None:
+        # The parent's lock may have been held by one of its threads, and its thread is not
+        # ours: start over with what was pending (retried on this process's next lookup).
+        self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+
+pending_revocations = PendingRevocations()
 
 
 @contextmanager

@@ -6,6 +6,11 @@
 -- lapsed TTL can only make pending fills fail, never succeed. Requests for unknown tokens
 -- call it with '0': an unauthenticated request never writes to Redis.
 --
+-- A generation that is not one this code writes (32 hex characters, or those and ':n' from
+-- a revocation) is garbage: it reads as missing, and with '1' it is replaced. Whoever wrote it
+-- could as well have deleted it, so this grants nothing; left alone, it would make the fill
+-- that presents it the only one that can ever land.
+--
 -- KEYS[1]  {prefix}:token:{token_key}          (a HASH)
 -- ARGV[1]  field id of the token (32 hex chars of its digest)
 -- ARGV[2]  a fresh random generation, used only if none exists and ARGV[4] == '1'
@@ -19,12 +24,18 @@ if type(reply) == 'table' and reply['err'] then
   redis.call('DEL', key)
   reply = {false, false}
 end
+local HEX32 = string.rep('%x', 32)
 local generation = reply[2]
+if generation and not (string.match(generation, '^' .. HEX32 .. '$')
+                       or string.match(generation, '^' .. HEX32 .. ':%d+$')) then
+  generation = false
+end
 if not generation and ARGV[4] == '1' then
   generation = ARGV[2]
   redis.call('HSET', key, 'g:' .. id, generation)
-  if redis.call('PTTL', key) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', key, ARGV[3])
-  end
+end
+if ARGV[4] == '1' and redis.call('PTTL', key) < tonumber(ARGV[3]) then
+  -- Also gives a TTL to a key someone left without one: every key of ours ends up with one.
+  redis.call('PEXPIRE', key, ARGV[3])
 end
 return {reply[1], generation}

@@ -1,0 +1,7 @@
+"""The test settings with a UUID-keyed user model (AUTH_USER_MODEL can't change at runtime):
+`pytest --ds=tests.settings_uuid tests/test_uuid_users.py`, as `make test` runs it."""
+
+from tests.settings import *  # noqa: F403
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.uuidapp"]  # noqa: F405
+AUTH_USER_MODEL = "uuidapp.UUIDUser"

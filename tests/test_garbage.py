@@ -1,0 +1,103 @@
+"""Whatever is found in Redis under our keys, planted or left over, is a miss, never a 500,
+and is replaced: no token is read from the database for ever, no key lives for ever."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+import pytest
+from django.utils import timezone
+from knox.models import AuthToken
+
+from knox_redis import cache
+from tests.conftest import auth_header
+from tests.helpers import accepted, record_exists
+
+LAST_MICROSECOND = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt_timezone.utc)
+
+
+def plant(native, row, user_pk, *, created=None, fresh_until=None) -> None:
+    """A record as a writer with a broken clock would fill it, under a valid generation."""
+    _record, generation = native.lookup(row.token_key, row.digest, True)
+    assert native.fill(
+        row.token_key,
+        row.digest,
+        generation,
+        user_pk,
+        cache.to_us(created or row.created),
+        cache.to_us(row.expiry),
+        cache.to_us(fresh_until or timezone.now() + timedelta(seconds=60)),
+        60_000,
+    )
+
+
+@pytest.fixture
+def auto_refresh(settings):
+    settings.REST_KNOX = {
+        "AUTO_REFRESH": True,
+        "TOKEN_TTL": timedelta(hours=10),
+        "MIN_REFRESH_INTERVAL": 1,
+        "AUTO_REFRESH_MAX_TTL": timedelta(days=1),
+    }
+
+
+def test_record_created_in_year_9999_is_a_miss_with_auto_refresh(client, make_token, native, user, auto_refresh):
+    # created + AUTO_REFRESH_MAX_TTL overflows: knox's renew_token would raise OverflowError.
+    token = make_token()
+    row = AuthToken.objects.get()
+    plant(native, row, user.pk, created=LAST_MICROSECOND - timedelta(hours=1))
+    client.raise_request_exception = False
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    # A miss: the row was read and cached in place of the impossible record.
+    assert cache.lookup(row.token_key, row.digest).record.created == row.created
+
+
+def test_record_due_at_the_last_microsecond_is_no_500_with_auto_refresh(client, make_token, native, user, auto_refresh):
+    # The refresh UPDATE used to commit, then fresh_until + MAX_CACHE_TTL overflowed.
+    token = make_token()
+    AuthToken.objects.update(expiry=timezone.now() + timedelta(hours=1))  # so the hit refreshes it
+    row = AuthToken.objects.get()
+    plant(native, row, user.pk, fresh_until=LAST_MICROSECOND)
+    client.raise_request_exception = False
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+
+
+def test_fill_with_a_deadline_at_the_end_of_time_does_not_overflow(make_token):
+    make_token()
+    row = AuthToken.objects.get()
+    found = cache.lookup(row.token_key, row.digest, create=True)
+    assert cache._fill(cache._values(row), found.generation, fresh_until=LAST_MICROSECOND) in (True, False)
+
+
+def test_row_created_in_year_9999_with_auto_refresh_is_no_500(client, make_token, auto_refresh):
+    """The same overflow from the database itself (plain knox answers a 500): no refresh."""
+    token = make_token()
+    AuthToken.objects.update(created=LAST_MICROSECOND - timedelta(hours=1))
+    expiry = AuthToken.objects.get().expiry
+    client.raise_request_exception = False
+    for _ in range(3):
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert AuthToken.objects.get().expiry == expiry
+
+
+def test_junk_generation_and_tombstone_without_ttl_are_replaced(make_token, redis_conn, settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REVOCATION_TOMBSTONE_TTL": 1}
+    token = make_token()
+    row = AuthToken.objects.get()
+    key, id_ = f"knox:token:{token[:15]}", row.digest[:32]
+    redis_conn.hset(key, mapping={f"g:{id_}": "junk", f"t:{id_}": "not a number"})
+    assert redis_conn.pttl(key) == -1
+    assert accepted(token)
+    assert redis_conn.pttl(key) > 0, "the key has a TTL once the cache has seen it"
+    assert redis_conn.hget(key, f"g:{id_}") != b"junk"
+    assert redis_conn.hget(key, f"t:{id_}").isdigit(), "the tombstone stands one lease, readable"
+    time.sleep(1.2)  # one REVOCATION_TOMBSTONE_TTL
+    assert accepted(token) and accepted(token)
+    assert record_exists(redis_conn, token)
+    assert native_hits() >= 1
+
+
+def native_hits() -> int:
+    return cache.get_client().stats()["hits"]
