@@ -1,11 +1,13 @@
 # The two commands of the README:
 #   make demo   build, start a Redis, log in, authenticate, log out (SQLite, nothing to set up)
 #   make test   the whole test suite: cargo test, pytest on SQLite and PostgreSQL, knox's own tests
+# and the quality gate CI runs first:
+#   make lint   ruff (check and format), cargo fmt, clippy, and stubtest of the native module's stub
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench develop clean
+.PHONY: demo test lint bench develop clean
 
 $(BIN)/maturin:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,15 @@ test: develop
 		echo "SKIPPED the PostgreSQL pass: no server (see the reason above)"; \
 	fi
 	$(BIN)/python -m tests.knox_suite.run
+
+# Builds the extension too: stubtest imports it to compare with python/knox_redis/_knox_redis.pyi.
+lint: $(BIN)/maturin
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop -q --extras lint
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+	$(BIN)/python -m mypy.stubtest knox_redis._knox_redis
 
 bench: develop
 	$(BIN)/python bench/bench.py

@@ -2,13 +2,24 @@
 
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["lint", "tests"]
 SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
 
 
-def install(session: nox.Session) -> None:
+def install(session: nox.Session, extras: str = "test") -> None:
     session.install("maturin>=1.9.4,<2")
-    session.run("maturin", "develop", "-q", "--extras", "test", env={"VIRTUAL_ENV": session.virtualenv.location})
+    session.run("maturin", "develop", "-q", "--extras", extras, env={"VIRTUAL_ENV": session.virtualenv.location})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """What `make lint` runs: ruff, cargo fmt, clippy, and stubtest against the built module."""
+    install(session, extras="lint")
+    session.run("ruff", "check")
+    session.run("ruff", "format", "--check")
+    session.run("cargo", "fmt", "--check", external=True)
+    session.run("cargo", "clippy", "--all-targets", "--quiet", "--", "-D", "warnings", external=True)
+    session.run("python", "-m", "mypy.stubtest", "knox_redis._knox_redis")
 
 
 @nox.session(python=SUPPORTED)

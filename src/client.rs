@@ -163,7 +163,7 @@ impl TokenCache {
     #[new]
     #[pyo3(signature = (
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
-        tls = false, tls_ca_certs = None, key_prefix = "knox".to_string(), connect_timeout = 0.2, socket_timeout = 0.2,
+        tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -176,7 +176,7 @@ impl TokenCache {
         password: Option<String>,
         tls: bool,
         tls_ca_certs: Option<String>,
-        key_prefix: String,
+        key_prefix: &str,
         connect_timeout: f64,
         socket_timeout: f64,
         breaker_cooldown: f64,
@@ -222,7 +222,7 @@ impl TokenCache {
         Ok(TokenCache {
             pool,
             breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
-            prefix: key_prefix,
+            prefix: key_prefix.to_owned(),
             lease_ms: lease_ms.max(1),
             stats: Stats::default(),
         })

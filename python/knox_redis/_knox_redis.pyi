@@ -1,4 +1,10 @@
-"""Type stub of the native module (src/)."""
+"""Type stub of the native module (src/). Checked against the built module by `make lint` (stubtest)."""
+
+from typing import final
+
+from typing_extensions import Self
+
+__all__ = ["CacheError", "CacheUnavailable", "TokenCache", "__version__", "hash_token"]
 
 __version__: str
 
@@ -11,11 +17,14 @@ class CacheUnavailable(CacheError):
 def hash_token(token: str) -> str:
     """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
 
-CachedRecord = tuple[str, int | str, int, int | None, int]
+_CachedRecord = tuple[str, int | str, int, int | None, int]
 
+# A #[pyclass] without `subclass`: Python can't subclass it.
+@final
 class TokenCache:
-    def __init__(
-        self,
+    # PyO3's #[new] is __new__; there is no __init__ of its own.
+    def __new__(
+        cls,
         *,
         host: str | None = None,
         port: int = 6379,
@@ -31,8 +40,10 @@ class TokenCache:
         breaker_cooldown: float = 2.0,
         max_idle: int = 32,
         lease_ms: int = 60000,
-    ) -> None: ...
-    def lookup(self, token_key: str, digest: str, create: bool = False) -> tuple[CachedRecord | None, bytes | None]: ...
+    ) -> Self: ...
+    def lookup(
+        self, token_key: str, digest: str, create: bool = False
+    ) -> tuple[_CachedRecord | None, bytes | None]: ...
     def fill(
         self,
         token_key: str,
