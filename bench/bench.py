@@ -211,7 +211,8 @@ class TokenPool:
         with transaction.atomic():
             users = user_model.objects.bulk_create(
                 # "!" is an unusable password: nothing hashes one for each user.
-                user_model(username=f"bench-{i}", password="!") for i in range(count)
+                user_model(username=f"bench-{i}", password="!")
+                for i in range(count)
             )
             if users and users[0].pk is None:  # backends that can't return bulk-created keys
                 users = list(user_model.objects.filter(username__startswith="bench-").order_by("pk"))
@@ -581,9 +582,7 @@ def bench(args: argparse.Namespace, engine: str, redis_port: int) -> None:
     call_command("migrate", verbosity=0)
     facts = machine_facts(engine, redis_port)
     per_round = max(1, args.requests // args.rounds)
-    pool = TokenPool(
-        args.rounds * sum(s.tokens_needed(t, per_round) for t in args.threads for s in selected(args))
-    )
+    pool = TokenPool(args.rounds * sum(s.tokens_needed(t, per_round) for t in args.threads for s in selected(args)))
 
     # Scenarios take turns, round after round, so that a slow spell of this (shared, noisy)
     # machine lands on all of them rather than on whichever ran during it.
@@ -592,8 +591,11 @@ def bench(args: argparse.Namespace, engine: str, redis_port: int) -> None:
         rounds: dict[str, list[Result]] = {s.name: [] for s in selected(args)}
         for round_number in range(args.rounds):
             for scenario in selected(args):
-                print(f"  {scenario.name}, {threads} thread(s), round {round_number + 1}/{args.rounds}...",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {scenario.name}, {threads} thread(s), round {round_number + 1}/{args.rounds}...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rounds[scenario.name].append(run(scenario, threads, per_round, pool))
         results.extend(merge(r) for r in rounds.values())
 
@@ -604,9 +606,7 @@ def bench(args: argparse.Namespace, engine: str, redis_port: int) -> None:
             "requests_per_row": args.requests,
             "warmup_requests_per_thread": WARMUP_REQUESTS,
             "rounds": args.rounds,
-            "results": [
-                {k: v for k, v in asdict(r).items() if k not in ("latencies", "elapsed")} for r in results
-            ],
+            "results": [{k: v for k, v in asdict(r).items() if k not in ("latencies", "elapsed")} for r in results],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -64,7 +64,9 @@ def main() -> None:
     basic = base64.b64encode(b"demo:demo-password").decode()
     response = client.post("/api/login/", HTTP_AUTHORIZATION=f"Basic {basic}")
     token = response.json()["token"]
-    print(f"POST /api/login/            -> {response.status_code}, token {token[:8]}... expires {response.json()['expiry']}")
+    print(
+        f"POST /api/login/            -> {response.status_code}, token {token[:8]}... expires {response.json()['expiry']}"
+    )
 
     header = {"HTTP_AUTHORIZATION": f"Token {token}"}
     print(f"\n{'request':27} {'status':>6} {'cache':>6} {'DB queries':>11} {'time':>9}")
@@ -76,7 +78,9 @@ def main() -> None:
             elapsed = (time.perf_counter() - started) * 1000
         after = redis.stats()
         outcome = "hit" if after["hits"] > before["hits"] else "miss"
-        print(f"GET /api/whoami/ #{i + 1:<10} {response.status_code:>6} {outcome:>6} {len(queries):>11} {elapsed:>7.2f}ms")
+        print(
+            f"GET /api/whoami/ #{i + 1:<10} {response.status_code:>6} {outcome:>6} {len(queries):>11} {elapsed:>7.2f}ms"
+        )
     print("  (the first request runs knox's database path (2 queries), then re-reads the row once to")
     print("   cache it safely; a hit reads no token row, only the user by primary key)")
 

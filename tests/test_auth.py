@@ -99,9 +99,8 @@ def test_expired_record_deletes_row_and_signals(make_token, user):
 
     token_expired.connect(receiver)
     try:
-        with freeze_time(timedelta(seconds=20)):
-            with pytest.raises(AuthenticationFailed):
-                authenticate(token)
+        with freeze_time(timedelta(seconds=20)), pytest.raises(AuthenticationFailed):
+            authenticate(token)
     finally:
         token_expired.disconnect(receiver)
     assert seen == [("alice", "auth_token")]
@@ -206,9 +205,8 @@ class TestAutoRefresh:
         authenticate(token)
         # Delete behind the cache's back (no signal): the refresh UPDATE finds no row.
         AuthToken.objects.filter(user=user)._raw_delete(AuthToken.objects.db)
-        with freeze_time(timedelta(seconds=120)):
-            with pytest.raises(AuthenticationFailed):
-                authenticate(token)
+        with freeze_time(timedelta(seconds=120)), pytest.raises(AuthenticationFailed):
+            authenticate(token)
 
 
 def test_record_is_reread_after_max_cache_ttl(make_token, user, settings, native):
@@ -220,9 +218,8 @@ def test_record_is_reread_after_max_cache_ttl(make_token, user, settings, native
     # A delete that bypassed signals is noticed once the record is due for a re-read.
     AuthToken.objects.filter(user=user)._raw_delete(AuthToken.objects.db)
     assert authenticate(token)[0] == user  # still within MAX_CACHE_TTL: the documented bound
-    with freeze_time(timedelta(seconds=61)):
-        with pytest.raises(AuthenticationFailed):
-            authenticate(token)
+    with freeze_time(timedelta(seconds=61)), pytest.raises(AuthenticationFailed):
+        authenticate(token)
 
 
 def test_fresh_record_is_refilled_after_max_cache_ttl(make_token, settings, native):

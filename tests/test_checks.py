@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
-import pytest
 
 from knox_redis.checks import check_token_length
 

@@ -35,8 +35,10 @@ def server_with(request):
 
 def test_database_number_from_location(client, make_token, settings, server_with):
     server = server_with()
-    settings.CACHES = {**settings.CACHES, "redis": {"BACKEND": "django_redis.cache.RedisCache",
-                                                    "LOCATION": f"redis://127.0.0.1:{server.port}/5"}}
+    settings.CACHES = {
+        **settings.CACHES,
+        "redis": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": f"redis://127.0.0.1:{server.port}/5"},
+    }
     authenticate_twice(client, make_token())
     assert redis_py.Redis(port=server.port, db=5).dbsize() > 0
     assert redis_py.Redis(port=server.port, db=0).dbsize() == 0
@@ -54,12 +56,22 @@ def test_unix_socket(client, make_token, settings, server_with):
 
 def test_password_and_acl_user(client, make_token, settings, server_with):
     server = server_with("--requirepass", "s3cret", "--user", "knox", "on", ">knoxpw", "~knox:*", "+@all")
-    settings.CACHES = {**settings.CACHES, "redis": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                                                    "LOCATION": f"redis://knox:knoxpw@127.0.0.1:{server.port}/0"}}
+    settings.CACHES = {
+        **settings.CACHES,
+        "redis": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://knox:knoxpw@127.0.0.1:{server.port}/0",
+        },
+    }
     authenticate_twice(client, make_token())
-    settings.CACHES = {**settings.CACHES, "redis": {"BACKEND": "django_redis.cache.RedisCache",
-                                                    "LOCATION": f"redis://127.0.0.1:{server.port}/0",
-                                                    "OPTIONS": {"PASSWORD": "s3cret"}}}
+    settings.CACHES = {
+        **settings.CACHES,
+        "redis": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{server.port}/0",
+            "OPTIONS": {"PASSWORD": "s3cret"},
+        },
+    }
     authenticate_twice(client, make_token())
 
 

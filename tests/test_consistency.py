@@ -18,11 +18,6 @@ from tests.conftest import auth_header
 from tests.helpers import accepted, in_thread, record_exists
 
 
-
-
-
-
-
 @pytest.mark.parametrize(
     ("seen_before", "pause_in"),
     [
@@ -78,14 +73,13 @@ def test_token_from_rolled_back_transaction_is_never_accepted(user, redis_conn):
     class Rollback(Exception):
         pass
 
-    with pytest.raises(Rollback):
-        with transaction.atomic():
-            _instance, token = AuthToken.objects.create(user=user)
-            assert accepted(token)  # this transaction sees its own row...
-            thread, box = in_thread(accepted, token)
-            thread.join(10)
-            assert box == {"result": False}  # ...nobody else does
-            raise Rollback
+    with pytest.raises(Rollback), transaction.atomic():
+        _instance, token = AuthToken.objects.create(user=user)
+        assert accepted(token)  # this transaction sees its own row...
+        thread, box = in_thread(accepted, token)
+        thread.join(10)
+        assert box == {"result": False}  # ...nobody else does
+        raise Rollback
     assert not record_exists(redis_conn, token)
     assert not accepted(token)
     assert not record_exists(redis_conn, token)

@@ -18,9 +18,6 @@ from tests.servers import TcpProxy
 from tests.testapp.models import ProxyToken
 
 
-
-
-
 @pytest.fixture
 def via_proxy(settings, redis_server):
     proxy = TcpProxy(redis_server.port)

@@ -18,10 +18,8 @@ from tests.conftest import auth_header
 from tests.helpers import accepted, in_thread
 
 
-
 def get(client, token) -> int:
     return client.get("/api/whoami/", **auth_header(token)).status_code
-
 
 
 def record_field(token):
@@ -84,7 +82,10 @@ def test_save_of_new_instance_with_existing_pk_revokes(client, make_token):
     assert get(client, token) == 200
     row = AuthToken.objects.get()
     AuthToken(
-        digest=row.digest, token_key=row.token_key, user_id=row.user_id, created=row.created,
+        digest=row.digest,
+        token_key=row.token_key,
+        user_id=row.user_id,
+        created=row.created,
         expiry=timezone.now() - timedelta(seconds=1),
     ).save()
     assert AuthToken.objects.get().expiry < timezone.now()  # the save was an UPDATE
@@ -145,7 +146,6 @@ def test_bad_db_is_caught_by_check_and_never_a_500(client, make_token, settings)
 import threading  # noqa: E402
 
 from django.db import connection  # noqa: E402
-
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row-level concurrency: PostgreSQL")

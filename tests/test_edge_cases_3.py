@@ -110,13 +110,12 @@ def test_replica_commit_first_does_not_cache_uncommitted_rows(django_user_model)
 
         cache._fill = spy
         try:
-            with pytest.raises(Boom):
-                with transaction.atomic(using="default"):
-                    with transaction.atomic(using="replica"):
-                        assert authenticate(token)[0] == alice  # knox reads the replica
-                        # uncommitted on the write database, rolled back below
-                        AuthToken.objects.using("default").filter(token_key=token[:15]).update(user=bob)
-                    raise Boom
+            with pytest.raises(Boom), transaction.atomic(using="default"):
+                with transaction.atomic(using="replica"):
+                    assert authenticate(token)[0] == alice  # knox reads the replica
+                    # uncommitted on the write database, rolled back below
+                    AuthToken.objects.using("default").filter(token_key=token[:15]).update(user=bob)
+                raise Boom
         finally:
             cache._fill = real_fill
         assert AuthToken.objects.using("default").get().user_id == alice.pk

@@ -146,8 +146,15 @@ class TestGarbageInRedis:
 
     @pytest.mark.parametrize(
         "junk",
-        [b"", b"not json", b"\xff\xfe\x00", b'{"v":1,"u":1', b'{"v":9,"u":1,"c":1,"e":null,"f":1}', b"[]",
-         b'{"v":1,"u":[1],"c":1,"e":null,"f":99999999999999999}'],
+        [
+            b"",
+            b"not json",
+            b"\xff\xfe\x00",
+            b'{"v":1,"u":1',
+            b'{"v":9,"u":1,"c":1,"e":null,"f":1}',
+            b"[]",
+            b'{"v":1,"u":[1],"c":1,"e":null,"f":99999999999999999}',
+        ],
     )
     def test_junk_record_is_a_miss_and_is_overwritten(self, client, make_token, redis_conn, junk):
         token = make_token()

@@ -37,8 +37,14 @@ def test_a_deadline_further_ahead_than_max_cache_ttl_is_due_for_a_reread(make_to
     _record, generation = native.lookup(row.token_key, row.digest, True)
     fast = timezone.now() + timedelta(seconds=3600 + 3600)
     assert native.fill(
-        row.token_key, row.digest, generation, user.pk, cache.to_us(row.created), cache.to_us(row.expiry),
-        cache.to_us(fast), 60_000,
+        row.token_key,
+        row.digest,
+        generation,
+        user.pk,
+        cache.to_us(row.created),
+        cache.to_us(row.expiry),
+        cache.to_us(fast),
+        60_000,
     )
     assert cache.lookup(row.token_key, row.digest).record.fresh_until == fast
     AuthToken.objects.filter(digest=row.digest).update(expiry=timezone.now() - timedelta(seconds=1))

@@ -24,7 +24,9 @@ def stub_names() -> dict[str, set[str]]:
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             names[""].add(node.name)
-            names[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+            names[node.name] = {
+                n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+            }
         elif isinstance(node, ast.FunctionDef):
             names[""].add(node.name)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

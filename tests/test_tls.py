@@ -19,8 +19,12 @@ from tests.servers import free_port, redis_server_binary
 def _supports_tls() -> bool:
     try:
         # Listening nowhere makes it exit at once; without TLS support, tls-port is unknown.
-        out = subprocess.run([redis_server_binary(), "--port", "0", "--tls-port", "0", "--save", ""],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            [redis_server_binary(), "--port", "0", "--tls-port", "0", "--save", ""],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "Unrecognized option" not in (out.stdout + out.stderr) and "Bad directive" not in (out.stdout + out.stderr)
@@ -39,19 +43,79 @@ def openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=knox-redis test CA", cwd=d)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=localhost", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=knox-redis test CA",
+        cwd=d,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        cwd=d,
+    )
     port = free_port()
     process = subprocess.Popen(
-        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "server.key"),
-         "--tls-ca-cert-file", str(d / "ca.pem"), "--tls-auth-clients", "no", "--save", "", "--dir", str(d)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(d / "server.pem"),
+            "--tls-key-file",
+            str(d / "server.key"),
+            "--tls-ca-cert-file",
+            str(d / "ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--dir",
+            str(d),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     context = ssl.create_default_context(cafile=str(d / "ca.pem"))
     deadline = time.monotonic() + 10
@@ -84,7 +148,10 @@ def test_untrusted_server_certificate_is_refused(tls_server):
 
 def test_authentication_over_rediss(tls_server, settings, client, make_token):
     port, ca = tls_server
-    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": f"rediss://localhost:{port}/0?ssl_ca_certs={ca}"}
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_URL": f"rediss://localhost:{port}/0?ssl_ca_certs={ca}",
+    }
     token = make_token()
     for _ in range(3):
         assert client.get("/api/whoami/", **auth_header(token)).status_code == 200

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["invalidate_token", "invalidate_user_tokens", "__version__"]
+__all__ = ["__version__", "invalidate_token", "invalidate_user_tokens"]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,11 +26,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import router, transaction
 from django.db.models import F
 from django.utils import timezone
-from rest_framework import status
-from rest_framework.exceptions import APIException
-
 from knox.models import get_token_model
 from knox.settings import knox_settings
+from rest_framework import status
+from rest_framework.exceptions import APIException
 
 from knox_redis import _knox_redis
 from knox_redis._knox_redis import CacheError
@@ -198,7 +197,7 @@ def _record(raw: Any) -> CachedToken | None:
         # The one sum a hit computes from a record's times: knox's renew_token caps the new
         # expiry at created + AUTO_REFRESH_MAX_TTL. (The rest is comparisons and differences.)
         if knox_settings.AUTO_REFRESH_MAX_TTL is not None:
-            record.created + knox_settings.AUTO_REFRESH_MAX_TTL  # noqa: B018
+            record.created + knox_settings.AUTO_REFRESH_MAX_TTL
     except (OverflowError, ValueError) as exc:  # no datetime of this zone can hold it: garbage
         _warn("decode", exc)
         return None
@@ -517,9 +516,7 @@ def revoking_all_tokens_of(user: Any) -> Iterator[None]:
     using = router.db_for_write(token_model, instance=user)
     with transaction.atomic(using=using):
         tokens = list(
-            token_model._base_manager.using(using)
-            .filter(user=user)
-            .only("digest", "token_key", "user_id", "expiry")
+            token_model._base_manager.using(using).filter(user=user).only("digest", "token_key", "user_id", "expiry")
         )
         revoke(tokens, users=[user.pk], using=using)
         reset = _already_revoked.set(_already_revoked.get() | {t.digest for t in tokens})

@@ -50,9 +50,7 @@ def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) 
         cache.logger.info("knox_redis: deleting expired token %s without Redis", instance.token_key)
 
 
-def revoke_before_update(
-    sender: Any, instance: Any, using: str, update_fields: Any = None, **kwargs: Any
-) -> None:
+def revoke_before_update(sender: Any, instance: Any, using: str, update_fields: Any = None, **kwargs: Any) -> None:
     """A token row about to change (an admin edit, a save over an existing digest) is revoked
     as the database holds it, so its record, under its old token_key too, can't outlive it."""
     if _refreshing.get() == instance.digest:

@@ -26,8 +26,19 @@ def knox_tests() -> Path:
     sdist = BUILD / f"django_rest_knox-{knox_version}.tar.gz"
     if not sdist.exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             "--dest", str(BUILD), f"django-rest-knox=={knox_version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(BUILD),
+                f"django-rest-knox=={knox_version}",
+            ],
             check=True,
         )
     staging = BUILD / "staging"
@@ -59,8 +70,18 @@ def main() -> int:
         print(f"running knox's own tests ({mode}) from {tests.relative_to(ROOT)} with knox_redis swapped in")
         deselect = [f"--deselect={t}" for t in TRANSACTIONAL_DESELECT] if mode == "transactional" else []
         failed |= subprocess.call(
-            [sys.executable, "-m", "pytest", "-c", str(HERE / "pytest.ini"), "--rootdir", str(tests), str(tests),
-             *deselect, *sys.argv[1:]],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-c",
+                str(HERE / "pytest.ini"),
+                "--rootdir",
+                str(tests),
+                str(tests),
+                *deselect,
+                *sys.argv[1:],
+            ],
             cwd=ROOT,
             env={**os.environ, "KNOX_SUITE_MODE": mode},
         )

@@ -27,9 +27,7 @@ class Command(BaseCommand):
         now = timezone.now()
         total = 0
         while True:
-            batch = list(
-                token_model._base_manager.filter(expiry__lt=now).values_list("pk", flat=True)[:batch_size]
-            )
+            batch = list(token_model._base_manager.filter(expiry__lt=now).values_list("pk", flat=True)[:batch_size])
             if not batch:
                 break
             deleted, _ = token_model._base_manager.filter(pk__in=batch, expiry__lt=now).delete()
