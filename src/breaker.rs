@@ -36,9 +36,7 @@ impl Breaker {
             return false;
         }
         // Claim the probe by pushing the deadline out; losers of the race fail fast.
-        self.open_until_ms
-            .compare_exchange(until, now + self.cooldown_ms, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.open_until_ms.compare_exchange(until, now + self.cooldown_ms, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     pub fn record_success(&self) {

@@ -142,9 +142,7 @@ fn id_of(digest: &str) -> Result<&str> {
 fn new_generation() -> String {
     let mut bytes = [0u8; 16];
     if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         bytes.copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
     }
     hex::encode(bytes)
@@ -191,8 +189,7 @@ impl TokenCache {
         };
         let root_cert = match tls_ca_certs {
             Some(path) => Some(
-                std::fs::read(&path)
-                    .map_err(|e| Error::Invalid(format!("cannot read tls_ca_certs {path:?}: {e}")))?,
+                std::fs::read(&path).map_err(|e| Error::Invalid(format!("cannot read tls_ca_certs {path:?}: {e}")))?,
             ),
             None => None,
         };
@@ -233,21 +230,13 @@ impl TokenCache {
     /// is None.
     /// The generation is opaque bytes; with `create`, a missing one is created.
     #[pyo3(signature = (token_key, digest, create = false))]
-    fn lookup(
-        &self,
-        py: Python<'_>,
-        token_key: &str,
-        digest: &str,
-        create: bool,
-    ) -> PyResult<LookupReply> {
+    fn lookup(&self, py: Python<'_>, token_key: &str, digest: &str, create: bool) -> PyResult<LookupReply> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
         let (raw, generation): (Option<Vec<u8>>, Option<Vec<u8>>) = py.detach(|| {
-            self.call(|conn| {
-                LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn)
-            })
+            self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn))
         })?;
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
         let record = raw.and_then(|bytes| {
@@ -285,7 +274,9 @@ impl TokenCache {
         let user_pk = user_pk_from_py(user_pk)?;
         let id = id_of(digest)?.to_owned();
         let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
-        let record = Record { version: VERSION, digest: digest.to_owned(), user_pk, created_us, expiry_us, fresh_until_us }.encode();
+        let record =
+            Record { version: VERSION, digest: digest.to_owned(), user_pk, created_us, expiry_us, fresh_until_us }
+                .encode();
         let member = format!("{id}{token_key}");
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
@@ -330,10 +321,8 @@ impl TokenCache {
             members.push(format!("{id}{token_key}"));
             ids.push(id);
         }
-        let user_keys = users
-            .iter()
-            .map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let user_keys =
+            users.iter().map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?))).collect::<PyResult<Vec<_>>>()?;
         if token_keys.is_empty() && user_keys.is_empty() {
             return Ok(0);
         }

@@ -38,10 +38,9 @@ pub struct Checkout {
 impl Pool {
     pub fn new(config: PoolConfig) -> RedisResult<Self> {
         let client = match config.root_cert {
-            Some(root_cert) => Client::build_with_tls(
-                config.info,
-                TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
-            )?,
+            Some(root_cert) => {
+                Client::build_with_tls(config.info, TlsCertificates { client_tls: None, root_cert: Some(root_cert) })?
+            }
             None => Client::open(config.info)?,
         };
         Ok(Pool {

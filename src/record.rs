@@ -53,8 +53,8 @@ impl Record {
             .into_iter()
             .flatten()
             .all(|us| (0..=MAX_US).contains(&us));
-        let digest_ok = record.digest.len() >= crate::hashing::FIELD_ID_LEN
-            && record.digest.bytes().all(|b| b.is_ascii_hexdigit());
+        let digest_ok =
+            record.digest.len() >= crate::hashing::FIELD_ID_LEN && record.digest.bytes().all(|b| b.is_ascii_hexdigit());
         (record.version == VERSION && times_ok && digest_ok).then_some(record)
     }
 }
@@ -64,7 +64,14 @@ mod tests {
     use super::*;
 
     fn sample(pk: UserPk) -> Record {
-        Record { version: VERSION, digest: "ab".repeat(64), user_pk: pk, created_us: 1, expiry_us: Some(2), fresh_until_us: 3 }
+        Record {
+            version: VERSION,
+            digest: "ab".repeat(64),
+            user_pk: pk,
+            created_us: 1,
+            expiry_us: Some(2),
+            fresh_until_us: 3,
+        }
     }
 
     #[test]
@@ -92,7 +99,14 @@ mod tests {
     #[test]
     fn out_of_range_times_are_none() {
         for (c, e, f) in [(-1, None, 1), (1, Some(MAX_US + 1), 1), (1, None, i64::MAX), (i64::MIN, Some(1), 1)] {
-            let rec = Record { version: VERSION, digest: "ab".repeat(64), user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: f };
+            let rec = Record {
+                version: VERSION,
+                digest: "ab".repeat(64),
+                user_pk: UserPk::Int(1),
+                created_us: c,
+                expiry_us: e,
+                fresh_until_us: f,
+            };
             assert_eq!(Record::decode(rec.encode().as_bytes()), None, "{c} {e:?} {f}");
         }
     }

@@ -52,11 +52,30 @@ fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String
 }
 
 fn fill(conn: &mut Connection, generation: &str) -> i64 {
-    FILL.key(KEY).key(INDEX).arg(ID).arg(generation).arg("record").arg(60_000).arg(format!("{ID}abc")).arg(60_000).invoke(conn).unwrap()
+    FILL.key(KEY)
+        .key(INDEX)
+        .arg(ID)
+        .arg(generation)
+        .arg("record")
+        .arg(60_000)
+        .arg(format!("{ID}abc"))
+        .arg(60_000)
+        .invoke(conn)
+        .unwrap()
 }
 
 fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
-    REVOKE.key(KEY).key(INDEX).arg(1).arg(tombstone_ms).arg(SEED).arg("knox").arg(ID).arg(format!("{ID}abc")).invoke(conn).unwrap()
+    REVOKE
+        .key(KEY)
+        .key(INDEX)
+        .arg(1)
+        .arg(tombstone_ms)
+        .arg(SEED)
+        .arg("knox")
+        .arg(ID)
+        .arg(format!("{ID}abc"))
+        .invoke(conn)
+        .unwrap()
 }
 
 #[test]
