@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib.metadata import version
@@ -176,16 +176,16 @@ def configure_django(database: dict[str, Any], redis_url: str) -> None:
     import knox_redis.auth
 
     class OkView(APIView):
-        permission_classes = [IsAuthenticated]
+        permission_classes = (IsAuthenticated,)
 
         def get(self, request: Request) -> Response:
             return Response({"ok": True})
 
     class KnoxOkView(OkView):
-        authentication_classes = [knox.auth.TokenAuthentication]
+        authentication_classes = (knox.auth.TokenAuthentication,)
 
     class KnoxRedisOkView(OkView):
-        authentication_classes = [knox_redis.auth.TokenAuthentication]
+        authentication_classes = (knox_redis.auth.TokenAuthentication,)
 
     urlpatterns[:] = [
         path(KNOX_ROUTE.strip("/") + "/", KnoxOkView.as_view()),
@@ -438,10 +438,8 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
         gc.collect()
         for worker in workers:
             worker.start()
-        try:
+        with suppress(threading.BrokenBarrierError):
             ready.wait()  # every thread has warmed up
-        except threading.BrokenBarrierError:
-            pass
         # Read after the warm-up: the Redis-down scenario made a new client during it.
         before = cache.get_client().stats()
         started = time.perf_counter()

@@ -65,7 +65,8 @@ def main() -> None:
     response = client.post("/api/login/", HTTP_AUTHORIZATION=f"Basic {basic}")
     token = response.json()["token"]
     print(
-        f"POST /api/login/            -> {response.status_code}, token {token[:8]}... expires {response.json()['expiry']}"
+        f"POST /api/login/            -> {response.status_code}, token {token[:8]}... "
+        f"expires {response.json()['expiry']}"
     )
 
     header = {"HTTP_AUTHORIZATION": f"Token {token}"}

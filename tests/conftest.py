@@ -35,8 +35,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from tests.servers import redis_server_binary
 
     return [
-        f"knox_redis: database {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
-        f"redis-server {redis_server_binary()} on port {_server.port if _server else '?'}"
+        (
+            f"knox_redis: database {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
+            f"redis-server {redis_server_binary()} on port {_server.port if _server else '?'}"
+        )
     ]
 
 

@@ -140,7 +140,7 @@ def test_tokens_sharing_a_token_key_are_cached_independently(user, settings, red
         assert authenticate(first)[1].digest == first_row.digest
         assert authenticate(twin)[1].digest == twin_row.digest
     for t in (first, twin):
-        _, sql = queries_of(lambda: authenticate(t))
+        _, sql = queries_of(lambda t=t: authenticate(t))
         assert len(sql) == 1
     fields = redis_conn.hkeys(f"knox:token:{first[:15]}")
     assert len([f for f in fields if f.startswith(b"r:")]) == 2

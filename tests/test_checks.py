@@ -12,8 +12,10 @@ from knox_redis.checks import check_token_length
 def test_knox_tokens_longer_than_knox_redis_accepts_are_an_error(settings):
     settings.REST_KNOX = {"AUTH_TOKEN_CHARACTER_LENGTH": 2048}
     (error,) = check_token_length()
-    assert error.id == "knox_redis.E002" and "2048" in error.msg and error.hint
-    with pytest.raises(SystemCheckError, match="knox_redis.E002"):
+    assert error.id == "knox_redis.E002"
+    assert "2048" in error.msg
+    assert error.hint
+    with pytest.raises(SystemCheckError, match=r"knox_redis\.E002"):
         call_command("check")
 
 

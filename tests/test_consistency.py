@@ -130,7 +130,8 @@ def test_primary_only_even_with_replicas_listed(settings, make_token, redis_serv
     for _ in range(3):
         assert accepted(token)
     stats = cache.get_client().stats()
-    assert stats["hits"] == 2 and stats["errors"] == 0
+    assert stats["hits"] == 2
+    assert stats["errors"] == 0
 
 
 def test_stress_no_request_accepted_after_its_revocation_returned(user, settings):
@@ -171,5 +172,6 @@ def test_stress_no_request_accepted_after_its_revocation_returned(user, settings
     assert "error" not in box, box
     assert [b for _, b in readers if "error" in b] == []
     assert violations == [], (violations, counts)
-    assert counts["accepted"] > 50 and counts["rejected"] > 10, counts
+    assert counts["accepted"] > 50, counts
+    assert counts["rejected"] > 10, counts
     assert cache.get_client().stats()["hits"] > 0

@@ -220,7 +220,8 @@ def test_idle_connection_closed_by_server_does_not_open_breaker(client, make_tok
         time.sleep(2.5)
         assert get(client, token) == 200
         stats = cache.get_client().stats()
-        assert stats["errors"] == 0 and not cache.get_client().breaker_open, stats
+        assert stats["errors"] == 0, stats
+        assert not cache.get_client().breaker_open, stats
     finally:
         redis_conn.config_set("timeout", old)
 

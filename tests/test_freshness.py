@@ -16,7 +16,8 @@ from tests.helpers import accepted, authenticate, record_exists
 
 
 def cache_it(token: str) -> None:
-    assert accepted(token) and accepted(token)  # first sight fills, then a hit
+    assert accepted(token)  # first sight fills,
+    assert accepted(token)  # then a hit
 
 
 def test_lowering_max_cache_ttl_bounds_records_cached_before(make_token, settings, redis_conn):

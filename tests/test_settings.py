@@ -78,7 +78,8 @@ def test_redis_url_overrides_alias():
 def test_invalid_settings_fail_the_system_check(value, message):
     with override_settings(REST_KNOX_REDIS=value):
         errors = check_settings()
-        assert len(errors) == 1 and message in errors[0].msg, errors
+        assert len(errors) == 1, errors
+        assert message in errors[0].msg, errors
         assert errors[0].id == "knox_redis.E001"
         with pytest.raises(SystemCheckError):
             call_command("check")

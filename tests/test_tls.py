@@ -21,6 +21,7 @@ def _supports_tls() -> bool:
         # Listening nowhere makes it exit at once; without TLS support, tls-port is unknown.
         out = subprocess.run(
             [redis_server_binary(), "--port", "0", "--tls-port", "0", "--save", ""],
+            check=False,
             capture_output=True,
             text=True,
             timeout=10,
@@ -121,9 +122,11 @@ def tls_server(tmp_path_factory):
     deadline = time.monotonic() + 10
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
-                with context.wrap_socket(raw, server_hostname="localhost"):
-                    break
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw,
+                context.wrap_socket(raw, server_hostname="localhost"),
+            ):
+                break
         except OSError:
             if time.monotonic() > deadline:
                 process.kill()
@@ -156,6 +159,7 @@ def test_authentication_over_rediss(tls_server, settings, client, make_token):
     for _ in range(3):
         assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
     stats = cache.get_client().stats()
-    assert stats["hits"] == 2 and stats["errors"] == 0, stats
+    assert stats["hits"] == 2, stats
+    assert stats["errors"] == 0, stats
     assert client.post("/api/logout/", **auth_header(token)).status_code == 204
     assert client.get("/api/whoami/", **auth_header(token)).status_code == 401

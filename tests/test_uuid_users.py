@@ -24,7 +24,8 @@ def cached_token_known_only_to_redis(user, redis_conn) -> str:
     """A token cached, then its row deleted behind Django's back (no signal): only the user's
     index in Redis still knows it."""
     _instance, token = AuthToken.objects.create(user=user)
-    assert accepted(token) and accepted(token)
+    assert accepted(token)
+    assert accepted(token)
     assert record_exists(redis_conn, token)
     AuthToken.objects.filter(user=user)._raw_delete(using="default")
     assert accepted(token)  # the stale record: what invalidate_user_tokens is for

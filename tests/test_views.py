@@ -64,7 +64,8 @@ def test_logoutall_stops_a_fill_in_flight_for_an_uncached_token(client, make_tok
     # A request for `other` missed, was authenticated by the database, took a generation and
     # re-read its row; its fill is still to come.
     found = cache.lookup(other[:15], other_row.digest, create=True)
-    assert found is not None and found.record is None
+    assert found is not None
+    assert found.record is None
     assert client.post("/api/logoutall/", **auth_header(caller)).status_code == 204
     assert cache._fill(other_row, found.generation) is False
     assert client.get("/api/whoami/", **auth_header(other)).status_code == 401

@@ -143,9 +143,8 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
 
         if expired:
             return self._expire(auth_token, now)
-        if knox_settings.AUTO_REFRESH and auth_token.expiry:
-            if not self._renew(auth_token, found.generation, record):
-                return None
+        if knox_settings.AUTO_REFRESH and auth_token.expiry and not self._renew(auth_token, found.generation, record):
+            return None
         return self.validate_user(auth_token)
 
     def _expire(self, auth_token: Any, now: Any) -> None:
