@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   build, start a Redis, log in, authenticate, log out (SQLite, nothing to set up)
-#   make test   the whole test suite: cargo test, pytest on SQLite and PostgreSQL, knox's own tests
+#   make test   the whole test suite: cargo test, pytest on SQLite and PostgreSQL (beside the
+#               previous release, built into build/, for the rolling-deploy tests), knox's own tests
 # and the quality gate CI runs first:
 #   make lint   ruff (check and format), cargo fmt, clippy, and stubtest of the native module's stub
 PYTHON ?= python3
@@ -22,6 +23,7 @@ demo: develop
 
 test: develop
 	REDIS_SERVER="$$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')" cargo test --quiet
+	$(BIN)/python -m tests.previous_release
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py
 	@if $(BIN)/python -m tests.pg_available; then \

@@ -29,6 +29,7 @@ def tests(session: nox.Session) -> None:
         "python", "-c", "from tests.servers import redis_server_binary as b; print(b())", silent=True
     ).strip()
     session.run("cargo", "test", "--quiet", external=True, env={"REDIS_SERVER": redis_server})
+    session.run("python", "-m", "tests.previous_release")
     session.run("python", "-m", "pytest", *session.posargs)
     uuid_users = ("--ds=tests.settings_uuid", "tests/test_uuid_users.py")
     session.run("python", "-m", "pytest", *uuid_users)

@@ -16,7 +16,7 @@ use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
 use crate::pool::{Pool, PoolConfig};
-use crate::record::{Record, UserPk, VERSION};
+use crate::record::{Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
@@ -27,6 +27,7 @@ struct Stats {
     hits: AtomicU64,
     misses: AtomicU64,
     undecodable: AtomicU64,
+    bad_mac: AtomicU64,
     fills: AtomicU64,
     fills_refused: AtomicU64,
     revoked: AtomicU64,
@@ -48,6 +49,7 @@ pub struct TokenCache {
     breaker: Breaker,
     prefix: String,
     lease_ms: u64,
+    record_key: RecordKey,
     stats: Stats,
 }
 
@@ -56,11 +58,14 @@ impl TokenCache {
         format!("{}:token:{}", self.prefix, token_key)
     }
 
+    /// The user's index of cached tokens: a HASH, field id (16 raw bytes) -> `token_key`.
     fn user_key_name(&self, user_pk: &UserPk) -> String {
-        match user_pk {
-            UserPk::Int(pk) => format!("{}:user:{}:tokens", self.prefix, pk),
-            UserPk::Str(pk) => format!("{}:user:{}:tokens", self.prefix, pk),
-        }
+        format!("{}:user:{}:ix", self.prefix, user_pk_text(user_pk))
+    }
+
+    /// The previous release's index: a SET of `{id}{token_key}`, still read by revocations.
+    fn legacy_user_key_name(&self, user_pk: &UserPk) -> String {
+        format!("{}:user:{}:tokens", self.prefix, user_pk_text(user_pk))
     }
 
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
@@ -134,18 +139,38 @@ fn user_pk_to_py(py: Python<'_>, pk: UserPk) -> PyResult<Py<PyAny>> {
     })
 }
 
+fn user_pk_text(user_pk: &UserPk) -> String {
+    match user_pk {
+        UserPk::Int(pk) => pk.to_string(),
+        UserPk::Str(pk) => pk.clone(),
+    }
+}
+
+/// The field id as the 16 raw bytes the user index stores (half the size of its hex).
+fn id_bytes(id: &str) -> Result<[u8; 16]> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(id, &mut out).map_err(|_| Error::Invalid("field id must be 32 hex characters".into()))?;
+    Ok(out)
+}
+
 fn id_of(digest: &str) -> Result<&str> {
     field_id(digest).ok_or_else(|| Error::Invalid("digest must be at least 32 hex characters".into()))
 }
 
-/// A fresh, unique generation value: 128 random bits (time and pid if the OS has no entropy).
-fn new_generation() -> String {
-    let mut bytes = [0u8; 16];
+/// 64 random bits (time and pid if the OS has no entropy): a generation only has to differ
+/// from the ones a fill in flight may present.
+fn random_generation() -> [u8; GENERATION_LEN] {
+    let mut bytes = [0u8; GENERATION_LEN];
     if getrandom::fill(&mut bytes).is_err() {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        bytes.copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+        bytes.copy_from_slice(&((nanos as u64) ^ (u64::from(std::process::id()) << 40)).to_le_bytes());
     }
-    hex::encode(bytes)
+    bytes
+}
+
+/// A fresh generation for a `g:` field: 16 hex characters.
+fn new_generation() -> String {
+    hex::encode(random_generation())
 }
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
@@ -162,7 +187,7 @@ impl TokenCache {
     #[pyo3(signature = (
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
-        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000
+        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -180,6 +205,7 @@ impl TokenCache {
         breaker_cooldown: f64,
         max_idle: usize,
         lease_ms: u64,
+        record_secret: &[u8],
     ) -> PyResult<Self> {
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let addr = match unix_path {
@@ -221,13 +247,14 @@ impl TokenCache {
             breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
             prefix: key_prefix.to_owned(),
             lease_ms: lease_ms.max(1),
+            record_key: RecordKey::derive(record_secret),
             stats: Stats::default(),
         })
     }
 
     /// One round trip: `(record or None, generation or None)`. The record is
-    /// `(digest, user_pk, created_us, expiry_us or None, fresh_until_us)`; an undecodable one
-    /// is None.
+    /// `(user_pk, created_us, expiry_us or None, fresh_until_us)`, returned only if it
+    /// decodes and its MAC verifies for this `token_key` and digest.
     /// The generation is opaque bytes; with `create`, a missing one is created.
     #[pyo3(signature = (token_key, digest, create = false))]
     fn lookup(&self, py: Python<'_>, token_key: &str, digest: &str, create: bool) -> PyResult<LookupReply> {
@@ -239,12 +266,16 @@ impl TokenCache {
             self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn))
         })?;
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
-        let record = raw.and_then(|bytes| {
-            let decoded = Record::decode(&bytes);
-            if decoded.is_none() {
+        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_key, token_key, &id) {
+            Ok(record) => Some(record),
+            Err(Rejected::Undecodable) => {
                 bump(&self.stats.undecodable);
+                None
             }
-            decoded
+            Err(Rejected::BadMac) => {
+                bump(&self.stats.bad_mac);
+                None
+            }
         });
         let Some(record) = record else {
             bump(&self.stats.misses);
@@ -252,7 +283,7 @@ impl TokenCache {
         };
         bump(&self.stats.hits);
         let user_pk = user_pk_to_py(py, record.user_pk)?;
-        let tuple = (record.digest, user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
+        let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
         Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation))
     }
 
@@ -273,11 +304,15 @@ impl TokenCache {
     ) -> PyResult<bool> {
         let user_pk = user_pk_from_py(user_pk)?;
         let id = id_of(digest)?.to_owned();
+        let index_field = id_bytes(&id)?;
         let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
-        let record =
-            Record { version: VERSION, digest: digest.to_owned(), user_pk, created_us, expiry_us, fresh_until_us }
-                .encode();
-        let member = format!("{id}{token_key}");
+        // Stored with a generation of its own: the next fill (a re-read) presents that one.
+        let record = Record { user_pk, created_us, expiry_us, fresh_until_us }.encode(
+            &self.record_key,
+            token_key,
+            &id,
+            random_generation(),
+        );
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
         let stored: i64 = py.detach(|| {
@@ -288,7 +323,8 @@ impl TokenCache {
                     .arg(generation)
                     .arg(&record)
                     .arg(ttl_ms)
-                    .arg(&member)
+                    .arg(&index_field[..])
+                    .arg(token_key)
                     .arg(lease_ms)
                     .invoke(conn)
             })
@@ -310,19 +346,27 @@ impl TokenCache {
         tombstone_ms: u64,
         use_breaker: bool,
     ) -> PyResult<i64> {
-        let mut token_keys = Vec::with_capacity(tokens.len());
-        let mut index_keys = Vec::with_capacity(tokens.len());
-        let mut ids = Vec::with_capacity(tokens.len());
-        let mut members = Vec::with_capacity(tokens.len());
+        let n = tokens.len();
+        let (mut token_keys, mut index_keys, mut legacy_index_keys) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut id_fields, mut legacy_members) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for (token_key, digest, user_pk) in &tokens {
             let id = id_of(digest)?.to_owned();
+            let user_pk = user_pk_from_py(user_pk)?;
             token_keys.push(self.token_key_name(token_key));
-            index_keys.push(self.user_key_name(&user_pk_from_py(user_pk)?));
-            members.push(format!("{id}{token_key}"));
+            index_keys.push(self.user_key_name(&user_pk));
+            legacy_index_keys.push(self.legacy_user_key_name(&user_pk));
+            id_fields.push(id_bytes(&id)?.to_vec());
+            legacy_members.push(format!("{id}{token_key}"));
             ids.push(id);
         }
-        let user_keys =
-            users.iter().map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?))).collect::<PyResult<Vec<_>>>()?;
+        let mut user_keys = Vec::with_capacity(2 * users.len());
+        for pk in &users {
+            let pk = user_pk_from_py(pk)?;
+            user_keys.push(self.user_key_name(&pk));
+            user_keys.push(self.legacy_user_key_name(&pk));
+        }
         if token_keys.is_empty() && user_keys.is_empty() {
             return Ok(0);
         }
@@ -330,8 +374,9 @@ impl TokenCache {
         let removed: i64 = py.detach(|| {
             self.call_with(use_breaker, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
-                invocation.key(&token_keys).key(&index_keys).key(&user_keys);
-                invocation.arg(ids.len()).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(&ids).arg(&members);
+                invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys);
+                invocation.arg(n).arg(tombstone_ms).arg(&seed).arg(&self.prefix);
+                invocation.arg(&ids).arg(&id_fields).arg(&legacy_members);
                 invocation.invoke(conn)
             })
         })?;
@@ -377,6 +422,7 @@ impl TokenCache {
             ("hits", &s.hits),
             ("misses", &s.misses),
             ("undecodable", &s.undecodable),
+            ("bad_mac", &s.bad_mac),
             ("fills", &s.fills),
             ("fills_refused", &s.fills_refused),
             ("revoked", &s.revoked),
@@ -398,7 +444,7 @@ mod tests {
     fn generations_are_unique_hex() {
         let a = new_generation();
         let b = new_generation();
-        assert_eq!(a.len(), 32);
+        assert_eq!(a.len(), 16);
         assert_ne!(a, b);
     }
 

@@ -1,122 +1,304 @@
-//! The cached record of one token, and its JSON encoding.
+//! The cached record of one token: a compact binary encoding, authenticated with a MAC.
 //!
-//! Times are integer microseconds since the Unix epoch, computed by Django from
-//! `timezone.now()`, so expiry is judged by the same clock (and freezegun) as knox uses.
-//! Anything that does not decode into a valid record is a cache miss, never an error.
+//! Redis is not trusted: whoever can write to it must not be able to plant or alter a record
+//! that logs anyone in. Every record carries an HMAC-SHA256 (truncated to 128 bits) over its
+//! body and the name it is stored under (`token_key` and field id), keyed from a secret that
+//! only the Django processes hold. A record that fails the MAC, or doesn't decode, is a miss.
+//!
+//! Layout of the value of field `r:{id}` (little-endian), 46 bytes for an integer user key:
+//!
+//! ```text
+//! generation  8   the lease a later fill must present (not covered by the MAC: it only
+//!                 decides whether a fill may land, never what a hit accepts)
+//! version     1   high nibble VERSION, bit 0: has expiry, bits 1-2: user key kind
+//! created     8   i64 microseconds since the Unix epoch
+//! expiry      v   zigzag varint of (expiry - created) in microseconds, if present
+//! fresh_until 4   u32 seconds since the epoch: re-read from the database after this
+//! user key    v   int: zigzag varint | uuid: 16 bytes | text: varint length + UTF-8
+//! mac        16   HMAC-SHA256(key, DOMAIN, token_key, id, version..user key)[..16]
+//! ```
+//!
+//! Small enough (≤ 64 bytes) for Redis to keep the token's hash as a listpack. The digest is
+//! not stored: the record is found under the first 128 bits of it (the field id) and the MAC
+//! binds it to those bits and the `token_key`.
+//!
+//! Times are computed by Django from `timezone.now()`, so expiry is judged by the same clock
+//! (and freezegun) as knox uses.
 
-use serde::{Deserialize, Serialize};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
-pub const VERSION: u8 = 1;
+type HmacSha256 = Hmac<Sha256>;
+
+pub const VERSION: u8 = 2;
+pub const GENERATION_LEN: usize = 8;
+pub const MAC_LEN: usize = 16;
+/// Domain separation: a MAC made for anything else under the same key never verifies here.
+const DOMAIN: &[u8] = b"knox_redis record v2";
 
 /// 9999-12-31T23:59:59.999999Z in microseconds: the last instant a `datetime` can hold.
 pub const MAX_US: i64 = 253_402_300_799_999_999;
 
+const HAS_EXPIRY: u8 = 0b001;
+const KIND_SHIFT: u8 = 1;
+const KIND_INT: u8 = 0;
+const KIND_UUID: u8 = 1;
+const KIND_TEXT: u8 = 2;
+
 /// A user primary key: the integer and string (UUID, slug) keys Django models use.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserPk {
     Int(i64),
     Str(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
-    #[serde(rename = "v")]
-    pub version: u8,
-    /// The token's full digest: the hash field names it by a prefix, and the caller checks the
-    /// whole with a constant-time comparison, as knox does against the row.
-    #[serde(rename = "d")]
-    pub digest: String,
-    #[serde(rename = "u")]
     pub user_pk: UserPk,
-    #[serde(rename = "c")]
     pub created_us: i64,
-    #[serde(rename = "e")]
     pub expiry_us: Option<i64>,
     /// After this instant the record must be re-read from the database (bounds staleness of
-    /// writes that bypass Django signals).
-    #[serde(rename = "f")]
+    /// writes that bypass Django signals). Stored in whole seconds, rounded down.
     pub fresh_until_us: i64,
 }
 
-impl Record {
-    pub fn encode(&self) -> String {
-        // Serializing a struct of integers and strings cannot fail.
-        serde_json::to_string(self).unwrap_or_default()
+/// The key records are authenticated with, derived from the configured secret.
+#[derive(Clone)]
+pub struct RecordKey([u8; 32]);
+
+fn hmac_with(key: &[u8]) -> HmacSha256 {
+    match HmacSha256::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => unreachable!("HMAC accepts keys of any length"),
+    }
+}
+
+impl RecordKey {
+    pub fn derive(secret: &[u8]) -> Self {
+        let mut mac = hmac_with(secret);
+        mac.update(b"knox_redis record key");
+        RecordKey(mac.finalize().into_bytes().into())
     }
 
-    /// `None` for anything that is not a record this version wrote, including times that
-    /// Python's `datetime` can't represent (garbage must be a miss, never an `OverflowError`).
-    pub fn decode(bytes: &[u8]) -> Option<Record> {
-        let record: Record = serde_json::from_slice(bytes).ok()?;
-        let times_ok = [Some(record.created_us), record.expiry_us, Some(record.fresh_until_us)]
-            .into_iter()
-            .flatten()
-            .all(|us| (0..=MAX_US).contains(&us));
-        let digest_ok =
-            record.digest.len() >= crate::hashing::FIELD_ID_LEN && record.digest.bytes().all(|b| b.is_ascii_hexdigit());
-        (record.version == VERSION && times_ok && digest_ok).then_some(record)
+    /// The MAC over a record body and the name it is stored under: length-prefixed, so no
+    /// (`token_key`, id) pair can be shifted into another.
+    fn keyed(&self, token_key: &str, id: &str, body: &[u8]) -> HmacSha256 {
+        let mut mac = hmac_with(&self.0);
+        mac.update(DOMAIN);
+        mac.update(&(token_key.len() as u64).to_le_bytes());
+        mac.update(token_key.as_bytes());
+        mac.update(&(id.len() as u64).to_le_bytes());
+        mac.update(id.as_bytes());
+        mac.update(body);
+        mac
     }
+
+    fn mac(&self, token_key: &str, id: &str, body: &[u8]) -> [u8; MAC_LEN] {
+        let full = self.keyed(token_key, id, body).finalize().into_bytes();
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&full[..MAC_LEN]);
+        out
+    }
+
+    fn verify(&self, token_key: &str, id: &str, body: &[u8], tag: &[u8]) -> bool {
+        self.keyed(token_key, id, body).verify_truncated_left(tag).is_ok() // constant time
+    }
+}
+
+/// Why a stored value is not a usable record (each is a miss; the counters tell them apart).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Not this version's encoding: garbage, truncated, another version's record.
+    Undecodable,
+    /// Decodes, but the MAC doesn't verify: altered, forged, or written under another key.
+    BadMac,
+}
+
+impl Record {
+    /// The value stored in Redis: `generation` followed by the authenticated body.
+    pub fn encode(&self, key: &RecordKey, token_key: &str, id: &str, generation: [u8; GENERATION_LEN]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&generation);
+        let kind = match &self.user_pk {
+            UserPk::Int(_) => KIND_INT,
+            UserPk::Str(s) if uuid_bytes(s).is_some() => KIND_UUID,
+            UserPk::Str(_) => KIND_TEXT,
+        };
+        let has_expiry = if self.expiry_us.is_some() { HAS_EXPIRY } else { 0 };
+        out.push((VERSION << 4) | (kind << KIND_SHIFT) | has_expiry);
+        out.extend_from_slice(&self.created_us.to_le_bytes());
+        if let Some(expiry) = self.expiry_us {
+            put_varint(&mut out, zigzag(expiry.wrapping_sub(self.created_us)));
+        }
+        // Rounded down, and clamped: an earlier re-read is always safe.
+        let fresh_s = (self.fresh_until_us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32;
+        out.extend_from_slice(&fresh_s.to_le_bytes());
+        match &self.user_pk {
+            UserPk::Int(pk) => put_varint(&mut out, zigzag(*pk)),
+            UserPk::Str(s) => {
+                if let Some(bytes) = uuid_bytes(s) {
+                    out.extend_from_slice(&bytes);
+                } else {
+                    put_varint(&mut out, s.len() as u64);
+                    out.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+        let tag = key.mac(token_key, id, &out[GENERATION_LEN..]);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// The record stored under (`token_key`, `id`), if it is one this key wrote. Times that
+    /// Python's `datetime` can't represent are rejected too: garbage must be a miss, never an
+    /// `OverflowError`.
+    pub fn decode(bytes: &[u8], key: &RecordKey, token_key: &str, id: &str) -> Result<Record, Rejected> {
+        if bytes.len() < GENERATION_LEN + 1 + 8 + 4 + 1 + MAC_LEN {
+            return Err(Rejected::Undecodable);
+        }
+        let (signed, tag) = bytes.split_at(bytes.len() - MAC_LEN);
+        let body = &signed[GENERATION_LEN..];
+        let record = parse(body).ok_or(Rejected::Undecodable)?;
+        if !key.verify(token_key, id, body, tag) {
+            return Err(Rejected::BadMac);
+        }
+        Ok(record)
+    }
+}
+
+fn parse(body: &[u8]) -> Option<Record> {
+    let mut r = Reader(body);
+    let head = r.byte()?;
+    if head >> 4 != VERSION || head & 0b1000 != 0 {
+        return None;
+    }
+    let created_us = i64::from_le_bytes(r.array()?);
+    let expiry_us = if head & HAS_EXPIRY != 0 { Some(created_us.checked_add(unzigzag(r.varint()?))?) } else { None };
+    let fresh_until_us = i64::from(u32::from_le_bytes(r.array()?)) * 1_000_000;
+    let user_pk = match (head >> KIND_SHIFT) & 0b11 {
+        KIND_INT => UserPk::Int(unzigzag(r.varint()?)),
+        KIND_UUID => UserPk::Str(uuid_string(&r.array::<16>()?)),
+        KIND_TEXT => {
+            let len = usize::try_from(r.varint()?).ok()?;
+            UserPk::Str(String::from_utf8(r.take(len)?.to_vec()).ok()?)
+        }
+        _ => return None,
+    };
+    let times_ok =
+        [Some(created_us), expiry_us, Some(fresh_until_us)].into_iter().flatten().all(|us| (0..=MAX_US).contains(&us));
+    (r.0.is_empty() && times_ok).then_some(Record { user_pk, created_us, expiry_us, fresh_until_us })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
+}
+
+/// The 16 bytes of a UUID in Django's canonical spelling (lower case, dashed), so that the
+/// string decodes back exactly as it was given; any other string is stored as text.
+fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let hex: Vec<u8> = b.iter().copied().filter(|&c| c != b'-').collect();
+    if hex.len() != 32 || !hex.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(&hex, &mut out).ok()?;
+    Some(out)
+}
+
+fn uuid_string(bytes: &[u8; 16]) -> String {
+    let h = hex::encode(bytes);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const TK: &str = "abcdefghijklmno";
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+    const GEN: [u8; GENERATION_LEN] = *b"\x01\x02\x03\x04\x05\x06\x07\x08";
+
+    fn key() -> RecordKey {
+        RecordKey::derive(b"secret")
+    }
+
     fn sample(pk: UserPk) -> Record {
         Record {
-            version: VERSION,
-            digest: "ab".repeat(64),
             user_pk: pk,
-            created_us: 1,
-            expiry_us: Some(2),
-            fresh_until_us: 3,
+            created_us: 1_764_000_000_123_456,
+            expiry_us: Some(1_764_036_000_654_321),
+            fresh_until_us: 1_764_003_600_000_000,
         }
     }
 
+    fn round_trip(rec: &Record) -> Result<Record, Rejected> {
+        let bytes = rec.encode(&key(), TK, ID, GEN);
+        assert_eq!(&bytes[..GENERATION_LEN], &GEN);
+        Record::decode(&bytes, &key(), TK, ID)
+    }
+
     #[test]
-    fn round_trips_int_and_string_keys() {
-        for pk in [UserPk::Int(42), UserPk::Str("0b7c6f9e-uuid".into())] {
+    fn round_trips_every_kind_of_user_key() {
+        for pk in [
+            UserPk::Int(42),
+            UserPk::Int(-7),
+            UserPk::Int(i64::MAX),
+            UserPk::Str("0b7c6f9e-1c2d-4e5f-8a9b-0c1d2e3f4a5b".into()),
+            UserPk::Str("0B7C6F9E-1C2D-4E5F-8A9B-0C1D2E3F4A5B".into()), // not canonical: text
+            UserPk::Str("slug-é".into()),
+            UserPk::Str(String::new()),
+        ] {
             let rec = sample(pk);
-            assert_eq!(Record::decode(rec.encode().as_bytes()), Some(rec));
-        }
-    }
-
-    #[test]
-    fn garbage_is_none() {
-        for junk in [&b""[..], b"null", b"{}", b"\xff\xfe", b"{\"v\":1}", b"[1,2,3]", b"{\"v\":1,\"u\":1,\"c\":1"] {
-            assert_eq!(Record::decode(junk), None, "{junk:?}");
-        }
-    }
-
-    #[test]
-    fn other_versions_are_none() {
-        let mut rec = sample(UserPk::Int(1));
-        rec.version = 2;
-        assert_eq!(Record::decode(rec.encode().as_bytes()), None);
-    }
-
-    #[test]
-    fn out_of_range_times_are_none() {
-        for (c, e, f) in [(-1, None, 1), (1, Some(MAX_US + 1), 1), (1, None, i64::MAX), (i64::MIN, Some(1), 1)] {
-            let rec = Record {
-                version: VERSION,
-                digest: "ab".repeat(64),
-                user_pk: UserPk::Int(1),
-                created_us: c,
-                expiry_us: e,
-                fresh_until_us: f,
-            };
-            assert_eq!(Record::decode(rec.encode().as_bytes()), None, "{c} {e:?} {f}");
-        }
-    }
-
-    #[test]
-    fn non_hex_digests_are_none() {
-        for digest in ["é".repeat(64), String::new(), "zz".repeat(64)] {
-            let mut rec = sample(UserPk::Int(1));
-            rec.digest = digest;
-            assert_eq!(Record::decode(rec.encode().as_bytes()), None);
+            assert_eq!(round_trip(&rec), Ok(rec));
         }
     }
 
@@ -124,6 +306,70 @@ mod tests {
     fn no_expiry_round_trips() {
         let mut rec = sample(UserPk::Int(1));
         rec.expiry_us = None;
-        assert_eq!(Record::decode(rec.encode().as_bytes()), Some(rec));
+        assert_eq!(round_trip(&rec), Ok(rec));
+    }
+
+    #[test]
+    fn an_integer_user_record_fits_a_listpack_entry() {
+        let bytes = sample(UserPk::Int(123_456)).encode(&key(), TK, ID, GEN);
+        assert!(bytes.len() <= 50, "{}", bytes.len());
+        let bytes = sample(UserPk::Str("0b7c6f9e-1c2d-4e5f-8a9b-0c1d2e3f4a5b".into())).encode(&key(), TK, ID, GEN);
+        assert!(bytes.len() <= 64, "{}", bytes.len());
+    }
+
+    #[test]
+    fn fresh_until_is_rounded_down_to_the_second() {
+        let mut rec = sample(UserPk::Int(1));
+        rec.fresh_until_us = 1_764_003_600_999_999;
+        assert_eq!(round_trip(&rec).unwrap().fresh_until_us, 1_764_003_600_000_000);
+    }
+
+    #[test]
+    fn any_altered_byte_is_rejected() {
+        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN);
+        for i in GENERATION_LEN..bytes.len() {
+            let mut altered = bytes.clone();
+            altered[i] ^= 0x01;
+            assert!(Record::decode(&altered, &key(), TK, ID).is_err(), "byte {i}");
+        }
+        // The generation is not covered: it only decides whether a fill may land.
+        let mut regenerated = bytes.clone();
+        regenerated[0] ^= 0xff;
+        assert!(Record::decode(&regenerated, &key(), TK, ID).is_ok());
+    }
+
+    #[test]
+    fn a_record_moved_to_another_token_or_key_is_rejected() {
+        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN);
+        assert_eq!(Record::decode(&bytes, &key(), "abcdefghijklmnp", ID), Err(Rejected::BadMac));
+        assert_eq!(Record::decode(&bytes, &key(), TK, "1123456789abcdef0123456789abcdef"), Err(Rejected::BadMac));
+        assert_eq!(Record::decode(&bytes, &RecordKey::derive(b"other"), TK, ID), Err(Rejected::BadMac));
+    }
+
+    #[test]
+    fn garbage_is_undecodable() {
+        for junk in
+            [&b""[..], b"null", b"{\"v\":1,\"d\":\"ab\",\"u\":1,\"c\":1,\"e\":null,\"f\":3}", &[0xff; 46], &[0; 8]]
+        {
+            assert_eq!(Record::decode(junk, &key(), TK, ID), Err(Rejected::Undecodable), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_times_are_undecodable() {
+        for (c, e) in [(-1, None), (1, Some(MAX_US + 1)), (MAX_US, Some(i64::MAX)), (i64::MIN, Some(1))] {
+            let rec = Record { user_pk: UserPk::Int(1), created_us: c, expiry_us: e, fresh_until_us: 1_000_000 };
+            assert_eq!(round_trip(&rec), Err(Rejected::Undecodable), "{c} {e:?}");
+        }
+    }
+
+    #[test]
+    fn varints_round_trip_at_the_edges() {
+        for v in [0, 1, -1, 63, -64, 64, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            put_varint(&mut out, zigzag(v));
+            assert_eq!(Reader(&out).varint().map(unzigzag), Some(v));
+        }
+        assert_eq!(Reader(&[0xff; 11]).varint(), None, "longer than 64 bits");
     }
 }

@@ -42,40 +42,55 @@ fn start() -> Option<(Server, Connection)> {
 }
 
 const KEY: &str = "knox:token:abc";
-const INDEX: &str = "knox:user:1:tokens";
+const INDEX: &str = "knox:user:1:ix";
+const LEGACY_INDEX: &str = "knox:user:1:tokens";
 const ID: &str = "0123456789abcdef0123456789abcdef";
-const FRESH: &str = "feedfacefeedfacefeedfacefeedface";
-const SEED: &str = "5eed5eed5eed5eed5eed5eed5eed5eed";
+const ID_BYTES: &[u8] = b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef";
+const FRESH: &str = "feedfacefeedface";
+const SEED: &str = "5eed5eed5eed5eed";
+/// A record as fill stores it: its own 8-byte generation, then the (here opaque) body.
+const RECORD: &str = "NEWGEN01record";
 
 fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String>) {
     LOOKUP.key(KEY).arg(ID).arg(FRESH).arg(60_000).arg(u8::from(create)).invoke(conn).unwrap()
 }
 
-fn fill(conn: &mut Connection, generation: &str) -> i64 {
+fn fill_with(conn: &mut Connection, generation: &str, record: &str) -> i64 {
     FILL.key(KEY)
         .key(INDEX)
         .arg(ID)
         .arg(generation)
-        .arg("record")
+        .arg(record)
         .arg(60_000)
-        .arg(format!("{ID}abc"))
+        .arg(ID_BYTES)
+        .arg("abc")
         .arg(60_000)
         .invoke(conn)
         .unwrap()
+}
+
+fn fill(conn: &mut Connection, generation: &str) -> i64 {
+    fill_with(conn, generation, RECORD)
 }
 
 fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
     REVOKE
         .key(KEY)
         .key(INDEX)
+        .key(LEGACY_INDEX)
         .arg(1)
         .arg(tombstone_ms)
         .arg(SEED)
         .arg("knox")
         .arg(ID)
+        .arg(ID_BYTES)
         .arg(format!("{ID}abc"))
         .invoke(conn)
         .unwrap()
+}
+
+fn revoke_user(conn: &mut Connection) -> i64 {
+    REVOKE.key(INDEX).key(LEGACY_INDEX).arg(0).arg(60_000).arg(SEED).arg("knox").invoke(conn).unwrap()
 }
 
 #[test]
@@ -87,25 +102,57 @@ fn lifecycle() {
     // Creating a generation, then filling with it.
     let (_, generation) = lookup(&mut conn, true);
     let generation = generation.unwrap();
-    assert_eq!(fill(&mut conn, "stale"), 0, "a wrong generation never fills");
+    assert_eq!(generation, FRESH);
+    assert_eq!(fill(&mut conn, "stalestalestale0"), 0, "a wrong generation never fills");
     assert_eq!(fill(&mut conn, &generation), 1);
-    assert_eq!(lookup(&mut conn, false), (Some("record".into()), Some(generation.clone())));
-    assert!(conn.sismember::<_, _, bool>(INDEX, format!("{ID}abc")).unwrap());
+    // One field per cached token: the record carries its generation, the g: field is gone.
+    assert_eq!(lookup(&mut conn, false), (Some(RECORD.into()), Some("NEWGEN01".into())));
+    assert_eq!(conn.hlen::<_, i64>(KEY).unwrap(), 1);
+    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES).unwrap(), "abc");
     assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0 && conn.pttl::<_, i64>(INDEX).unwrap() > 0);
+    // A re-read fills under the record's generation; the old lookup's one is spent.
+    assert_eq!(fill(&mut conn, &generation), 0, "a generation fills once");
+    assert_eq!(fill_with(&mut conn, "NEWGEN01", "NEWGEN02record"), 1);
     // Revocation: record gone, generation renewed, index pruned, tombstone blocks fills.
     assert_eq!(revoke(&mut conn, 60_000), 1);
     let (record, new_generation) = lookup(&mut conn, true);
     assert_eq!(record, None);
     let new_generation = new_generation.unwrap();
-    assert_ne!(new_generation, generation);
-    assert!(!conn.sismember::<_, _, bool>(INDEX, format!("{ID}abc")).unwrap());
-    assert_eq!(fill(&mut conn, &generation), 0, "the old generation fails");
+    assert_eq!(new_generation, format!("{SEED}:1"));
+    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES).unwrap());
+    assert_eq!(fill(&mut conn, "NEWGEN02"), 0, "the record's generation fails");
     assert_eq!(fill(&mut conn, &new_generation), 0, "the tombstone stands");
     // Without a tombstone (the after-commit revocation), a new generation can fill again.
     let _: () = conn.hdel(KEY, format!("t:{ID}")).unwrap();
     assert_eq!(revoke(&mut conn, 0), 0);
     let (_, latest) = lookup(&mut conn, true);
     assert_eq!(fill(&mut conn, &latest.unwrap()), 1);
+}
+
+#[test]
+fn a_lapsed_tombstone_is_removed_by_the_fill_it_no_longer_blocks() {
+    let Some((_server, mut conn)) = start() else { return };
+    let _ = lookup(&mut conn, true);
+    let _: () = conn.hset(KEY, format!("t:{ID}"), "1").unwrap(); // long past
+    assert_eq!(fill(&mut conn, FRESH), 1);
+    assert!(!conn.hexists::<_, _, bool>(KEY, format!("t:{ID}")).unwrap());
+}
+
+#[test]
+fn revoking_a_user_reaches_both_index_layouts() {
+    let Some((_server, mut conn)) = start() else { return };
+    // This release's index (HASH) and the previous release's (SET), each naming one token.
+    let _ = lookup(&mut conn, true);
+    assert_eq!(fill(&mut conn, FRESH), 1);
+    let legacy_key = "knox:token:xyz";
+    let legacy_id = "fedcba9876543210fedcba9876543210";
+    let _: () = conn.hset(legacy_key, format!("r:{legacy_id}"), "{\"v\":1}").unwrap();
+    let _: () = conn.sadd(LEGACY_INDEX, format!("{legacy_id}xyz")).unwrap();
+    assert_eq!(revoke_user(&mut conn), 2);
+    assert!(!conn.hexists::<_, _, bool>(KEY, format!("r:{ID}")).unwrap());
+    assert!(!conn.hexists::<_, _, bool>(legacy_key, format!("r:{legacy_id}")).unwrap());
+    assert!(conn.hexists::<_, _, bool>(legacy_key, format!("t:{legacy_id}")).unwrap());
+    assert!(!conn.exists::<_, bool>(INDEX).unwrap() && !conn.exists::<_, bool>(LEGACY_INDEX).unwrap());
 }
 
 #[test]
@@ -117,7 +164,7 @@ fn wrong_types_are_misses_then_replaced() {
     assert_eq!(fill(&mut conn, "anything"), 0);
     let (_, generation) = lookup(&mut conn, true);
     assert_eq!(fill(&mut conn, &generation.unwrap()), 1);
-    assert!(conn.sismember::<_, _, bool>(INDEX, format!("{ID}abc")).unwrap());
+    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES).unwrap(), "abc");
     let _: () = conn.set(KEY, "again").unwrap();
     assert_eq!(revoke(&mut conn, 1000), 0);
     assert_eq!(redis::cmd("TYPE").arg(KEY).query::<String>(&mut conn).unwrap(), "hash");
@@ -151,4 +198,16 @@ fn a_key_without_ttl_gets_one_from_a_creating_lookup() {
     let _ = lookup(&mut conn, true);
     let ttl = conn.pttl::<_, i64>(KEY).unwrap();
     assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+}
+
+#[test]
+fn previous_release_generations_are_still_honoured() {
+    let Some((_server, mut conn)) = start() else { return };
+    // The previous release wrote 32-hex generations, and `seed:n` ones when revoking.
+    for old in ["0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef:3"] {
+        let _: () = conn.del(KEY).unwrap();
+        let _: () = conn.hset(KEY, format!("g:{ID}"), old).unwrap();
+        assert_eq!(lookup(&mut conn, true).1.as_deref(), Some(old));
+        assert_eq!(fill(&mut conn, old), 1);
+    }
 }

@@ -172,7 +172,7 @@ def test_big_integer_user_pk_is_stored_as_text(make_token, user):
     found = cache.lookup("bigpk", digest, create=True)
     assert client.fill("bigpk", digest, found.generation, 2**70, 0, None, 10**15, 60_000)
     record, _ = client.lookup("bigpk", digest)
-    assert record[1] == str(2**70)
+    assert record[0] == str(2**70)
     assert isinstance(client, _knox_redis.TokenCache)
 
 
@@ -187,13 +187,15 @@ def test_logout_does_not_wait_for_the_breaker(client, make_token, via_proxy, set
     assert get(client, token) == 401
 
 
-def test_record_under_the_right_field_but_another_digest_is_not_trusted(client, make_token, redis_conn):
-    """The hash field names a token by 128 bits of its digest; the whole digest is compared."""
-    token = make_token()
+def test_record_copied_under_another_tokens_field_is_not_trusted(client, make_token, redis_conn):
+    """The hash field names a token by 128 bits of its digest, and the record's MAC binds it
+    to them: a valid record moved under another token's field is a miss."""
+    other, token = make_token(), make_token()
+    assert get(client, other) == 200
     assert get(client, token) == 200
-    row = AuthToken.objects.get()
-    key, field = f"knox:token:{token[:15]}", f"r:{row.digest[:32]}"
-    forged = redis_conn.hget(key, field).replace(row.digest.encode(), (row.digest[:32] + "0" * 96).encode())
+    rows = {row.token_key: row for row in AuthToken.objects.all()}
+    key, field = f"knox:token:{token[:15]}", f"r:{rows[token[:15]].digest[:32]}"
+    forged = redis_conn.hget(f"knox:token:{other[:15]}", f"r:{rows[other[:15]].digest[:32]}")
     redis_conn.hset(key, field, forged)
     from django.db import connection
     from django.test.utils import CaptureQueriesContext

@@ -53,8 +53,10 @@ def test_record_created_in_year_9999_is_a_miss_with_auto_refresh(client, make_to
     assert cache.lookup(row.token_key, row.digest).record.created == row.created
 
 
-def test_record_due_at_the_last_microsecond_is_no_500_with_auto_refresh(client, make_token, native, user, auto_refresh):
-    # The refresh UPDATE used to commit, then fresh_until + MAX_CACHE_TTL overflowed.
+def test_record_due_at_the_last_microsecond_is_reread_not_a_500(client, make_token, native, user, auto_refresh):
+    # The refresh UPDATE used to commit, then fresh_until + MAX_CACHE_TTL overflowed. Such a
+    # deadline is now beyond now + MAX_CACHE_TTL, so the row is re-read (the overflow itself is
+    # pinned by the next test).
     token = make_token()
     AuthToken.objects.update(expiry=timezone.now() + timedelta(hours=1))  # so the hit refreshes it
     row = AuthToken.objects.get()
@@ -102,3 +104,34 @@ def test_junk_generation_and_tombstone_without_ttl_are_replaced(make_token, redi
 
 def native_hits() -> int:
     return cache.get_client().stats()["hits"]
+
+
+@pytest.mark.parametrize("tombstone", [b"inf", b"1e300", b"nan", b"99999999999999999", b"-5"])
+def test_a_tombstone_no_revocation_could_write_stands_one_lease(make_token, redis_conn, settings, tombstone):
+    """Numbers Lua would read (inf, nan, a deadline centuries away) but no revocation writes
+    (whole milliseconds, at most a day ahead): like unreadable ones, they stand one more
+    lease, then fills resume; never for ever, never dropped on the spot."""
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REVOCATION_TOMBSTONE_TTL": 1}
+    token = make_token()
+    row = AuthToken.objects.get()
+    key, id_ = f"knox:token:{token[:15]}", row.digest[:32]
+    assert accepted(token)  # first sight: cached
+    redis_conn.hdel(key, f"r:{id_}")
+    redis_conn.hset(key, mapping={f"g:{id_}": "0123456789abcdef", f"t:{id_}": tombstone})
+    assert accepted(token)
+    assert not record_exists(redis_conn, token), "not dropped on the spot"
+    stood = int(redis_conn.hget(key, f"t:{id_}"))
+    assert stood <= time.time() * 1000 + 1100, "rewritten as one lease from now"
+    time.sleep(1.2)
+    assert accepted(token)
+    assert accepted(token)
+    assert record_exists(redis_conn, token)
+
+
+def test_auto_refresh_max_ttl_knox_ignores_is_not_computed(client, make_token, settings):
+    """knox reads AUTO_REFRESH_MAX_TTL only with AUTO_REFRESH: a value that isn't a timedelta
+    there must not turn hits into 500s."""
+    settings.REST_KNOX = {"AUTO_REFRESH": False, "AUTO_REFRESH_MAX_TTL": 3600}
+    token = make_token()
+    client.raise_request_exception = False
+    assert [client.get("/api/whoami/", **auth_header(token)).status_code for _ in range(3)] == [200, 200, 200]

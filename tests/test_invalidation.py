@@ -125,9 +125,9 @@ def test_deactivated_user_rejected_on_next_request(client, make_token, warm, use
 def test_user_index_is_pruned_on_single_revocation(client, make_token, warm, redis_conn, user):
     a, b = make_token(), make_token()
     warm(a, b)
-    assert redis_conn.scard(f"knox:user:{user.pk}:tokens") == 2
+    assert redis_conn.hlen(f"knox:user:{user.pk}:ix") == 2
     AuthToken.objects.get(token_key=a[:15]).delete()
-    assert redis_conn.scard(f"knox:user:{user.pk}:tokens") == 1
+    assert redis_conn.hlen(f"knox:user:{user.pk}:ix") == 1
 
 
 def test_every_key_has_a_ttl(client, make_token, warm, redis_conn):

@@ -15,6 +15,8 @@ import knox_redis
 from knox_redis import _knox_redis
 from tests.servers import TcpProxy
 
+SECRET = b"a test signing key, 32 bytes long"
+
 STUB = Path(_knox_redis.__file__).with_name("_knox_redis.pyi")
 
 
@@ -57,20 +59,20 @@ def test_errors_are_exceptions_of_one_family():
 
 
 def test_bad_arguments_raise_not_panic():
-    client = _knox_redis.TokenCache(port=1, breaker_cooldown=0)
+    client = _knox_redis.TokenCache(port=1, breaker_cooldown=0, record_secret=SECRET)
     with pytest.raises(_knox_redis.CacheError):
         client.lookup("key", "short")
     with pytest.raises(TypeError):
         client.revoke([("key", "a" * 128, 1.5)])
     with pytest.raises(TypeError):
-        _knox_redis.TokenCache(socket_timeout=float("nan"))
+        _knox_redis.TokenCache(socket_timeout=float("nan"), record_secret=SECRET)
 
 
 def test_network_calls_release_the_gil(redis_server):
     """While one thread waits on a hung Redis, another Python thread keeps running."""
     proxy = TcpProxy(redis_server.port)
     try:
-        client = _knox_redis.TokenCache(port=proxy.port, socket_timeout=0.5, breaker_cooldown=0)
+        client = _knox_redis.TokenCache(port=proxy.port, socket_timeout=0.5, breaker_cooldown=0, record_secret=SECRET)
         client.ping()
         proxy.blackhole()
         ticks = 0

@@ -109,7 +109,7 @@ def test_key_prefix_is_used(client, make_token, settings, redis_conn):
     client.get("/api/whoami/", **auth_header(token))
     keys = {k.decode() for k in redis_conn.keys("*")}
     assert f"myapp:token:{token[:15]}" in keys
-    assert any(k.startswith("myapp:user:") and k.endswith(":tokens") for k in keys)
+    assert any(k.startswith("myapp:user:") and k.endswith(":ix") for k in keys)
 
 
 def test_parse_url_rejects_garbage():

@@ -139,12 +139,12 @@ def tls_server(tmp_path_factory):
 
 def test_native_client_verifies_with_private_ca(tls_server):
     port, ca = tls_server
-    _knox_redis.TokenCache(host="localhost", port=port, tls=True, tls_ca_certs=ca).ping()
+    _knox_redis.TokenCache(host="localhost", port=port, tls=True, tls_ca_certs=ca, record_secret=b"s" * 32).ping()
 
 
 def test_untrusted_server_certificate_is_refused(tls_server):
     port, _ca = tls_server
-    client = _knox_redis.TokenCache(host="localhost", port=port, tls=True, breaker_cooldown=0)
+    client = _knox_redis.TokenCache(host="localhost", port=port, tls=True, breaker_cooldown=0, record_secret=b"s" * 32)
     with pytest.raises(_knox_redis.CacheError):
         client.ping()
 

@@ -17,7 +17,8 @@ class CacheUnavailable(CacheError):
 def hash_token(token: str) -> str:
     """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
 
-_CachedRecord = tuple[str, int | str, int, int | None, int]
+# (user_pk, created_us, expiry_us or None, fresh_until_us)
+_CachedRecord = tuple[int | str, int, int | None, int]
 
 # A #[pyclass] without `subclass`: Python can't subclass it.
 @final
@@ -40,6 +41,7 @@ class TokenCache:
         breaker_cooldown: float = 2.0,
         max_idle: int = 32,
         lease_ms: int = 60000,
+        record_secret: bytes,
     ) -> Self: ...
     def lookup(
         self, token_key: str, digest: str, create: bool = False

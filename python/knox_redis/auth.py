@@ -4,9 +4,11 @@ The story of one request:
 
 1. The header is parsed exactly as knox does; bytes that can't be a token get a 401 here
    (knox would answer non-UTF-8 with a 500, NUL bytes with a database error).
-2. The token is hashed and its record fetched from Redis in one round trip.
-3. Hit: the record's digest matches (compared in constant time, as knox does) and it gives
-   user, created and expiry, so no token row is read. The user is loaded by primary key (the
+2. The token is hashed and its record fetched from Redis in one round trip: the record is
+   stored under the token_key and the first 128 bits of the digest, and the native client
+   returns it only if its MAC (keyed from SIGNING_KEY) verifies for both, so a record planted
+   or altered by whoever can write to Redis is a miss.
+3. Hit: the record gives user, created and expiry, so no token row is read. The user is loaded by primary key (the
    one query) so a deactivated user is rejected at once.
 4. Miss (or Redis unavailable): knox's own database path runs unchanged, then the row is
    cached, unless a revocation started since the lookup.
@@ -15,7 +17,6 @@ The story of one request:
 from __future__ import annotations
 
 import hashlib
-from hmac import compare_digest
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
@@ -122,7 +123,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
     def _authenticate_cached(self, token_key: str, digest: str, found: cache.Lookup) -> tuple[Any, Any] | None:
         """Authenticate from the record; None sends the request down knox's database path."""
         record = found.record
-        if record is None or not compare_digest(record.digest, digest):
+        if record is None:
             return None
         now = timezone.now()
         expired = record.expiry is not None and record.expiry < now

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
@@ -54,7 +54,8 @@ class RevocationUnavailable(APIException):
 
 @dataclass(frozen=True)
 class CachedToken:
-    digest: str
+    """A token's record, authenticated: found under its token_key and digest, MAC verified."""
+
     user_pk: int | str
     created: datetime
     expiry: datetime | None
@@ -105,9 +106,19 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
             breaker_cooldown=float(knox_redis_settings.CIRCUIT_BREAKER_COOLDOWN),
             max_idle=int(knox_redis_settings.MAX_IDLE_CONNECTIONS),
             lease_ms=int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000),
+            record_secret=signing_key(),
         )
     except (CacheError, OverflowError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc
+
+
+def signing_key() -> bytes:
+    """The secret records are authenticated with (the native side derives the MAC key from
+    it): SIGNING_KEY, or Django's SECRET_KEY."""
+    secret = knox_redis_settings.SIGNING_KEY or settings.SECRET_KEY
+    if not secret:
+        raise ImproperlyConfigured("knox_redis needs REST_KNOX_REDIS['SIGNING_KEY'] or SECRET_KEY to sign records.")
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
 
 
 def reset_client() -> None:
@@ -185,10 +196,9 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
 def _record(raw: Any) -> CachedToken | None:
     if raw is None:
         return None
-    record_digest, user_pk, created_us, expiry_us, fresh_until_us = raw
+    user_pk, created_us, expiry_us, fresh_until_us = raw
     try:
         record = CachedToken(
-            digest=record_digest,
             user_pk=user_pk,
             created=from_us(created_us),
             expiry=None if expiry_us is None else from_us(expiry_us),
@@ -196,8 +206,9 @@ def _record(raw: Any) -> CachedToken | None:
         )
         # The one sum a hit computes from a record's times: knox's renew_token caps the new
         # expiry at created + AUTO_REFRESH_MAX_TTL. (The rest is comparisons and differences.)
-        if knox_settings.AUTO_REFRESH_MAX_TTL is not None:
-            record.created + knox_settings.AUTO_REFRESH_MAX_TTL
+        if knox_settings.AUTO_REFRESH and knox_settings.AUTO_REFRESH_MAX_TTL is not None:
+            with suppress(TypeError):  # not a timedelta: knox's own misconfiguration to report
+                record.created + knox_settings.AUTO_REFRESH_MAX_TTL
     except (OverflowError, ValueError) as exc:  # no datetime of this zone can hold it: garbage
         _warn("decode", exc)
         return None

@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     # deletes tokens should stay open).
     "REVOCATION_TOMBSTONE_TTL": 60,
     "MAX_IDLE_CONNECTIONS": 32,
+    # The secret cached records are signed with (a MAC that Redis can't forge): None uses
+    # SECRET_KEY. Changing it turns every cached record into a miss, read again once.
+    "SIGNING_KEY": None,
 }
 
 REDIS_BACKENDS = (
@@ -90,6 +93,10 @@ def load() -> dict[str, Any]:
         raise ImproperlyConfigured(
             "REST_KNOX_REDIS['REDIS_KEY_PREFIX'] must be a non-empty printable string without ':'."
         )
+    if values["SIGNING_KEY"] is not None and (
+        not isinstance(values["SIGNING_KEY"], (str, bytes)) or len(values["SIGNING_KEY"]) < 32
+    ):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['SIGNING_KEY'] must be a str or bytes of at least 32 characters.")
     if values["REDIS_URL"] is not None and not isinstance(values["REDIS_URL"], str):
         raise ImproperlyConfigured("REST_KNOX_REDIS['REDIS_URL'] must be a redis:// URL string.")
     return values
@@ -179,7 +186,7 @@ knox_redis_settings = KnoxRedisSettings()
 
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
-    if setting in ("REST_KNOX_REDIS", "CACHES"):
+    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY"):
         knox_redis_settings.reload()
         from knox_redis import cache
 

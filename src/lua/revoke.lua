@@ -2,11 +2,19 @@
 -- generation (so fills in flight fail) and a tombstone (so fills that read the row before the
 -- delete commits fail too). With user index keys, also every token those indexes list.
 --
+-- Rolling deploys: the previous release indexed a user's tokens in a SET
+-- ({prefix}:user:{pk}:tokens, members `{id}{token_key}`); this one in a HASH
+-- ({prefix}:user:{pk}:ix, field id as 16 raw bytes -> token_key). Both are read and pruned,
+-- so a revocation here also reaches what a previous-release process cached. (Records and
+-- generations live in the same fields in both releases.)
+--
 -- KEYS[1..n]          {prefix}:token:{token_key} of each token
--- KEYS[n+1..2n]       {prefix}:user:{user_pk}:tokens of each token's owner (to forget it)
--- KEYS[2n+1..]        {prefix}:user:{user_pk}:tokens to revoke in full
+-- KEYS[n+1..2n]       {prefix}:user:{user_pk}:ix of each token's owner (to forget it)
+-- KEYS[2n+1..3n]      {prefix}:user:{user_pk}:tokens of each token's owner (previous release)
+-- KEYS[3n+1..]        pairs (ix, tokens) of users whose indexed tokens are revoked in full
 -- ARGV[1] n   ARGV[2] tombstone ms (0: none)   ARGV[3] generation seed   ARGV[4] key prefix
--- ARGV[5..4+n] field ids of the n tokens; ARGV[5+n..4+2n] their user index members
+-- ARGV[5..4+n] field ids (hex) of the n tokens; ARGV[5+n..4+2n] the same as 16 raw bytes;
+-- ARGV[5+2n..4+3n] their previous-release index members
 local n = tonumber(ARGV[1])
 local tombstone_ms = tonumber(ARGV[2])
 local seed, prefix = ARGV[3], ARGV[4]
@@ -31,18 +39,28 @@ local function revoke(key, id)
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 
-for i = 1, n do
-  local id = ARGV[4 + i]
-  revoke(KEYS[i], id)
-  redis.pcall('SREM', KEYS[n + i], ARGV[4 + n + i])
+local function tohex(bytes)
+  return (string.gsub(bytes, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
-for i = 2 * n + 1, #KEYS do
-  local ok, members = pcall(redis.call, 'SMEMBERS', KEYS[i])
+
+for i = 1, n do
+  revoke(KEYS[i], ARGV[4 + i])
+  redis.pcall('HDEL', KEYS[n + i], ARGV[4 + n + i])
+  redis.pcall('SREM', KEYS[2 * n + i], ARGV[4 + 2 * n + i])
+end
+for i = 3 * n + 1, #KEYS, 2 do
+  local ok, pairs_ = pcall(redis.call, 'HGETALL', KEYS[i])
   if ok then
+    for j = 1, #pairs_, 2 do
+      if #pairs_[j] == 16 then revoke(prefix .. ':token:' .. pairs_[j + 1], tohex(pairs_[j])) end
+    end
+  end
+  local ok_, members = pcall(redis.call, 'SMEMBERS', KEYS[i + 1])
+  if ok_ then
     for _, member in ipairs(members) do
       revoke(prefix .. ':token:' .. string.sub(member, 33), string.sub(member, 1, 32))
     end
   end
-  redis.call('DEL', KEYS[i])
+  redis.call('DEL', KEYS[i], KEYS[i + 1])
 end
 return removed

@@ -1,0 +1,95 @@
+"""Redis is not trusted: a record is believed only if its MAC, keyed from SIGNING_KEY (or
+SECRET_KEY), verifies for the token_key and digest it is stored under. Whoever can write to
+Redis can make tokens miss, never make one authenticate, or authenticate as someone else."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from knox.models import AuthToken
+
+from knox_redis import _knox_redis, cache
+from tests.conftest import auth_header
+from tests.helpers import accepted, authenticate
+
+
+def attacker_client(redis_server) -> _knox_redis.TokenCache:
+    """The native client as someone with Redis access but without the secret would use it."""
+    return _knox_redis.TokenCache(port=redis_server.port, record_secret=b"a guess at the signing key......")
+
+
+def plant(native, token: str, user_pk, *, expiry_us=None) -> None:
+    digest = hashlib.sha512(token.encode()).hexdigest()
+    _record, generation = native.lookup(token[:15], digest, True)
+    now_us = cache.to_us(timezone.now())
+    assert native.fill(token[:15], digest, generation, user_pk, now_us, expiry_us, now_us + 3_000_000_000, 60_000)
+
+
+def test_a_planted_record_for_a_made_up_token_does_not_log_in(transactional_db, redis_server):
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    token = secrets.token_hex(32)
+    plant(attacker_client(redis_server), token, admin.pk)
+    assert not accepted(token)
+    assert cache.get_client().stats()["bad_mac"] == 1
+
+
+def test_a_record_rewritten_to_another_user_is_a_miss(client, make_token, redis_server, user):
+    """A real token, its record replaced by one naming the admin: the row decides."""
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)
+    plant(attacker_client(redis_server), token, admin.pk)
+    with CaptureQueriesContext(connection) as queries:
+        user_, _auth = authenticate(token)
+    assert user_ == user
+    assert len(queries) == 2  # knox's own path: the planted record was not believed
+    assert client.get("/api/whoami/", **auth_header(token)).json()["user"] == "alice"
+
+
+def test_any_altered_byte_is_a_miss(make_token, redis_conn, user):
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)
+    row = AuthToken.objects.get()
+    key, field = f"knox:token:{token[:15]}", f"r:{row.digest[:32]}"
+    good = redis_conn.hget(key, field)
+    for i in range(8, len(good)):  # the first 8 bytes are the fill generation, not vouched for
+        altered = bytearray(good)
+        altered[i] ^= 0x40
+        redis_conn.hset(key, field, bytes(altered))
+        assert cache.lookup(token[:15], row.digest).record is None, i
+    redis_conn.hset(key, field, good)
+    assert cache.lookup(token[:15], row.digest).record is not None
+
+
+def test_changing_the_signing_key_turns_records_into_misses_once(make_token, settings, redis_conn):
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "SIGNING_KEY": "k" * 40}
+    assert accepted(token)  # the old record fails its MAC: read from the database, re-cached
+    assert cache.get_client().stats()["bad_mac"] == 1
+    with CaptureQueriesContext(connection) as queries:
+        assert accepted(token)
+    assert len(queries) == 1  # a hit again, under the new key
+
+
+def test_records_are_compact_enough_for_listpack_encoding(make_token, redis_conn, user):
+    """Every field and value ≤ 64 bytes, so Redis keeps each token's hash and the user's
+    index as a listpack (a few hundred bytes per token, not a hashtable's ~1 KB)."""
+    tokens = [make_token() for _ in range(3)]
+    for token in tokens:
+        assert accepted(token)
+        assert accepted(token)
+    for token in tokens:
+        key = f"knox:token:{token[:15]}"
+        assert redis_conn.object("encoding", key) in (b"listpack", b"ziplist")  # 7.x, 6.2
+        assert all(len(v) <= 64 for v in redis_conn.hvals(key))
+        assert redis_conn.hlen(key) == 1, "one field per cached token"
+    assert redis_conn.object("encoding", f"knox:user:{user.pk}:ix") in (b"listpack", b"ziplist")
