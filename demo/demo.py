@@ -82,8 +82,8 @@ def main() -> None:
         print(
             f"GET /api/whoami/ #{i + 1:<10} {response.status_code:>6} {outcome:>6} {len(queries):>11} {elapsed:>7.2f}ms"
         )
-    print("  (the first request runs knox's database path (2 queries), then re-reads the row once to")
-    print("   cache it safely; a hit reads no token row, only the user by primary key)")
+    print("  (the login cached the new token once it committed, so even the first request is a hit:")
+    print("   no token row is read, only the user by primary key, so a deactivated user is refused)")
 
     keys = sorted(k.decode() for k in _raw_redis().keys("knox:*"))
     print(f"\nRedis keys: {keys}")
@@ -93,7 +93,7 @@ def main() -> None:
     response = client.get("/api/whoami/", **header)
     print(f"GET /api/whoami/ after logout -> {response.status_code} {response.json()}")
     print(f"\nnative client counters: {redis.stats()}")
-    print("(hits/misses count lookups: the first request looks up twice, the logout request is a hit)")
+    print("(hits/misses count lookups; the logout request is a hit too)")
 
 
 def _raw_redis():

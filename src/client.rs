@@ -288,6 +288,8 @@ impl TokenCache {
     }
 
     /// Store a record if the generation seen at lookup still stands and no tombstone does.
+    /// `generation=None`: a token just inserted (write-through), stored only if Redis knows
+    /// nothing of it yet (no record, generation or tombstone).
     #[pyo3(signature = (token_key, digest, generation, user_pk, created_us, expiry_us, fresh_until_us, ttl_ms))]
     #[allow(clippy::too_many_arguments)]
     fn fill(
@@ -295,7 +297,7 @@ impl TokenCache {
         py: Python<'_>,
         token_key: &str,
         digest: &str,
-        generation: &[u8],
+        generation: Option<&[u8]>,
         user_pk: &Bound<'_, PyAny>,
         created_us: i64,
         expiry_us: Option<i64>,
@@ -320,7 +322,7 @@ impl TokenCache {
                 FILL.key(&keys[0])
                     .key(&keys[1])
                     .arg(&id)
-                    .arg(generation)
+                    .arg(generation.unwrap_or_default())
                     .arg(&record)
                     .arg(ttl_ms)
                     .arg(&index_field[..])

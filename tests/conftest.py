@@ -67,10 +67,43 @@ def user(transactional_db):
     return get_user_model().objects.create_user(username="alice", password="pw")
 
 
+def forget_in_redis(instance) -> None:
+    """Remove what write-through cached for a token: Redis then knows nothing of it, as for a
+    token created before knox_redis was installed, or whose key was evicted."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from knox_redis.settings import redis_target
+
+    try:
+        target = redis_target()  # wherever the test pointed knox_redis
+    except ImproperlyConfigured:
+        return  # nowhere: write-through cached nothing
+    conn = redis_py.Redis(
+        host=target.host or "127.0.0.1",
+        port=target.port,
+        unix_socket_path=target.unix_path,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        ssl_ca_certs=target.tls_ca_certs,
+    )
+    try:
+        conn.delete(f"knox:token:{instance.token_key}")
+        conn.hdel(f"knox:user:{instance.user_id}:ix", bytes.fromhex(instance.digest[:32]))
+    except redis_py.RedisError:
+        pass  # unreachable (the test broke it on purpose): write-through cached nothing there
+
+
 @pytest.fixture
 def make_token(user):
-    def make(owner=None, **kwargs):
-        _instance, token = AuthToken.objects.create(user=owner or user, **kwargs)
+    """A new token. By default not cached (as if Redis had never seen it), so tests start from
+    the miss path; `write_through=True` keeps what the login's write-through cached."""
+
+    def make(owner=None, *, write_through=False, **kwargs):
+        instance, token = AuthToken.objects.create(user=owner or user, **kwargs)
+        if not write_through:
+            forget_in_redis(instance)
         return token
 
     return make

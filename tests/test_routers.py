@@ -8,6 +8,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from knox.models import AuthToken
 
+from tests.conftest import forget_in_redis
 from tests.helpers import accepted
 
 
@@ -25,7 +26,8 @@ class PrimaryReplicaRouter:
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_rows_read_from_a_replica_are_reread_from_the_primary_before_caching(django_user_model):
     user = django_user_model.objects.create_user(username="alice")
-    _row, token = AuthToken.objects.create(user=user)
+    row, token = AuthToken.objects.create(user=user)
+    forget_in_redis(row)  # the login's write-through: this test is about the miss path
     with override_settings(DATABASE_ROUTERS=[PrimaryReplicaRouter()]):
         with CaptureQueriesContext(connections["default"]) as primary:
             assert accepted(token)  # knox reads the replica; the fill re-reads the primary

@@ -50,7 +50,7 @@ class TokenCache:
         self,
         token_key: str,
         digest: str,
-        generation: bytes,
+        generation: bytes | None,
         user_pk: int | str,
         created_us: int,
         expiry_us: int | None,

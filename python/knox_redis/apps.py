@@ -20,4 +20,4 @@ class KnoxRedisConfig(AppConfig):
                 uid = f"knox_redis.{model._meta.label}"
                 pre_delete.connect(signals.revoke_before_delete, sender=model, dispatch_uid=f"{uid}.delete")
                 pre_save.connect(signals.revoke_before_update, sender=model, dispatch_uid=f"{uid}.update")
-                post_save.connect(signals.mark_saved, sender=model, dispatch_uid=f"{uid}.saved")
+                post_save.connect(signals.after_save, sender=model, dispatch_uid=f"{uid}.saved")

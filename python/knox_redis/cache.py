@@ -134,9 +134,10 @@ def _forget_client_after_fork() -> None:
     """In a forked child, drop the parent's client without touching its locks (another thread
     of the parent may have held them at the fork). The child builds its own on first use; the
     native pool would also refuse the parent's connections (it checks the pid)."""
-    global _client, _client_lock
+    global _client, _client_lock, _new_tokens_lock
     _client_lock = threading.Lock()
     _client = None
+    _new_tokens_lock = threading.Lock()
     pending_revocations.after_fork_in_child()
 
 
@@ -302,7 +303,9 @@ def _values(token: Any) -> TokenValues:
     return TokenValues(token.token_key, token.digest, token.user_id, token.created, token.expiry)
 
 
-def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = None) -> bool:
+def _fill(token: TokenValues, generation: bytes | None, fresh_until: datetime | None = None) -> bool:
+    """Store the record if `generation` (None: a token just inserted, of which Redis must know
+    nothing yet) still stands and no tombstone does."""
     now = timezone.now()
     # The record is re-read from the database after MAX_CACHE_TTL. The key, and with it the
     # generation, lives one period longer (so that re-read is knox's 2 queries, not a first
@@ -349,6 +352,63 @@ def _user_pk_field() -> Any:
     return get_token_model()._meta.get_field("user").target_field
 
 
+# --- write-through at login ------------------------------------------------------------
+
+
+@dataclass
+class _NewToken:
+    values: TokenValues
+    cancelled: bool = False
+
+
+# Tokens this process inserted whose fill waits for their transaction to commit, by digest:
+# a revocation of one in the meantime (deleted in the same transaction) cancels its fill,
+# even if Redis lost that revocation. A rolled-back transaction leaves its entry here (never
+# filled); the oldest go beyond MAX_PENDING_NEW_TOKENS.
+_new_tokens: dict[str, _NewToken] = {}
+_new_tokens_lock = threading.Lock()
+MAX_PENDING_NEW_TOKENS = 1000
+
+
+def cache_new_token(token: Any, using: str) -> None:
+    """Cache a token row this process has just inserted (a login), once it is committed, so
+    the first request with it is a hit instead of three queries.
+
+    The fill lands only if Redis knows nothing of the token yet: a revocation (its delete in
+    the same transaction, a logout racing the commit) leaves a generation and a tombstone,
+    and the fill is refused. Under manual transaction management nothing is cached."""
+    if not knox_redis_settings.CACHE_ENABLED or not _cacheable(token.digest):
+        return
+    when = _when_committed(using)
+    if when == "never":
+        return
+    pending = _NewToken(_values(token))  # as inserted, whatever the view does to it later
+    if when == "now":  # autocommit: the INSERT is committed already
+        _fill_new_token(pending)
+        return
+    with _new_tokens_lock:
+        _new_tokens[token.digest] = pending
+        while len(_new_tokens) > MAX_PENDING_NEW_TOKENS:
+            del _new_tokens[next(iter(_new_tokens))]
+    transaction.on_commit(partial(_fill_new_token, pending), using=using, robust=True)
+
+
+def _fill_new_token(pending: _NewToken) -> None:
+    with _new_tokens_lock:
+        if _new_tokens.get(pending.values.digest) is pending:
+            del _new_tokens[pending.values.digest]
+    if not pending.cancelled:
+        _fill(pending.values, None)
+
+
+def _cancel_new_tokens(digests: Iterable[str]) -> None:
+    with _new_tokens_lock:
+        for digest in digests:
+            pending = _new_tokens.pop(digest, None)
+            if pending is not None:
+                pending.cancelled = True
+
+
 # --- revocation (fails closed) ----------------------------------------------------------
 
 # Digests this context already revoked in one batch (logoutall): their per-row pre_delete
@@ -376,6 +436,8 @@ def revoke(
     """
     # A row whose digest can't name a hash field (imported, hand-made) was never cached.
     tokens = [t for t in tokens if _cacheable(t.digest)]
+    if _new_tokens:
+        _cancel_new_tokens(t.digest for t in tokens)
     entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:

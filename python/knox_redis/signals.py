@@ -1,17 +1,23 @@
-"""Revoke cached tokens on every ORM path by which a token row changes or leaves the database.
+"""Revoke cached tokens on every ORM path by which a token row changes or leaves the database,
+and cache the ones it inserts.
 
 Instance and queryset deletes, the admin, and cascades from a deleted user all send
 `pre_delete` for each token row (Django skips its fast-delete path when a receiver exists);
-saves send `pre_save`. Receivers are connected for the token model and its proxies, and run
-even with CACHE_ENABLED False: a fleet may mix processes with and without it.
+saves send `pre_save`, and a new row's `post_save` caches it once committed (write-through:
+the first request after a login is a hit). Receivers are connected for the token model and
+its proxies, and revoke even with CACHE_ENABLED False: a fleet may mix processes with and
+without it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+from django.db.models import Model
 
 from knox_redis import cache
 
@@ -57,6 +63,8 @@ def revoke_before_update(sender: Any, instance: Any, using: str, update_fields: 
         return
     if update_fields is not None and not RECORD_FIELDS.intersection(update_fields):
         return  # e.g. a custom model's last_used: the record still says the truth
+    if instance._state.adding and _inserting_only(instance):
+        return  # QuerySet.create (every login): an INSERT, which can't overwrite a cached row
     current = type(instance)._base_manager.using(using).filter(pk=instance.pk).first()
     if current is None:
         return  # an insert: nothing can be cached yet
@@ -64,7 +72,30 @@ def revoke_before_update(sender: Any, instance: Any, using: str, update_fields: 
     cache.revoke(changed, using=using)
 
 
-def mark_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
-    # Tells auth.TokenAuthentication that renew_token wrote the new expiry.
-    if not created and _refreshing.get() == instance.digest:
+def after_save(sender: Any, instance: Any, created: bool, using: str, raw: bool = False, **kwargs: Any) -> None:
+    if created and not raw:
+        cache.cache_new_token(instance, using)
+    elif _refreshing.get() == instance.digest:
+        # Tells auth.TokenAuthentication that renew_token wrote the new expiry.
         instance.__dict__["_knox_redis_saved"] = True
+
+
+_SAVE_BASE = Model.save_base.__code__
+
+
+def _inserting_only(instance: Any) -> bool:
+    """Is this save an INSERT that can't touch an existing row (QuerySet.create, or
+    save(force_insert=True))? Then the SELECT that revoke_before_update needs for an edit is
+    not, and a login costs knox's queries, no more.
+
+    pre_save doesn't say; Model.save_base, which sends it, holds force_insert: it is found a
+    few frames up. If it can't be (a save_base overridden, another Django), False: the caller
+    reads the row, as for any save."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code is _SAVE_BASE and frame.f_locals.get("self") is instance:
+            return bool(frame.f_locals.get("force_insert"))
+        frame = frame.f_back
+    return False

@@ -1,7 +1,7 @@
 """knox's views, authenticated by knox_redis and revoking in Redis before the database.
 
-LoginView and LogoutView need nothing else: creating a token caches nothing (the first
-request fills it), and deleting one revokes it through the pre_delete signal.
+LoginView and LogoutView need nothing else: creating a token caches it once committed (the
+post_save signal's write-through), and deleting one revokes it through the pre_delete signal.
 LogoutAllView revokes all of the user's tokens in one round trip, however many there are.
 """
 

@@ -3,7 +3,8 @@
 --
 -- A token's generation is its `g:{id}` field when there is one (a revocation or a first
 -- sight wrote it), else the first 8 bytes of its record (a fill stores its generation there
--- and drops the field: one field per cached token).
+-- and drops the field: one field per cached token). A value too short to hold one is garbage
+-- without a generation: a fill must create one first.
 --
 -- With ARGV[4] == '1', a missing generation is created here (the caller has a token the
 -- database just confirmed and is about to re-read it), so that an eviction, a restart or a
@@ -33,7 +34,7 @@ local function valid(g)
 end
 local record, generation = reply[1], reply[2]
 if generation and not valid(generation) then generation = false end
-if not generation and record then generation = string.sub(record, 1, 8) end
+if not generation and record and #record > 8 then generation = string.sub(record, 1, 8) end
 if not generation and ARGV[4] == '1' then
   generation = ARGV[2]
   redis.call('HSET', key, 'g:' .. id, generation)
