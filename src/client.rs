@@ -49,7 +49,8 @@ pub struct TokenCache {
     breaker: Breaker,
     prefix: String,
     lease_ms: u64,
-    record_key: RecordKey,
+    /// The signing key first, then the fallbacks that still verify during a rotation.
+    record_keys: Vec<RecordKey>,
     stats: Stats,
 }
 
@@ -187,7 +188,7 @@ impl TokenCache {
     #[pyo3(signature = (
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
-        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret
+        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -206,6 +207,7 @@ impl TokenCache {
         max_idle: usize,
         lease_ms: u64,
         record_secret: &[u8],
+        record_fallback_secrets: Vec<Vec<u8>>,
     ) -> PyResult<Self> {
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let addr = match unix_path {
@@ -242,12 +244,18 @@ impl TokenCache {
         if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
             return Err(PyTypeError::new_err("breaker_cooldown must be >= 0 seconds"));
         }
+        // Records are signed for this prefix and database: one copied from another namespace
+        // that shares the secret (a staging site on the same Redis) fails its MAC here.
+        let namespace = format!("{key_prefix}\0{db}");
         Ok(TokenCache {
             pool,
             breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
             prefix: key_prefix.to_owned(),
             lease_ms: lease_ms.max(1),
-            record_key: RecordKey::derive(record_secret),
+            record_keys: std::iter::once(record_secret)
+                .chain(record_fallback_secrets.iter().map(Vec::as_slice))
+                .map(|secret| RecordKey::derive(secret, &namespace))
+                .collect(),
             stats: Stats::default(),
         })
     }
@@ -266,7 +274,7 @@ impl TokenCache {
             self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn))
         })?;
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
-        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_key, token_key, &id) {
+        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, &id) {
             Ok(record) => Some(record),
             Err(Rejected::Undecodable) => {
                 bump(&self.stats.undecodable);
@@ -310,7 +318,7 @@ impl TokenCache {
         let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
         // Stored with a generation of its own: the next fill (a re-read) presents that one.
         let record = Record { user_pk, created_us, expiry_us, fresh_until_us }.encode(
-            &self.record_key,
+            &self.record_keys[0],
             token_key,
             &id,
             random_generation(),

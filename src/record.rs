@@ -74,9 +74,13 @@ fn hmac_with(key: &[u8]) -> HmacSha256 {
 }
 
 impl RecordKey {
-    pub fn derive(secret: &[u8]) -> Self {
+    /// The key for records stored under `namespace` (the key prefix and database): a record
+    /// copied to another namespace that shares the secret (a staging site on the same Redis)
+    /// fails its MAC there.
+    pub fn derive(secret: &[u8], namespace: &str) -> Self {
         let mut mac = hmac_with(secret);
-        mac.update(b"knox_redis record key");
+        mac.update(b"knox_redis record key\0");
+        mac.update(namespace.as_bytes());
         RecordKey(mac.finalize().into_bytes().into())
     }
 
@@ -149,20 +153,21 @@ impl Record {
         out
     }
 
-    /// The record stored under (`token_key`, `id`), if it is one this key wrote. Times that
-    /// Python's `datetime` can't represent are rejected too: garbage must be a miss, never an
-    /// `OverflowError`.
-    pub fn decode(bytes: &[u8], key: &RecordKey, token_key: &str, id: &str) -> Result<Record, Rejected> {
+    /// The record stored under (`token_key`, `id`), if one of `keys` wrote it (the signing key
+    /// first, then fallbacks during a rotation). Times that Python's `datetime` can't
+    /// represent are rejected too: garbage must be a miss, never an `OverflowError`.
+    pub fn decode(bytes: &[u8], keys: &[RecordKey], token_key: &str, id: &str) -> Result<Record, Rejected> {
         if bytes.len() < GENERATION_LEN + 1 + 8 + 4 + 1 + MAC_LEN {
             return Err(Rejected::Undecodable);
         }
         let (signed, tag) = bytes.split_at(bytes.len() - MAC_LEN);
         let body = &signed[GENERATION_LEN..];
         let record = parse(body).ok_or(Rejected::Undecodable)?;
-        if !key.verify(token_key, id, body, tag) {
-            return Err(Rejected::BadMac);
+        if keys.iter().any(|key| key.verify(token_key, id, body, tag)) {
+            Ok(record)
+        } else {
+            Err(Rejected::BadMac)
         }
-        Ok(record)
     }
 }
 
@@ -268,7 +273,7 @@ mod tests {
     const GEN: [u8; GENERATION_LEN] = *b"\x01\x02\x03\x04\x05\x06\x07\x08";
 
     fn key() -> RecordKey {
-        RecordKey::derive(b"secret")
+        RecordKey::derive(b"secret", "knox\x000")
     }
 
     fn sample(pk: UserPk) -> Record {
@@ -283,7 +288,7 @@ mod tests {
     fn round_trip(rec: &Record) -> Result<Record, Rejected> {
         let bytes = rec.encode(&key(), TK, ID, GEN);
         assert_eq!(&bytes[..GENERATION_LEN], &GEN);
-        Record::decode(&bytes, &key(), TK, ID)
+        Record::decode(&bytes, &[key()], TK, ID)
     }
 
     #[test]
@@ -330,20 +335,27 @@ mod tests {
         for i in GENERATION_LEN..bytes.len() {
             let mut altered = bytes.clone();
             altered[i] ^= 0x01;
-            assert!(Record::decode(&altered, &key(), TK, ID).is_err(), "byte {i}");
+            assert!(Record::decode(&altered, &[key()], TK, ID).is_err(), "byte {i}");
         }
         // The generation is not covered: it only decides whether a fill may land.
         let mut regenerated = bytes.clone();
         regenerated[0] ^= 0xff;
-        assert!(Record::decode(&regenerated, &key(), TK, ID).is_ok());
+        assert!(Record::decode(&regenerated, &[key()], TK, ID).is_ok());
     }
 
     #[test]
     fn a_record_moved_to_another_token_or_key_is_rejected() {
         let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN);
-        assert_eq!(Record::decode(&bytes, &key(), "abcdefghijklmnp", ID), Err(Rejected::BadMac));
-        assert_eq!(Record::decode(&bytes, &key(), TK, "1123456789abcdef0123456789abcdef"), Err(Rejected::BadMac));
-        assert_eq!(Record::decode(&bytes, &RecordKey::derive(b"other"), TK, ID), Err(Rejected::BadMac));
+        assert_eq!(Record::decode(&bytes, &[key()], "abcdefghijklmnp", ID), Err(Rejected::BadMac));
+        assert_eq!(Record::decode(&bytes, &[key()], TK, "1123456789abcdef0123456789abcdef"), Err(Rejected::BadMac));
+        assert_eq!(Record::decode(&bytes, &[RecordKey::derive(b"other", "knox\x000")], TK, ID), Err(Rejected::BadMac));
+        assert_eq!(
+            Record::decode(&bytes, &[RecordKey::derive(b"secret", "staging\x000")], TK, ID),
+            Err(Rejected::BadMac)
+        );
+        assert_eq!(Record::decode(&bytes, &[RecordKey::derive(b"secret", "knox\x001")], TK, ID), Err(Rejected::BadMac));
+        // A rotation: the old key, kept as a fallback, still verifies what it signed.
+        assert!(Record::decode(&bytes, &[RecordKey::derive(b"new", "knox\x000"), key()], TK, ID).is_ok());
     }
 
     #[test]
@@ -351,7 +363,7 @@ mod tests {
         for junk in
             [&b""[..], b"null", b"{\"v\":1,\"d\":\"ab\",\"u\":1,\"c\":1,\"e\":null,\"f\":3}", &[0xff; 46], &[0; 8]]
         {
-            assert_eq!(Record::decode(junk, &key(), TK, ID), Err(Rejected::Undecodable), "{junk:?}");
+            assert_eq!(Record::decode(junk, &[key()], TK, ID), Err(Rejected::Undecodable), "{junk:?}");
         }
     }
 

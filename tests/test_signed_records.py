@@ -93,3 +93,45 @@ def test_records_are_compact_enough_for_listpack_encoding(make_token, redis_conn
         assert all(len(v) <= 64 for v in redis_conn.hvals(key))
         assert redis_conn.hlen(key) == 1, "one field per cached token"
     assert redis_conn.object("encoding", f"knox:user:{user.pk}:ix") in (b"listpack", b"ziplist")
+
+
+def test_a_record_copied_from_another_prefix_sharing_the_secret_is_a_miss(make_token, settings, redis_conn):
+    """A staging site on the same Redis with the same SECRET_KEY: its records don't verify
+    under this prefix (the MAC key is derived for the prefix and database)."""
+    token = make_token()
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "staging"}
+    assert accepted(token)
+    assert accepted(token)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "knox"}
+    redis_conn.copy(f"staging:token:{token[:15]}", f"knox:token:{token[:15]}")
+    assert accepted(token)  # from the database: the copied record failed its MAC
+    assert cache.get_client().stats()["bad_mac"] == 1
+
+
+def test_a_secret_key_rotation_with_fallbacks_keeps_records_valid(make_token, settings):
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "a new secret key, rotated in" * 2
+    with CaptureQueriesContext(connection) as queries:
+        assert accepted(token)
+    assert len(queries) == 1  # still a hit: the old key verifies
+    assert cache.get_client().stats()["bad_mac"] == 0
+
+
+def test_signing_key_fallbacks_verify_but_never_sign(make_token, settings, redis_conn):
+    old, new = "o" * 40, "n" * 40
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "SIGNING_KEY": old}
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "SIGNING_KEY": new, "SIGNING_KEY_FALLBACKS": [old]}
+    with CaptureQueriesContext(connection) as queries:
+        assert accepted(token)
+    assert len(queries) == 1
+    other = make_token(write_through=True)  # signed with the new key
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "SIGNING_KEY": new, "SIGNING_KEY_FALLBACKS": []}
+    with CaptureQueriesContext(connection) as queries:
+        assert accepted(other)
+    assert len(queries) == 1

@@ -42,6 +42,7 @@ class TokenCache:
         max_idle: int = 32,
         lease_ms: int = 60000,
         record_secret: bytes,
+        record_fallback_secrets: list[bytes] = ...,
     ) -> Self: ...
     def lookup(
         self, token_key: str, digest: str, create: bool = False

@@ -107,6 +107,7 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
             max_idle=int(knox_redis_settings.MAX_IDLE_CONNECTIONS),
             lease_ms=int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000),
             record_secret=signing_key(),
+            record_fallback_secrets=signing_key_fallbacks(),
         )
     except (CacheError, OverflowError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc
@@ -118,6 +119,19 @@ def signing_key() -> bytes:
     secret = knox_redis_settings.SIGNING_KEY or settings.SECRET_KEY
     if not secret:
         raise ImproperlyConfigured("knox_redis needs REST_KNOX_REDIS['SIGNING_KEY'] or SECRET_KEY to sign records.")
+    return _bytes(secret)
+
+
+def signing_key_fallbacks() -> list[bytes]:
+    """Older secrets whose records still verify during a rotation (never used to sign)."""
+    if knox_redis_settings.SIGNING_KEY:
+        fallbacks = knox_redis_settings.SIGNING_KEY_FALLBACKS
+    else:
+        fallbacks = getattr(settings, "SECRET_KEY_FALLBACKS", ())
+    return [_bytes(secret) for secret in fallbacks if secret]
+
+
+def _bytes(secret: str | bytes) -> bytes:
     return secret.encode() if isinstance(secret, str) else bytes(secret)
 
 

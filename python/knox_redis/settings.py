@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     # The secret cached records are signed with (a MAC that Redis can't forge): None uses
     # SECRET_KEY. Changing it turns every cached record into a miss, read again once.
     "SIGNING_KEY": None,
+    # Older secrets that still verify records (never sign them) while a rotation rolls out;
+    # with SIGNING_KEY None, Django's SECRET_KEY_FALLBACKS.
+    "SIGNING_KEY_FALLBACKS": (),
 }
 
 REDIS_BACKENDS = (
@@ -97,6 +100,9 @@ def load() -> dict[str, Any]:
         not isinstance(values["SIGNING_KEY"], (str, bytes)) or len(values["SIGNING_KEY"]) < 32
     ):
         raise ImproperlyConfigured("REST_KNOX_REDIS['SIGNING_KEY'] must be a str or bytes of at least 32 characters.")
+    fallbacks = values["SIGNING_KEY_FALLBACKS"]
+    if not isinstance(fallbacks, (list, tuple)) or not all(isinstance(f, (str, bytes)) and f for f in fallbacks):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['SIGNING_KEY_FALLBACKS'] must be a list of secrets.")
     if values["REDIS_URL"] is not None and not isinstance(values["REDIS_URL"], str):
         raise ImproperlyConfigured("REST_KNOX_REDIS['REDIS_URL'] must be a redis:// URL string.")
     return values
@@ -186,7 +192,7 @@ knox_redis_settings = KnoxRedisSettings()
 
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
-    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY"):
+    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY", "SECRET_KEY_FALLBACKS"):
         knox_redis_settings.reload()
         from knox_redis import cache
 
