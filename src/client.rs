@@ -17,6 +17,7 @@ use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
+use crate::user_row::{UserRow, Value};
 
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
@@ -34,6 +35,9 @@ struct Stats {
     errors: AtomicU64,
     short_circuits: AtomicU64,
 }
+
+/// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
+type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
 
 /// `(record tuple or None, generation bytes or None)`, as `lookup` returns it to Python.
 type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>);
@@ -137,6 +141,58 @@ fn user_pk_to_py(py: Python<'_>, pk: UserPk) -> PyResult<Py<PyAny>> {
     Ok(match pk {
         UserPk::Int(pk) => pk.into_pyobject(py)?.into_any().unbind(),
         UserPk::Str(pk) => pk.into_pyobject(py)?.into_any().unbind(),
+    })
+}
+
+fn tag_byte(tag: &str) -> PyResult<u8> {
+    match tag.as_bytes() {
+        [] => Ok(0),
+        [b] if b.is_ascii_graphic() => Ok(*b),
+        _ => Err(Error::Invalid(format!("a value's tag must be one ASCII character, not {tag:?}")).into()),
+    }
+}
+
+fn tag_string(tag: u8) -> String {
+    if tag == 0 {
+        String::new()
+    } else {
+        char::from(tag).to_string()
+    }
+}
+
+fn value_from_py(value: &Bound<'_, PyAny>) -> PyResult<Value> {
+    if value.is_none() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = value.cast::<pyo3::types::PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if value.is_instance_of::<PyInt>() {
+        return value
+            .extract::<i64>()
+            .map(Value::Int)
+            .map_err(|_| Error::Invalid("an integer beyond 64 bits can't be cached".into()).into());
+    }
+    if let Ok(f) = value.cast::<pyo3::types::PyFloat>() {
+        return Ok(Value::Float(f.value()));
+    }
+    if let Ok(s) = value.cast::<PyString>() {
+        return Ok(Value::Text(s.to_str()?.to_owned()));
+    }
+    if let Ok(b) = value.cast::<PyBytes>() {
+        return Ok(Value::Bytes(b.as_bytes().to_vec()));
+    }
+    Err(Error::Invalid(format!("a value of type {} can't be cached", value.get_type().name()?)).into())
+}
+
+fn value_to_py(py: Python<'_>, value: Value) -> PyResult<Py<PyAny>> {
+    Ok(match value {
+        Value::Null => py.None(),
+        Value::Bool(b) => pyo3::types::PyBool::new(py, b).to_owned().into_any().unbind(),
+        Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        Value::Float(f) => f.into_pyobject(py)?.into_any().unbind(),
+        Value::Text(s) => s.into_pyobject(py)?.into_any().unbind(),
+        Value::Bytes(b) => PyBytes::new(py, &b).into_any().unbind(),
     })
 }
 
@@ -392,6 +448,45 @@ impl TokenCache {
         })?;
         self.stats.revoked.fetch_add(removed.max(0) as u64, Ordering::Relaxed);
         Ok(removed)
+    }
+
+    /// A user row (`USER_CACHE`) as it is stored: `values` are `(tag, primitive)` pairs, the
+    /// primitive None, bool, int (64-bit), float, str or bytes, the tag one character (or
+    /// empty) that tells the Python side how to rebuild it. Signed for this user.
+    fn encode_user_row<'py>(
+        &self,
+        py: Python<'py>,
+        user_pk: &Bound<'py, PyAny>,
+        fresh_until_us: i64,
+        values: Vec<(String, Bound<'py, PyAny>)>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
+        let values =
+            values.iter().map(|(tag, value)| Ok((tag_byte(tag)?, value_from_py(value)?))).collect::<PyResult<_>>()?;
+        // Whole seconds, rounded down: an earlier re-read is always safe.
+        let seconds = (fresh_until_us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32;
+        let row = UserRow { fresh_until_s: seconds, values };
+        Ok(PyBytes::new(py, &row.encode(&self.record_keys[0], &user_key)))
+    }
+
+    /// `(fresh_until_us, [(tag, primitive), ...])`, or None if `data` is not a row signed for
+    /// this user (garbage, altered, forged, another user's).
+    fn decode_user_row<'py>(
+        &self,
+        py: Python<'py>,
+        user_pk: &Bound<'py, PyAny>,
+        data: &[u8],
+    ) -> PyResult<Option<DecodedUserRow>> {
+        let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
+        let Ok(row) = UserRow::decode(data, &self.record_keys, &user_key) else {
+            return Ok(None);
+        };
+        let values = row
+            .values
+            .into_iter()
+            .map(|(tag, value)| Ok((tag_string(tag), value_to_py(py, value)?)))
+            .collect::<PyResult<_>>()?;
+        Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
     }
 
     /// Round trip to Redis (through the breaker); raises `CacheUnavailable` if it can't.

@@ -8,6 +8,7 @@ mod pool;
 mod record;
 #[cfg(test)]
 mod script_tests;
+mod user_row;
 
 use pyo3::prelude::*;
 

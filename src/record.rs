@@ -84,28 +84,29 @@ impl RecordKey {
         RecordKey(mac.finalize().into_bytes().into())
     }
 
-    /// The MAC over a record body and the name it is stored under: length-prefixed, so no
-    /// (`token_key`, id) pair can be shifted into another.
-    fn keyed(&self, token_key: &str, id: &str, body: &[u8]) -> HmacSha256 {
+    /// A MAC over `body` and the names it is stored under (`parts`), for one kind of value
+    /// (`domain`): length-prefixed, so no name can be shifted into another, and a value of
+    /// one kind never verifies as another.
+    fn keyed(&self, domain: &[u8], parts: &[&[u8]], body: &[u8]) -> HmacSha256 {
         let mut mac = hmac_with(&self.0);
-        mac.update(DOMAIN);
-        mac.update(&(token_key.len() as u64).to_le_bytes());
-        mac.update(token_key.as_bytes());
-        mac.update(&(id.len() as u64).to_le_bytes());
-        mac.update(id.as_bytes());
+        mac.update(domain);
+        for part in parts {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part);
+        }
         mac.update(body);
         mac
     }
 
-    fn mac(&self, token_key: &str, id: &str, body: &[u8]) -> [u8; MAC_LEN] {
-        let full = self.keyed(token_key, id, body).finalize().into_bytes();
+    pub(crate) fn mac_for(&self, domain: &[u8], parts: &[&[u8]], body: &[u8]) -> [u8; MAC_LEN] {
+        let full = self.keyed(domain, parts, body).finalize().into_bytes();
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(&full[..MAC_LEN]);
         out
     }
 
-    fn verify(&self, token_key: &str, id: &str, body: &[u8], tag: &[u8]) -> bool {
-        self.keyed(token_key, id, body).verify_truncated_left(tag).is_ok() // constant time
+    pub(crate) fn verify_for(&self, domain: &[u8], parts: &[&[u8]], body: &[u8], tag: &[u8]) -> bool {
+        self.keyed(domain, parts, body).verify_truncated_left(tag).is_ok() // constant time
     }
 }
 
@@ -148,7 +149,7 @@ impl Record {
                 }
             }
         }
-        let tag = key.mac(token_key, id, &out[GENERATION_LEN..]);
+        let tag = key.mac_for(DOMAIN, &[token_key.as_bytes(), id.as_bytes()], &out[GENERATION_LEN..]);
         out.extend_from_slice(&tag);
         out
     }
@@ -163,7 +164,7 @@ impl Record {
         let (signed, tag) = bytes.split_at(bytes.len() - MAC_LEN);
         let body = &signed[GENERATION_LEN..];
         let record = parse(body).ok_or(Rejected::Undecodable)?;
-        if keys.iter().any(|key| key.verify(token_key, id, body, tag)) {
+        if keys.iter().any(|key| key.verify_for(DOMAIN, &[token_key.as_bytes(), id.as_bytes()], body, tag)) {
             Ok(record)
         } else {
             Err(Rejected::BadMac)
@@ -194,10 +195,10 @@ fn parse(body: &[u8]) -> Option<Record> {
     (r.0.is_empty() && times_ok).then_some(Record { user_pk, created_us, expiry_us, fresh_until_us })
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -206,15 +207,15 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn byte(&mut self) -> Option<u8> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
     }
 
-    fn varint(&mut self) -> Option<u64> {
+    pub(crate) fn varint(&mut self) -> Option<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.byte()?;
@@ -227,7 +228,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -235,11 +236,11 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-fn zigzag(value: i64) -> u64 {
+pub(crate) fn zigzag(value: i64) -> u64 {
     ((value << 1) ^ (value >> 63)) as u64
 }
 
-fn unzigzag(value: u64) -> i64 {
+pub(crate) fn unzigzag(value: u64) -> i64 {
     ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 

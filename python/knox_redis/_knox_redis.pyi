@@ -17,6 +17,9 @@ class CacheUnavailable(CacheError):
 def hash_token(token: str) -> str:
     """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
 
+# What a user row holds per column (with a one-character tag saying how to rebuild it).
+_Primitive = None | bool | int | float | str | bytes
+
 # (user_pk, created_us, expiry_us or None, fresh_until_us)
 _CachedRecord = tuple[int | str, int, int | None, int]
 
@@ -65,6 +68,10 @@ class TokenCache:
         tombstone_ms: int = 60000,
         use_breaker: bool = False,
     ) -> int: ...
+    def encode_user_row(
+        self, user_pk: int | str, fresh_until_us: int, values: list[tuple[str, _Primitive]]
+    ) -> bytes: ...
+    def decode_user_row(self, user_pk: int | str, data: bytes) -> tuple[int, list[tuple[str, _Primitive]]] | None: ...
     def ping(self) -> None: ...
     def reset(self) -> None: ...
     @property

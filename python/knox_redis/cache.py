@@ -366,6 +366,23 @@ def _user_pk_field() -> Any:
     return get_token_model()._meta.get_field("user").target_field
 
 
+# --- user rows (USER_CACHE) -------------------------------------------------------------
+
+
+def encode_user_row(user_pk: Any, fresh_until: datetime, values: list[tuple[str, Any]]) -> bytes:
+    """A user row (`users.row_values`) as Redis stores it, signed for this user."""
+    return get_client().encode_user_row(_user_pk(user_pk), to_us(fresh_until), values)
+
+
+def decode_user_row(user_pk: Any, data: bytes) -> tuple[datetime, list[tuple[str, Any]]] | None:
+    """`(fresh_until, values)`, or None for anything that isn't a row signed for this user."""
+    decoded = get_client().decode_user_row(_user_pk(user_pk), data)
+    if decoded is None:
+        return None
+    fresh_until_us, values = decoded
+    return from_us(fresh_until_us), values
+
+
 # --- write-through at login ------------------------------------------------------------
 
 

@@ -1,0 +1,190 @@
+"""The user row that USER_CACHE keeps in Redis, and how a user is rebuilt from it.
+
+What is cached is the row exactly as the database driver returned it for the user's columns
+(so an encrypted field's value stays encrypted in Redis), and a hit rebuilds the user the way
+a query does: Django's compiler applies the backend's and the fields' converters, then
+`Model.from_db`, so custom fields round-trip as they do from a row. The password and
+`last_login` are never selected nor cached: they are deferred on the user (read from the
+database if code touches them), the password hash never leaves the database, and a login's
+`last_login` update changes nothing cached.
+
+Never pickle: each value is mapped here to a tagged primitive (None, bool, int, float, str,
+bytes), which the native side encodes and signs for the user (`cache.encode_user_row`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from django.db import connections
+from django.db.models import Field, Model
+from django.db.models.sql.compiler import SQLCompiler
+from django.db.models.sql.constants import SINGLE
+
+# Never cached: the rebuilt user defers them.
+UNCACHED = frozenset({"password", "last_login"})
+
+
+class UncacheableValue(TypeError):
+    """A column's value has a type the user row can't hold."""
+
+
+def cached_fields(model: type[Model]) -> list[Field]:
+    return [f for f in model._meta.concrete_fields if f.attname not in UNCACHED and f.name not in UNCACHED]
+
+
+def _compiler(model: type[Model], pk: Any, using: str) -> SQLCompiler:
+    attnames = [f.attname for f in cached_fields(model)]
+    query = model._base_manager.db_manager(using).filter(pk=pk).values_list(*attnames).query
+    return query.get_compiler(using=using)
+
+
+@lru_cache(maxsize=256)
+def _converters(model: type[Model], using: str, connection: Any) -> dict[int, Any]:
+    # Per connection object: connections are per thread, and converters are bound to theirs.
+    compiler = _compiler(model, None, using)
+    compiler.setup_query()
+    return compiler.get_converters([column for column, _sql, _alias in compiler.select])
+
+
+def fetch_user(model: type[Model], pk: Any, using: str) -> tuple[Model, list[tuple[str, Any]]] | None:
+    """The user by primary key (one query), and its cached columns as the driver returned
+    them, as `(tag, primitive)` pairs; None if there is no such user."""
+    raw = _compiler(model, pk, using).execute_sql(SINGLE)
+    if raw is None:
+        return None
+    values = []
+    for field, value in zip(cached_fields(model), raw, strict=True):
+        try:
+            values.append(to_primitive(value))
+        except UncacheableValue as exc:
+            raise UncacheableValue(f"{model.__name__}.{field.name}: {exc}") from None
+    return _build(model, raw, using), values
+
+
+def build_user(model: type[Model], values: Iterable[tuple[str, Any]], using: str) -> Model:
+    """The user, as a query on `using` builds it from the row these values came from."""
+    return _build(model, [from_primitive(tag, value) for tag, value in values], using)
+
+
+def _build(model: type[Model], raw: Sequence[Any], using: str) -> Model:
+    fields = cached_fields(model)
+    if len(raw) != len(fields):
+        raise ValueError("a user row with another number of columns (the model changed)")
+    connection = connections[using]
+    row = list(raw)
+    for index, (functions, column) in _converters(model, using, connection).items():
+        for convert in functions:
+            row[index] = convert(row[index], column, connection)
+    return model.from_db(using, [f.attname for f in fields], row)
+
+
+# --- tagged primitives ------------------------------------------------------------------
+# What database adapters return for the types Django's fields prepare, spelled so that each
+# comes back exactly: datetimes keep their zone (or lack of one) and microseconds.
+
+
+def to_primitive(value: Any) -> tuple[str, Any]:
+    if value is None or isinstance(value, (bool, str, float)):
+        return "", value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return "", value
+        return "I", str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "", bytes(value)
+    if isinstance(value, datetime.datetime):
+        return "T", value.isoformat()
+    if isinstance(value, datetime.date):
+        return "D", value.isoformat()
+    if isinstance(value, datetime.time):
+        return "t", value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return "d", value // datetime.timedelta(microseconds=1)
+    if isinstance(value, decimal.Decimal):
+        return "M", str(value)
+    if isinstance(value, uuid.UUID):
+        return "U", value.hex
+    raise UncacheableValue(f"a database value of type {type(value).__name__} can't be cached")
+
+
+def from_primitive(tag: str, value: Any) -> Any:
+    decode = _DECODERS.get(tag)
+    return value if decode is None else decode(value)
+
+
+_DECODERS = {
+    "I": int,
+    "T": datetime.datetime.fromisoformat,
+    "D": datetime.date.fromisoformat,
+    "t": datetime.time.fromisoformat,
+    "d": lambda us: datetime.timedelta(microseconds=us),
+    "M": decimal.Decimal,
+    "U": uuid.UUID,
+}
+
+
+# --- what can't be cached ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    field: Field
+    reason: str
+
+
+# Column types whose driver values the row holds (SQLite, PostgreSQL, MySQL drivers), by
+# Field.get_internal_type(): custom fields built on these (an encrypted TextField) are fine.
+SUPPORTED_TYPES = frozenset(
+    {
+        "AutoField", "BigAutoField", "SmallAutoField", "IntegerField", "BigIntegerField",
+        "SmallIntegerField", "PositiveIntegerField", "PositiveBigIntegerField",
+        "PositiveSmallIntegerField", "BooleanField", "NullBooleanField", "CharField", "TextField",
+        "SlugField", "EmailField", "URLField", "FilePathField", "FileField", "ImageField",
+        "FloatField", "DecimalField", "DateTimeField", "DateField", "TimeField", "DurationField",
+        "UUIDField", "BinaryField", "JSONField", "GenericIPAddressField", "IPAddressField",
+        "ForeignKey", "OneToOneField",
+    }
+)  # fmt: skip
+
+
+def unsupported_fields(model: type[Model]) -> list[FieldProblem]:
+    """Cached fields whose column type the row can't be trusted to hold (for the system check,
+    which has no database row to try): e.g. PostgreSQL's ArrayField, or a custom db_type."""
+    return [
+        FieldProblem(field, f"its column type ({field.get_internal_type()}) is not one a user row can hold")
+        for field in cached_fields(model)
+        if field.get_internal_type() not in SUPPORTED_TYPES
+    ]
+
+
+def fields_that_cant_round_trip(user: Model, using: str = "default") -> list[FieldProblem]:
+    """The cached fields of a saved `user` whose values don't come back as they went in:
+    the driver returns a type the row can't hold, or the value rebuilt from the row differs
+    from the one a query builds."""
+    model = type(user)
+    problems = []
+    raw = _compiler(model, user.pk, using).execute_sql(SINGLE)
+    if raw is None:
+        return [FieldProblem(model._meta.pk, "the user is not in the database")]
+    direct = _build(model, raw, using)
+    for field, value in zip(cached_fields(model), raw, strict=True):
+        try:
+            back = from_primitive(*to_primitive(value))
+        except UncacheableValue as exc:
+            problems.append(FieldProblem(field, str(exc)))
+            continue
+        if back != value or type(back) is not type(value):
+            problems.append(FieldProblem(field, f"{value!r} comes back as {back!r}"))
+    if not problems:
+        rebuilt = build_user(model, [to_primitive(v) for v in raw], using)
+        for field in cached_fields(model):
+            if getattr(rebuilt, field.attname) != getattr(direct, field.attname):
+                problems.append(FieldProblem(field, "rebuilt differently from a query"))
+    return problems
