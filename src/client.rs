@@ -21,6 +21,7 @@ use crate::user_row::{UserRow, Value};
 
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
+pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 pub(crate) static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
 
 #[derive(Default)]
@@ -352,8 +353,6 @@ impl TokenCache {
     }
 
     /// Store a record if the generation seen at lookup still stands and no tombstone does.
-    /// `generation=None`: a token just inserted (write-through), stored only if Redis knows
-    /// nothing of it yet (no record, generation or tombstone).
     #[pyo3(signature = (token_key, digest, generation, user_pk, created_us, expiry_us, fresh_until_us, ttl_ms))]
     #[allow(clippy::too_many_arguments)]
     fn fill(
@@ -361,7 +360,7 @@ impl TokenCache {
         py: Python<'_>,
         token_key: &str,
         digest: &str,
-        generation: Option<&[u8]>,
+        generation: &[u8],
         user_pk: &Bound<'_, PyAny>,
         created_us: i64,
         expiry_us: Option<i64>,
@@ -386,7 +385,7 @@ impl TokenCache {
                 FILL.key(&keys[0])
                     .key(&keys[1])
                     .arg(&id)
-                    .arg(generation.unwrap_or_default())
+                    .arg(generation)
                     .arg(&record)
                     .arg(ttl_ms)
                     .arg(&index_field[..])
@@ -397,6 +396,18 @@ impl TokenCache {
         })?;
         bump(if stored == 1 { &self.stats.fills } else { &self.stats.fills_refused });
         Ok(stored == 1)
+    }
+
+    /// Claim a fresh generation for a token about to be inserted (write-through at login),
+    /// if Redis knows nothing of it yet: the fill after commit presents it. None otherwise.
+    fn claim(&self, py: Python<'_>, token_key: &str, digest: &str) -> PyResult<Option<Py<PyBytes>>> {
+        let key = self.token_key_name(token_key);
+        let id = id_of(digest)?.to_owned();
+        let candidate = new_generation();
+        let lease_ms = self.lease_ms;
+        let claimed: Option<Vec<u8>> =
+            py.detach(|| self.call(|conn| CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn)))?;
+        Ok(claimed.map(|g| PyBytes::new(py, &g).unbind()))
     }
 
     /// Revoke `(token_key, digest, user_pk)` tokens and every token indexed under `users`, in

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from knox.models import AuthToken
+from rest_framework.exceptions import AuthenticationFailed
 
 from knox_redis import cache
 from tests.conftest import auth_header, basic_header
@@ -49,9 +51,9 @@ def test_cached_only_once_the_transaction_commits(user, redis_conn):
 
 def test_a_rolled_back_token_is_never_cached(user, redis_conn):
     with pytest.raises(RuntimeError), transaction.atomic():
-        _row, _token = AuthToken.objects.create(user=user)
+        _row, token = AuthToken.objects.create(user=user)
         raise RuntimeError("rolled back")
-    assert redis_conn.dbsize() == 0
+    assert not record_exists(redis_conn, token)
 
 
 def test_a_token_deleted_in_the_same_transaction_is_not_cached(user, redis_conn):
@@ -64,7 +66,7 @@ def test_a_token_deleted_in_the_same_transaction_is_not_cached(user, redis_conn)
 
 def test_deleted_in_the_same_transaction_even_if_redis_lost_the_revocation(user, redis_conn):
     """The delete's revocation would refuse the fill; with Redis flushed before the commit,
-    the process's own note of the delete still cancels it."""
+    the claimed generation is gone too, and the fill is refused all the same."""
     with transaction.atomic():
         row, token = AuthToken.objects.create(user=user)
         row.delete()
@@ -121,3 +123,75 @@ def test_a_save_of_a_new_instance_over_an_existing_digest_still_revokes(user, re
     assert record_exists(redis_conn, token)
     AuthToken(digest=row.digest, token_key="x" * 15, user=user, created=row.created, expiry=row.expiry).save()
     assert not record_exists(redis_conn, token)
+
+
+def test_a_logout_elsewhere_then_redis_forgetting_it_before_the_fill(user, redis_conn):
+    """Another process deletes the new token right after the commit and returns, then Redis
+    loses its revocation (flushed, evicted) before this process's fill runs: the claimed
+    generation went with it, so the fill is refused (an empty Redis is not a licence)."""
+    from django.db import connections
+
+    box = {}
+
+    def logout_elsewhere_then_flush() -> None:
+        row = AuthToken.objects.get(digest=box["digest"])
+        cache.get_client().revoke([(row.token_key, row.digest, row.user_id)], [], 60_000)
+        with connections["default"].cursor() as cursor:  # the other process's DELETE
+            cursor.execute("DELETE FROM knox_authtoken WHERE digest = %s", [row.digest])
+        redis_conn.flushall()
+
+    with transaction.atomic():
+        transaction.on_commit(logout_elsewhere_then_flush)
+        row, token = AuthToken.objects.create(user=user)
+        box["digest"] = row.digest
+    assert not record_exists(redis_conn, token)
+    with pytest.raises(AuthenticationFailed):
+        authenticate(token)
+
+
+def test_a_claim_that_lapsed_before_the_commit_is_not_filled(user, redis_conn, settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REVOCATION_TOMBSTONE_TTL": 1}
+    with transaction.atomic():
+        _row, token = AuthToken.objects.create(user=user)
+        redis_conn.delete(f"knox:token:{token[:15]}")  # as when the lease ran out
+    assert not record_exists(redis_conn, token)
+
+
+def test_a_token_rolled_back_by_a_manual_savepoint_is_not_cached(user, redis_conn):
+    """Django drops on_commit callbacks only for atomic blocks' savepoints."""
+    with transaction.atomic():
+        sid = transaction.savepoint()
+        _row, token = AuthToken.objects.create(user=user)
+        transaction.savepoint_rollback(sid)
+    assert not AuthToken.objects.exists()
+    assert not record_exists(redis_conn, token)
+
+
+def test_a_token_rolled_back_by_an_atomic_savepoint_is_not_cached(user, redis_conn):
+    with transaction.atomic(), pytest.raises(RuntimeError), transaction.atomic():
+        _row, token = AuthToken.objects.create(user=user)
+        raise RuntimeError("rolled back to the savepoint")
+    assert not record_exists(redis_conn, token)
+
+
+def test_a_naive_expiry_under_use_tz_is_no_500(user, redis_conn):
+    import datetime
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # Django warns about the naive time
+        row = AuthToken(user=user, digest="ab" * 64, token_key="abababababababa", created=timezone.now())
+        row.expiry = datetime.datetime.now() + datetime.timedelta(hours=1)  # noqa: DTZ005
+        row.save(force_insert=True)
+    assert AuthToken.objects.filter(digest="ab" * 64).exists()
+
+
+def test_savepoints_that_cant_undo_the_insert_dont_stop_the_fill(user, redis_conn):
+    """A savepoint released before the INSERT, or one made (and rolled back) after it, leaves
+    the token committed: it is cached."""
+    with transaction.atomic():
+        transaction.savepoint_commit(transaction.savepoint())
+        _row, token = AuthToken.objects.create(user=user)
+        transaction.savepoint_rollback(transaction.savepoint())
+    assert AuthToken.objects.exists()
+    assert record_exists(redis_conn, token)

@@ -54,13 +54,14 @@ class TokenCache:
         self,
         token_key: str,
         digest: str,
-        generation: bytes | None,
+        generation: bytes,
         user_pk: int | str,
         created_us: int,
         expiry_us: int | None,
         fresh_until_us: int,
         ttl_ms: int,
     ) -> bool: ...
+    def claim(self, token_key: str, digest: str) -> bytes | None: ...
     def revoke(
         self,
         tokens: list[tuple[str, str, int | str]],

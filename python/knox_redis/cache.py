@@ -148,10 +148,9 @@ def _forget_client_after_fork() -> None:
     """In a forked child, drop the parent's client without touching its locks (another thread
     of the parent may have held them at the fork). The child builds its own on first use; the
     native pool would also refuse the parent's connections (it checks the pid)."""
-    global _client, _client_lock, _new_tokens_lock
+    global _client, _client_lock
     _client_lock = threading.Lock()
     _client = None
-    _new_tokens_lock = threading.Lock()
     pending_revocations.after_fork_in_child()
 
 
@@ -314,12 +313,19 @@ class TokenValues:
 
 
 def _values(token: Any) -> TokenValues:
-    return TokenValues(token.token_key, token.digest, token.user_id, token.created, token.expiry)
+    return TokenValues(token.token_key, token.digest, token.user_id, _stored(token.created), _stored(token.expiry))
 
 
-def _fill(token: TokenValues, generation: bytes | None, fresh_until: datetime | None = None) -> bool:
-    """Store the record if `generation` (None: a token just inserted, of which Redis must know
-    nothing yet) still stands and no tombstone does."""
+def _stored(value: datetime | None) -> datetime | None:
+    """A time as the database stores it: a naive one given with USE_TZ (Django warns, and
+    stores it in the default time zone) made aware the same way."""
+    if value is not None and settings.USE_TZ and timezone.is_naive(value):
+        return timezone.make_aware(value, timezone.get_default_timezone())
+    return value
+
+
+def _fill(token: TokenValues, generation: bytes, fresh_until: datetime | None = None) -> bool:
+    """Store the record if `generation` still stands and no tombstone does."""
     now = timezone.now()
     # The record is re-read from the database after MAX_CACHE_TTL. The key, and with it the
     # generation, lives one period longer (so that re-read is knox's 2 queries, not a first
@@ -386,58 +392,81 @@ def decode_user_row(user_pk: Any, data: bytes) -> tuple[datetime, list[tuple[str
 # --- write-through at login ------------------------------------------------------------
 
 
-@dataclass
-class _NewToken:
-    values: TokenValues
-    cancelled: bool = False
+def claim_new_token(token: Any) -> None:
+    """Before a token's INSERT: claim its lease in Redis, a generation of this process's own
+    that the fill after commit must present (see claim.lua), so that a revocation anywhere,
+    or Redis forgetting the token, before that fill makes it fail. Fails open: without a
+    claim, the token is simply not written through."""
+    if not knox_redis_settings.CACHE_ENABLED or not _cacheable(token.digest):
+        return
+    try:
+        generation = get_client().claim(token.token_key, token.digest)
+    except (CacheError, ImproperlyConfigured) as exc:
+        _warn("claim", exc)
+        return
+    if generation is not None:
+        token.__dict__[_CLAIM] = generation
 
 
-# Tokens this process inserted whose fill waits for their transaction to commit, by digest:
-# a revocation of one in the meantime (deleted in the same transaction) cancels its fill,
-# even if Redis lost that revocation. A rolled-back transaction leaves its entry here (never
-# filled); the oldest go beyond MAX_PENDING_NEW_TOKENS.
-_new_tokens: dict[str, _NewToken] = {}
-_new_tokens_lock = threading.Lock()
-MAX_PENDING_NEW_TOKENS = 1000
+_CLAIM = "_knox_redis_claimed_generation"
 
 
 def cache_new_token(token: Any, using: str) -> None:
-    """Cache a token row this process has just inserted (a login), once it is committed, so
-    the first request with it is a hit instead of three queries.
-
-    The fill lands only if Redis knows nothing of the token yet: a revocation (its delete in
-    the same transaction, a logout racing the commit) leaves a generation and a tombstone,
-    and the fill is refused. Under manual transaction management nothing is cached."""
-    if not knox_redis_settings.CACHE_ENABLED or not _cacheable(token.digest):
+    """After a token's INSERT (a login): cache it once committed, under the generation
+    claimed before, so the first request with it is a hit instead of three queries. Not under
+    manual transaction management."""
+    generation = token.__dict__.pop(_CLAIM, None)
+    if generation is None:
         return
     when = _when_committed(using)
     if when == "never":
         return
-    pending = _NewToken(_values(token))  # as inserted, whatever the view does to it later
-    if when == "now":  # autocommit: the INSERT is committed already
-        _fill_new_token(pending)
+    try:
+        values = _values(token)  # as inserted, whatever the view does to the instance later
+    except (TypeError, ValueError, OverflowError) as exc:  # a time no record can hold
+        _warn("write-through", exc)
         return
-    with _new_tokens_lock:
-        _new_tokens[token.digest] = pending
-        while len(_new_tokens) > MAX_PENDING_NEW_TOKENS:
-            del _new_tokens[next(iter(_new_tokens))]
-    transaction.on_commit(partial(_fill_new_token, pending), using=using, robust=True)
+    if when == "now":  # autocommit: the INSERT is committed already
+        _fill(values, generation)
+    else:
+        _on_commit_unless_rolled_back(partial(_fill, values, generation), using)
 
 
-def _fill_new_token(pending: _NewToken) -> None:
-    with _new_tokens_lock:
-        if _new_tokens.get(pending.values.digest) is pending:
-            del _new_tokens[pending.values.digest]
-    if not pending.cancelled:
-        _fill(pending.values, None)
+def _on_commit_unless_rolled_back(callback: Any, using: str) -> None:
+    """transaction.on_commit, also dropped if a savepoint made with transaction.savepoint()
+    before it is rolled back.
+
+    Django drops a callback when a savepoint rolls back only if it is an atomic block's open
+    one (savepoint_ids): a token inserted after a manual savepoint that is rolled back would
+    otherwise be cached, though its row never committed. Django matches the rolled-back
+    savepoint's id against the set it keeps with the callback; this set also contains every
+    savepoint created before the callback (ids count up per thread, "s<thread>_x<n>")."""
+    connection = transaction.get_connection(using)
+    state = {"cancelled": False}
+
+    def run() -> None:
+        if not state["cancelled"]:
+            callback()
+
+    transaction.on_commit(run, using=using, robust=True)
+    pending = connection.run_on_commit[-1] if connection.run_on_commit else None
+    if pending is None or pending[1] is not run:
+        state["cancelled"] = True  # not the shape this code knows: never fill blind
+        return
+    sids, func, robust = pending
+    connection.run_on_commit[-1] = (_SavepointsBefore(sids, connection.savepoint_state), func, robust)
 
 
-def _cancel_new_tokens(digests: Iterable[str]) -> None:
-    with _new_tokens_lock:
-        for digest in digests:
-            pending = _new_tokens.pop(digest, None)
-            if pending is not None:
-                pending.cancelled = True
+class _SavepointsBefore(set):
+    def __init__(self, sids: Iterable[str], savepoint_state: int) -> None:
+        super().__init__(sids)
+        self.savepoint_state = savepoint_state
+
+    def __contains__(self, sid: object) -> bool:
+        if super().__contains__(sid):
+            return True
+        counter = str(sid).rpartition("_x")[2]
+        return not counter.isdigit() or int(counter) <= self.savepoint_state
 
 
 # --- revocation (fails closed) ----------------------------------------------------------
@@ -467,8 +496,6 @@ def revoke(
     """
     # A row whose digest can't name a hash field (imported, hand-made) was never cached.
     tokens = [t for t in tokens if _cacheable(t.digest)]
-    if _new_tokens:
-        _cancel_new_tokens(t.digest for t in tokens)
     entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
     user_pks = [_user_pk(pk) for pk in users]
     if not entries and not user_pks:

@@ -64,7 +64,10 @@ def revoke_before_update(sender: Any, instance: Any, using: str, update_fields: 
     if update_fields is not None and not RECORD_FIELDS.intersection(update_fields):
         return  # e.g. a custom model's last_used: the record still says the truth
     if instance._state.adding and _inserting_only(instance):
-        return  # QuerySet.create (every login): an INSERT, which can't overwrite a cached row
+        # QuerySet.create (every login): an INSERT can't overwrite a cached row, so no read;
+        # claim the new token's lease for the write-through after commit instead.
+        cache.claim_new_token(instance)
+        return
     current = type(instance)._base_manager.using(using).filter(pk=instance.pk).first()
     if current is None:
         return  # an insert: nothing can be cached yet

@@ -3,8 +3,7 @@
 -- The record carries its own (new) generation in its first 8 bytes; the `g:` field goes.
 --
 -- KEYS[1]  {prefix}:token:{token_key}          KEYS[2]  {prefix}:user:{user_pk}:ix (a HASH)
--- ARGV[1]  field id        ARGV[2]  generation seen at lookup, or '' for a token just
---          inserted (write-through at login): then nothing may be known of it yet
+-- ARGV[1]  field id        ARGV[2]  generation seen at lookup (or claimed, claim.lua)
 -- ARGV[3]  encoded record
 -- ARGV[4]  key TTL in ms   ARGV[5]  the field id as 16 raw bytes (the index's field)
 -- ARGV[6]  token_key (the index's value)      ARGV[7]  the lease (tombstone lifetime) in ms
@@ -24,9 +23,7 @@ end
 local current = state[1]
 if current and not valid(current) then current = false end
 if not current and state[3] and #state[3] > 8 then current = string.sub(state[3], 1, 8) end
-local expected = ARGV[2]
-if expected == '' then expected = false end
-if current ~= expected then return refuse() end
+if current ~= ARGV[2] then return refuse() end
 if state[2] then
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
