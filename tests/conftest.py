@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
@@ -11,7 +12,7 @@ from knox.models import AuthToken
 from rest_framework.test import APIClient
 
 from knox_redis import cache
-from tests.servers import RedisServer
+from tests.servers import RedisServer, TcpProxy
 
 _server: RedisServer | None = None
 
@@ -46,6 +47,28 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def redis_server() -> RedisServer:
     assert _server is not None
     return _server
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the test Redis, to cut, blackhole and heal (see `via`)."""
+    p = TcpProxy(redis_server.port)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def via(settings):
+    """Point knox_redis at a URL (the settings change rebuilds the client)."""
+
+    def via(url: str, cooldown: float = 2.0) -> None:
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": url,
+            "CIRCUIT_BREAKER_COOLDOWN": cooldown,
+        }
+
+    return via
 
 
 @pytest.fixture

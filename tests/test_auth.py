@@ -5,29 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.db import connection
-from django.test.utils import CaptureQueriesContext
 from freezegun import freeze_time
 from knox.models import AuthToken
 from knox.signals import token_expired
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.test import APIRequestFactory
 
-from knox_redis.auth import TokenAuthentication
-from tests.conftest import auth_header
-
-factory = APIRequestFactory()
-
-
-def authenticate(token: str):
-    request = factory.get("/", **auth_header(token))
-    return TokenAuthentication().authenticate(request)
-
-
-def queries_of(fn):
-    with CaptureQueriesContext(connection) as ctx:
-        result = fn()
-    return result, [q["sql"] for q in ctx.captured_queries]
+from tests.helpers import authenticate, queries_of
 
 
 def test_miss_then_hit(make_token, user, native, redis_conn):

@@ -12,28 +12,7 @@ from knox.models import AuthToken
 
 from knox_redis import cache
 from tests.conftest import auth_header
-from tests.servers import RedisServer, TcpProxy, free_port
-
-
-@pytest.fixture
-def proxy(redis_server):
-    p = TcpProxy(redis_server.port)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def via(settings):
-    """Point knox_redis at a URL (the settings change rebuilds the client)."""
-
-    def via(url: str, cooldown: float = 2.0) -> None:
-        settings.REST_KNOX_REDIS = {
-            **settings.REST_KNOX_REDIS,
-            "REDIS_URL": url,
-            "CIRCUIT_BREAKER_COOLDOWN": cooldown,
-        }
-
-    return via
+from tests.servers import RedisServer, free_port
 
 
 def get(client, token):

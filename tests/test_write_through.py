@@ -5,30 +5,23 @@ if it was deleted (or revoked anywhere) first; and a login costs knox's queries,
 from __future__ import annotations
 
 import pytest
-from django.db import connection, transaction
-from django.test.utils import CaptureQueriesContext
+from django.db import transaction
 from django.utils import timezone
 from knox.models import AuthToken
 from rest_framework.exceptions import AuthenticationFailed
 
 from knox_redis import cache
 from tests.conftest import auth_header, basic_header
-from tests.helpers import authenticate, record_exists
-
-
-def queries(fn):
-    with CaptureQueriesContext(connection) as ctx:
-        result = fn()
-    return result, [q["sql"] for q in ctx.captured_queries]
+from tests.helpers import authenticate, queries_of, record_exists
 
 
 def test_login_costs_knoxs_three_queries_and_the_first_request_is_a_hit(client, user, redis_conn):
-    response, sql = queries(lambda: client.post("/api/login/", **basic_header("alice", "pw")))
+    response, sql = queries_of(lambda: client.post("/api/login/", **basic_header("alice", "pw")))
     assert response.status_code == 200
     assert len(sql) == 3, sql  # the user, INSERT token, UPDATE last_login: as plain knox
     token = response.data["token"]
     assert record_exists(redis_conn, token)
-    response, sql = queries(lambda: client.get("/api/whoami/", **auth_header(token)))
+    response, sql = queries_of(lambda: client.get("/api/whoami/", **auth_header(token)))
     assert response.status_code == 200
     assert len(sql) == 1, sql  # the user by primary key: a hit
     assert cache.get_client().stats()["hits"] == 1
@@ -37,7 +30,7 @@ def test_login_costs_knoxs_three_queries_and_the_first_request_is_a_hit(client, 
 def test_authtoken_objects_create_writes_through(user, redis_conn):
     _row, token = AuthToken.objects.create(user=user)
     assert record_exists(redis_conn, token)
-    (_user, auth_token), sql = queries(lambda: authenticate(token))
+    (_user, auth_token), sql = queries_of(lambda: authenticate(token))
     assert len(sql) == 1, sql
     assert auth_token.digest == _row.digest
 
