@@ -3,6 +3,7 @@ and is replaced: no token is read from the database for ever, no key lives for e
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone as dt_timezone
 
@@ -12,7 +13,7 @@ from knox.models import AuthToken
 
 from knox_redis import cache
 from tests.conftest import auth_header
-from tests.helpers import accepted, record_exists
+from tests.helpers import accepted, record_exists, record_field, whoami
 
 LAST_MICROSECOND = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt_timezone.utc)
 
@@ -135,3 +136,48 @@ def test_auto_refresh_max_ttl_knox_ignores_is_not_computed(client, make_token, s
     token = make_token()
     client.raise_request_exception = False
     assert [client.get("/api/whoami/", **auth_header(token)).status_code for _ in range(3)] == [200, 200, 200]
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"v":1,"u":1,"c":9223372036854775807,"e":null,"f":99999999999999999}',
+        b'{"v":1,"u":1,"c":0,"e":null,"f":-9223372036854775808}',
+    ],
+)
+def test_out_of_range_times_in_a_record_are_a_miss(client, make_token, redis_conn, junk):
+    """Times at the limits of an i64, which no datetime can hold, make a record undecodable:
+    a miss, answered from the database, never a 500."""
+    token = make_token()
+    assert whoami(client, token) == 200
+    redis_conn.hset(f"knox:token:{token[:15]}", f"r:{AuthToken.objects.get().digest[:32]}", junk)
+    client.raise_request_exception = False
+    assert whoami(client, token) == 200
+    assert cache.get_client().stats()["undecodable"] == 1
+
+
+def test_non_ascii_digest_in_record_is_a_miss_not_a_500(client, make_token, redis_conn):
+    """A record in the previous release's JSON form whose digest is non-ASCII text is a miss:
+    comparing it with the presented token's digest must not raise (compare_digest raises
+    TypeError on a non-ASCII str)."""
+    token = make_token()
+    assert whoami(client, token) == 200
+    assert whoami(client, token) == 200  # now cached
+    key, field = record_field(token)
+    rec = {"v": 1, "d": "\u00e9" * 128, "u": 1, "c": 0, "e": None, "f": 10**16}
+    redis_conn.hset(key, field, json.dumps(rec))
+    client.raise_request_exception = False
+    assert whoami(client, token) == 200
+
+
+def test_non_utf8_generation_still_caches(client, make_token, redis_conn):
+    """A generation field that isn't text (no record beside it) is replaced: the token is
+    cached again and later requests are hits."""
+    token = make_token()
+    assert whoami(client, token) == 200
+    key = f"knox:token:{token[:15]}"
+    redis_conn.delete(key)
+    redis_conn.hset(key, f"g:{AuthToken.objects.get().digest[:32]}", b"\xff\xfe")
+    for _ in range(3):
+        assert whoami(client, token) == 200
+    assert cache.get_client().stats()["hits"] >= 1
