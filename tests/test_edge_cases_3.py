@@ -123,15 +123,6 @@ def test_replica_commit_first_does_not_cache_uncommitted_rows(django_user_model)
     assert user == alice, f"rolled-back owner {user} cached (fill saw default in_atomic_block={seen})"
 
 
-# A row whose digest isn't 32+ hex characters (imported, hand-made) can never be presented, so
-# there is nothing to revoke, but revoke() raises CacheError -> RevocationUnavailable: the
-# row, and its user (cascade), can't be deleted even with Redis up.
-def test_row_with_non_hex_digest_does_not_block_deleting_its_user(user):
-    AuthToken(digest="legacy-import-1", token_key="legacy", user=user).save()
-    user.delete()
-    assert not AuthToken.objects.exists()
-
-
 # _check_refresh under a request transaction and in autocommit: a due refresh on a hit
 # writes once and is cached after commit (expected to pass on both backends).
 @pytest.mark.parametrize("atomic", [False, True])
@@ -154,18 +145,6 @@ def test_due_refresh_on_hit_in_and_out_of_a_transaction(make_token, settings, at
         sql = sql_of(lambda: authenticate(token))
         assert not [s for s in sql if "knox_authtoken" in s], sql
         assert authenticate(token)[1].expiry == refreshed
-
-
-def test_saving_fields_the_record_doesnt_hold_keeps_it_cached(make_token, redis_conn):
-    from tests.helpers import record_exists
-
-    token = make_token()
-    authenticate(token)
-    row = AuthToken.objects.get()
-    row.save(update_fields=[])  # e.g. a custom model's last_used: nothing the record holds
-    assert record_exists(redis_conn, token)
-    row.save(update_fields=["expiry"])
-    assert not record_exists(redis_conn, token)
 
 
 def test_knox_cleanup_with_redis_hung_pays_the_timeout_once(make_token, settings, redis_server, user):
