@@ -1,5 +1,7 @@
-"""Redis down, hung, cut off mid-run, restarted, or full of garbage: requests fall back to the
-database quickly, and a revocation is never lost."""
+"""Redis down, hung, cut off mid-run, restarted, closing idle connections, or full of garbage:
+requests fall back to the database quickly, and a revocation is never lost: a change that needs
+one (a logout, an edit, a delete, in a view or the admin) is refused while Redis can't take it,
+with a 503 in a request, never a 500."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from knox.models import AuthToken
 
 from knox_redis import cache
 from tests.conftest import auth_header
+from tests.helpers import authenticate, whoami
 from tests.servers import RedisServer, free_port
 
 
@@ -265,3 +269,110 @@ def test_requests_do_not_wait_on_a_hung_redis_to_deliver_pending_revocations(mak
     assert all(accepted(token) for _ in range(10))
     assert time.perf_counter() - started < 1.0
     proxy.heal()
+
+
+def test_idle_connection_closed_by_server_does_not_open_breaker(client, make_token, redis_conn):
+    """Redis closing idle connections (its `timeout` setting) is no fault: the next call
+    retries on a new connection, and the breaker stays closed."""
+    old = redis_conn.config_get("timeout")["timeout"]
+    redis_conn.config_set("timeout", 1)
+    try:
+        token = make_token()
+        assert whoami(client, token) == 200
+        time.sleep(2.5)
+        assert whoami(client, token) == 200
+        stats = cache.get_client().stats()
+        assert stats["errors"] == 0, stats
+        assert not cache.get_client().breaker_open, stats
+    finally:
+        redis_conn.config_set("timeout", old)
+
+
+def test_cache_disabled_auto_refresh_with_redis_down_authenticates(client, make_token, proxy, via, settings):
+    """With CACHE_ENABLED off, a request that AUTO_REFRESH renews needs nothing from Redis."""
+    via(proxy.url, cooldown=0.05)
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0}
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "CACHE_ENABLED": False}
+    token = make_token()
+    proxy.cut()
+    assert whoami(client, token) == 200
+
+
+def test_knox_cleanup_with_redis_hung_pays_the_timeout_once(make_token, proxy, via, user):
+    """knox deletes a user's expired tokens on its database path; with Redis hung, the request
+    pays one timeout (its lookup), not one per revocation."""
+    via(proxy.url)
+    token = make_token()
+    for _ in range(5):
+        make_token(expiry=timedelta(seconds=-1))
+    authenticate(token)  # connects while Redis answers
+    proxy.blackhole()
+    started = time.monotonic()
+    # The lookup times out (one timeout, the breaker opens), so knox's path runs and
+    # deletes the 5 expired siblings: each revocation fails fast, the database confirms.
+    cache.get_client().reset()
+    assert authenticate(token)[0] == user
+    assert time.monotonic() - started < 1.2
+    assert AuthToken.objects.filter(user=user).count() == 1
+
+
+def test_logout_does_not_wait_for_the_breaker(client, make_token, proxy, via):
+    """The breaker spares lookups, not revocations: once Redis is back, a logout goes through
+    though the breaker a failed lookup opened is still open."""
+    via(proxy.url, cooldown=60)
+    token = make_token()
+    assert whoami(client, token) == 200
+    proxy.cut()
+    assert whoami(client, token) == 200  # a failed lookup opens the breaker for 60 s
+    proxy.heal()
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert whoami(client, token) == 401
+
+
+def test_expiring_by_edit_while_redis_is_down_is_refused(client, make_token, proxy, via):
+    """An edit that ends the token (the admin's way to expire one) is a revocation: while
+    Redis can't take it, the save raises and the row stays as it was."""
+    via(proxy.url, cooldown=0.05)
+    token = make_token()
+    assert whoami(client, token) == 200
+    proxy.cut()
+    row = AuthToken.objects.get()
+    row.expiry = timezone.now() - timedelta(seconds=1)  # the admin "expires" the token
+    with pytest.raises(cache.RevocationUnavailable):
+        row.save()
+    proxy.heal()
+    time.sleep(0.1)
+    assert AuthToken.objects.get().expiry > timezone.now()  # refused: unchanged
+    assert whoami(client, token) == 200
+
+
+def test_stale_instance_that_looks_expired_still_needs_redis(client, make_token, proxy, via, settings):
+    """An instance loaded before AUTO_REFRESH extended its token looks expired in memory; the
+    database says the token is live, so deleting the instance still needs Redis."""
+    via(proxy.url, cooldown=0.05)
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=10)}
+    token = make_token(expiry=timedelta(seconds=1))
+    stale = AuthToken.objects.get()  # loaded by a job: expiry now + 1 s
+    assert whoami(client, token) == 200  # AUTO_REFRESH extends it to now + 10 h; cached
+    time.sleep(1.1)
+    proxy.cut()
+    with pytest.raises(cache.RevocationUnavailable):
+        stale.delete()  # looks expired in memory, but the database says otherwise
+    proxy.heal()
+    time.sleep(0.1)
+    assert whoami(client, token) == 200
+
+
+def test_admin_delete_with_redis_unreachable_is_not_a_500(client, make_token, via, django_user_model):
+    """The admin deletes through the ORM, so it revokes: with Redis unreachable the delete is
+    refused with a 503 (knox_redis's middleware: outside a DRF view RevocationUnavailable
+    would be an unhandled exception, a 500)."""
+    make_token()
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw")
+    client.force_login(admin)
+    digest = AuthToken.objects.get().digest
+    via(f"redis://127.0.0.1:{free_port()}/0")
+    client.raise_request_exception = False
+    response = client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
+    assert AuthToken.objects.filter(digest=digest).exists()  # refused: good
+    assert response.status_code == 503, response.status_code
