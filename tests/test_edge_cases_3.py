@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 
 import pytest
 from django.db import connection, connections, transaction
@@ -37,20 +36,6 @@ def test_reread_after_max_cache_ttl_costs_two_queries(make_token, settings, redi
     time.sleep(2.3)
     sql = sql_of(lambda: authenticate(token))
     assert len(sql) == 2, sql
-
-
-# "hits 1": with AUTO_REFRESH every hit used to open transaction.atomic in _renew, even when
-# knox's throttle writes nothing (BEGIN/COMMIT, or a SAVEPOINT pair inside ATOMIC_REQUESTS).
-@pytest.mark.parametrize("in_atomic", [False, True])
-def test_auto_refresh_hit_that_writes_nothing_is_one_query(make_token, settings, in_atomic):
-    from contextlib import nullcontext
-
-    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
-    token = make_token()
-    authenticate(token)
-    with transaction.atomic() if in_atomic else nullcontext():
-        sql = sql_of(lambda: authenticate(token))
-    assert len(sql) == 1, sql
 
 
 # logoutall: one script per REVOKE_BATCH tokens before the delete, and again after commit.
@@ -100,27 +85,3 @@ def test_replica_commit_first_does_not_cache_uncommitted_rows(django_user_model)
         assert AuthToken.objects.using("default").get().user_id == alice.pk
         user, _ = authenticate(token)
     assert user == alice, f"rolled-back owner {user} cached (fill saw default in_atomic_block={seen})"
-
-
-# _check_refresh under a request transaction and in autocommit: a due refresh on a hit
-# writes once and is cached after commit (expected to pass on both backends).
-@pytest.mark.parametrize("atomic", [False, True])
-def test_due_refresh_on_hit_in_and_out_of_a_transaction(make_token, settings, atomic):
-    from contextlib import nullcontext
-
-    from freezegun import freeze_time
-
-    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=1), "MIN_REFRESH_INTERVAL": 60}
-    token = make_token()
-    authenticate(token)
-    with freeze_time(timedelta(seconds=120)):
-        with transaction.atomic() if atomic else nullcontext():
-            sql = sql_of(lambda: authenticate(token))
-        assert sum(s.startswith("UPDATE") for s in sql) == 1, sql
-        # One compare-and-set UPDATE: only over the expiry the cache had.
-        update = next(s for s in sql if s.startswith("UPDATE"))
-        assert '"expiry" =' in update.split("WHERE", 1)[1], update
-        refreshed = AuthToken.objects.get().expiry
-        sql = sql_of(lambda: authenticate(token))
-        assert not [s for s in sql if "knox_authtoken" in s], sql
-        assert authenticate(token)[1].expiry == refreshed
