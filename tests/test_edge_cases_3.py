@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from django.db import connection, connections, transaction
 from django.test import override_settings
@@ -21,21 +19,6 @@ def sql_of(fn):
     with CaptureQueriesContext(connection) as ctx:
         fn()
     return [q["sql"] for q in ctx.captured_queries]
-
-
-# README 136 ("later misses 2"), 223 and 237-238 ("re-read after MAX_CACHE_TTL: knox's two
-# queries"): fill.lua sets the key's TTL to min(expiry, fresh_until), so the generation dies
-# with the record; a real (not freeze_time) re-read after MAX_CACHE_TTL is a first sight.
-def test_reread_after_max_cache_ttl_costs_two_queries(make_token, settings, redis_conn):
-    # MAX_CACHE_TTL above the tombstone TTL, as with the defaults (3600 > 60): the fill then
-    # stretches the key's TTL to fresh_until and no further.
-    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 2, "REVOCATION_TOMBSTONE_TTL": 1}
-    token = make_token()
-    assert len(sql_of(lambda: authenticate(token))) == 3  # first sight
-    assert len(sql_of(lambda: authenticate(token))) == 1  # hit
-    time.sleep(2.3)
-    sql = sql_of(lambda: authenticate(token))
-    assert len(sql) == 2, sql
 
 
 # logoutall: one script per REVOKE_BATCH tokens before the delete, and again after commit.

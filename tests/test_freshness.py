@@ -4,6 +4,7 @@ deadline, and never longer than MAX_CACHE_TTL from now, whatever the deadline st
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,8 @@ from freezegun import freeze_time
 from knox.models import AuthToken
 
 from knox_redis import cache
-from tests.helpers import accepted, authenticate, record_exists
+from tests.conftest import auth_header
+from tests.helpers import accepted, authenticate, queries_of, record_exists, whoami
 
 
 def cache_it(token: str) -> None:
@@ -63,3 +65,35 @@ def test_a_deadline_within_max_cache_ttl_is_trusted(make_token, seconds_left, se
     with freeze_time(timedelta(seconds=3600 - seconds_left)), CaptureQueriesContext(connection) as queries:
         assert authenticate(token) is not None
     assert len(queries) == 1, [q["sql"] for q in queries]  # the user only
+
+
+def test_auto_refresh_hits_do_not_extend_the_reread_deadline(client, make_token, settings):
+    """A hit that AUTO_REFRESH renews stores the new expiry, not a new re-read deadline: an
+    owner changed behind the cache's back (a QuerySet.update, documented) is seen once
+    MAX_CACHE_TTL has passed, however often the token is used meanwhile."""
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0, "TOKEN_TTL": timedelta(hours=10)}
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 1}
+    token = make_token()
+    assert whoami(client, token) == 200
+    assert whoami(client, token) == 200
+    other = type(AuthToken.objects.get().user).objects.create_user(username="bob", password="pw")
+    AuthToken.objects.filter(token_key=token[:15]).update(user=other)  # documented bypass
+    for _ in range(4):
+        time.sleep(0.4)
+        r = client.get("/api/whoami/", **auth_header(token))
+    assert r.json()["user"] == "bob", f"after MAX_CACHE_TTL still authenticated as {r.json()['user']}"
+
+
+def test_reread_after_max_cache_ttl_costs_two_queries(make_token, settings, redis_conn):
+    """The key, and the generation in it, outlives the record's re-read deadline by one
+    MAX_CACHE_TTL (never beyond the token's expiry), so a re-read in real time (not freeze_time)
+    finds the generation: knox's two queries, not a first sight's three."""
+    # MAX_CACHE_TTL above the tombstone TTL, as with the defaults (3600 > 60), so that the
+    # fill, not the lookup's lease, decides how long the key lives.
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 2, "REVOCATION_TOMBSTONE_TTL": 1}
+    token = make_token()
+    assert len(queries_of(lambda: authenticate(token))[1]) == 3  # first sight
+    assert len(queries_of(lambda: authenticate(token))[1]) == 1  # hit
+    time.sleep(2.3)
+    _, sql = queries_of(lambda: authenticate(token))
+    assert len(sql) == 2, sql
