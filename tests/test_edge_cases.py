@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
 from django.utils import timezone
 from knox.models import AuthToken
 
@@ -27,32 +26,6 @@ def via_proxy(settings, redis_server):
 
 def get(client, token) -> int:
     return client.get("/api/whoami/", **auth_header(token)).status_code
-
-
-def test_manual_transaction_rollback_is_never_cached(user, redis_conn):
-    transaction.set_autocommit(False)
-    try:
-        _instance, token = AuthToken.objects.create(user=user)
-        assert accepted(token)  # sees its own uncommitted row
-        transaction.rollback()
-    finally:
-        transaction.set_autocommit(True)
-    assert not AuthToken.objects.exists()
-    assert not record_exists(redis_conn, token)
-    assert not accepted(token)
-
-
-def test_auto_refresh_hit_in_manual_transaction_is_not_a_500(user, settings):
-    settings.REST_KNOX = {"AUTO_REFRESH": True, "MIN_REFRESH_INTERVAL": 0}
-    _instance, token = AuthToken.objects.create(user=user)
-    assert accepted(token)
-    assert accepted(token)
-    transaction.set_autocommit(False)
-    try:
-        assert accepted(token)  # hit + renew
-        transaction.commit()
-    finally:
-        transaction.set_autocommit(True)
 
 
 def test_use_tz_false_with_an_activated_time_zone_keeps_expiry(user, settings, redis_conn):
