@@ -11,9 +11,11 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 from knox.models import AuthToken
 
 from knox_redis import cache
+from knox_redis.auth import TokenAuthentication
 from tests.conftest import auth_header
 from tests.helpers import accepted, in_thread, record_exists
 
@@ -175,3 +177,69 @@ def test_stress_no_request_accepted_after_its_revocation_returned(user, settings
     assert counts["accepted"] > 50, counts
     assert counts["rejected"] > 10, counts
     assert cache.get_client().stats()["hits"] > 0
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row-level concurrency: PostgreSQL")
+def test_cleanup_without_redis_races_a_refresh(make_token, settings, monkeypatch, redis_conn):
+    """knox's cleanup of expired tokens, in a process cut off from Redis, proceeds on the
+    database's word that the token has expired; meanwhile a request elsewhere refreshes it.
+    The check locks the row until the delete commits, so the refresh, landing between check
+    and delete, finds no row and caches nothing."""
+    from knox_redis import _knox_redis
+
+    token = make_token(expiry=timedelta(seconds=1.5))
+    assert accepted(token)
+    assert accepted(token)  # cached, record expiry = now + ~1.5 s
+    settings.REST_KNOX = {"AUTO_REFRESH": True, "TOKEN_TTL": timedelta(hours=10)}  # MIN_REFRESH_INTERVAL 60
+
+    cleaner_ident: dict = {}
+    real_send = cache._send_revocations
+
+    def send(*a, **kw):  # the cleaning process is partitioned from Redis
+        if threading.get_ident() == cleaner_ident.get("id"):
+            raise _knox_redis.CacheUnavailable("partitioned")
+        return real_send(*a, **kw)
+
+    monkeypatch.setattr(cache, "_send_revocations", send)
+
+    checked, may_delete = threading.Event(), threading.Event()
+    real_check = cache.expired_in_database
+
+    def check(token_, using):
+        result = real_check(token_, using)
+        checked.set()
+        assert may_delete.wait(10)
+        return result
+
+    monkeypatch.setattr(cache, "expired_in_database", check)
+
+    in_renew, may_renew = threading.Event(), threading.Event()
+
+    class SlowRenew(TokenAuthentication):
+        def renew_token(self, auth_token):
+            in_renew.set()
+            assert may_renew.wait(10)
+            return super().renew_token(auth_token)
+
+    # Reader hits the (not yet expired) record and is about to refresh.
+    reader, rbox = in_thread(accepted, token, SlowRenew)
+    assert in_renew.wait(10)
+    time.sleep(1.6)  # the row's expiry passes
+
+    def clean():
+        cleaner_ident["id"] = threading.get_ident()
+        return AuthToken.objects.filter(expiry__lt=timezone.now()).delete()  # knox_clear_expired
+
+    cleaner, cbox = in_thread(clean)
+    assert checked.wait(10), (cbox, cleaner.is_alive())  # DB said "expired": proceeds without Redis
+    may_renew.set()
+    time.sleep(0.3)
+    assert reader.is_alive()  # the refresh waits on the row the cleanup has locked
+    may_delete.set()
+    cleaner.join(10)
+    reader.join(10)
+    assert "error" not in cbox, cbox
+    assert rbox.get("result") is False, rbox  # the row went: rejected, nothing re-cached
+    assert not AuthToken.objects.exists()  # the cleanup returned: token gone
+    monkeypatch.setattr(cache, "expired_in_database", real_check)
+    assert not accepted(token), "deleted token accepted from the cache"
