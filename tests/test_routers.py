@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from knox.models import AuthToken
 
+from knox_redis import cache
 from tests.conftest import forget_in_redis
-from tests.helpers import accepted
+from tests.helpers import accepted, authenticate
 
 
 class PrimaryReplicaRouter:
@@ -35,3 +36,38 @@ def test_rows_read_from_a_replica_are_reread_from_the_primary_before_caching(dja
         with CaptureQueriesContext(connections["default"]) as primary:
             assert accepted(token)  # a hit: nothing on the primary
         assert primary.captured_queries == []
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_replica_commit_first_does_not_cache_uncommitted_rows(django_user_model):
+    """The fill waits for the commit on the token model's write database, not on the read
+    database's: when the replica's block commits first, the write database's transaction is
+    still open, and what the refill would read there is rolled back after."""
+    alice = django_user_model.objects.create_user(username="alice")
+    bob = django_user_model.objects.create_user(username="bob")
+    _row, token = AuthToken.objects.create(user=alice)
+    with override_settings(DATABASE_ROUTERS=[PrimaryReplicaRouter()]):
+        seen = []
+        real_fill = cache._fill
+
+        def spy(values, *a, **kw):
+            seen.append(connections["default"].in_atomic_block)
+            return real_fill(values, *a, **kw)
+
+        cache._fill = spy
+        try:
+            with pytest.raises(Boom), transaction.atomic(using="default"):
+                with transaction.atomic(using="replica"):
+                    assert authenticate(token)[0] == alice  # knox reads the replica
+                    # uncommitted on the write database, rolled back below
+                    AuthToken.objects.using("default").filter(token_key=token[:15]).update(user=bob)
+                raise Boom
+        finally:
+            cache._fill = real_fill
+        assert AuthToken.objects.using("default").get().user_id == alice.pk
+        user, _ = authenticate(token)
+    assert user == alice, f"rolled-back owner {user} cached (fill saw default in_atomic_block={seen})"
