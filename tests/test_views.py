@@ -88,3 +88,17 @@ def test_logoutall_beyond_one_batch(client, make_token, redis_conn, monkeypatch)
     assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
     for t in tokens:
         assert client.get("/api/whoami/", **auth_header(t)).status_code == 401
+
+
+def test_logoutall_round_trips_per_batch(client, make_token, redis_conn, monkeypatch):
+    """Beyond REVOKE_BATCH tokens, logoutall sends one script per batch before the delete and
+    again after the commit."""
+    monkeypatch.setattr(cache, "REVOKE_BATCH", 3)
+    tokens = [make_token() for _ in range(8)]
+    client.get("/api/whoami/", **auth_header(tokens[0]))
+    client.get("/api/whoami/", **auth_header(tokens[0]))  # cached: the logout request is a hit
+    cache.get_client().revoke([], users=[999999])  # load the script: no NOSCRIPT retry below
+    before = script_calls(redis_conn)
+    assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
+    # the request's lookup, then 3 batches of 3 before the delete and 3 after commit
+    assert script_calls(redis_conn) - before == 1 + 3 + 3, script_calls(redis_conn) - before
