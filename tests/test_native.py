@@ -1,4 +1,5 @@
-"""The native module itself: its stub matches it, hashing matches knox, errors are Exceptions."""
+"""The native module itself: its stub matches it, hashing matches knox, errors are Exceptions,
+user keys beyond any machine integer round-trip."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from knox.crypto import hash_token as knox_hash_token
 
 import knox_redis
-from knox_redis import _knox_redis
+from knox_redis import _knox_redis, cache
 from tests.servers import TcpProxy
 
 SECRET = b"a test signing key, 32 bytes long"
@@ -94,3 +95,14 @@ def test_network_calls_release_the_gil(redis_server):
         assert ticks > 10_000  # the main thread ran the whole time
     finally:
         proxy.close()
+
+
+def test_big_integer_user_pk_is_stored_as_text(make_token, user):
+    """A user primary key wider than 64 bits (2**70) is filled and read back as its text."""
+    client = cache.get_client()
+    digest = "ab" * 64
+    found = cache.lookup("bigpk", digest, create=True)
+    assert client.fill("bigpk", digest, found.generation, 2**70, 0, None, 10**15, 60_000)
+    record, _ = client.lookup("bigpk", digest)
+    assert record[0] == str(2**70)
+    assert isinstance(client, _knox_redis.TokenCache)

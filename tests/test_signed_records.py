@@ -15,7 +15,7 @@ from knox.models import AuthToken
 
 from knox_redis import _knox_redis, cache
 from tests.conftest import auth_header
-from tests.helpers import accepted, authenticate
+from tests.helpers import accepted, authenticate, whoami
 
 
 def attacker_client(redis_server) -> _knox_redis.TokenCache:
@@ -135,3 +135,19 @@ def test_signing_key_fallbacks_verify_but_never_sign(make_token, settings, redis
     with CaptureQueriesContext(connection) as queries:
         assert accepted(other)
     assert len(queries) == 1
+
+
+def test_record_copied_under_another_tokens_field_is_not_trusted(client, make_token, redis_conn):
+    """The hash field names a token by 128 bits of its digest, and the record's MAC binds it
+    to them: a valid record moved under another token's field is a miss."""
+    other, token = make_token(), make_token()
+    assert whoami(client, other) == 200
+    assert whoami(client, token) == 200
+    rows = {row.token_key: row for row in AuthToken.objects.all()}
+    key, field = f"knox:token:{token[:15]}", f"r:{rows[token[:15]].digest[:32]}"
+    forged = redis_conn.hget(f"knox:token:{other[:15]}", f"r:{rows[other[:15]].digest[:32]}")
+    redis_conn.hset(key, field, forged)
+    with CaptureQueriesContext(connection) as queries:
+        assert whoami(client, token) == 200
+    assert len(queries) == 2  # knox's database path, not the forged record
+    assert redis_conn.hget(key, field) != forged  # and the record was rewritten
