@@ -1,7 +1,9 @@
 """Any Authorization header or token gets a 401 (or falls through to the next class), never a
-500, including where plain knox gives one."""
+500, including where plain knox gives one; and a token nobody issued writes nothing to Redis."""
 
 from __future__ import annotations
+
+import secrets
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -10,6 +12,8 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.test import APIRequestFactory
 
 from knox_redis.auth import TokenAuthentication
+from tests.conftest import auth_header
+from tests.helpers import accepted, whoami
 
 factory = APIRequestFactory()
 
@@ -84,3 +88,22 @@ def test_fuzzed_tails_on_a_real_token_key_never_error(make_token, suffix):
     key = AuthToken.objects.first().token_key
     result = run(latin1(key.encode() + suffix))
     assert result is None or result == "401" or token is not None
+
+
+def test_anonymous_traffic_cannot_fill_redis_and_block_revocation(client, make_token, redis_conn):
+    """Made-up tokens leave nothing in Redis, so a flood of them can't fill a Redis that
+    refuses writes when full (noeviction) and with it block logouts."""
+    token = make_token()
+    used = int(redis_conn.info("memory")["used_memory"])
+    old = redis_conn.config_get("maxmemory*")
+    redis_conn.config_set("maxmemory", used + 400_000)
+    redis_conn.config_set("maxmemory-policy", "noeviction")
+    try:
+        for _ in range(3000):
+            assert not accepted(secrets.token_hex(32))
+        assert redis_conn.dbsize() == 0
+        assert whoami(client, token) == 200
+        assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    finally:
+        redis_conn.config_set("maxmemory", old["maxmemory"])
+        redis_conn.config_set("maxmemory-policy", old["maxmemory-policy"])
