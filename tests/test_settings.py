@@ -11,6 +11,8 @@ from django.test import override_settings
 from knox_redis import cache
 from knox_redis.checks import check_settings
 from knox_redis.settings import RedisTarget, knox_redis_settings, parse_redis_url, redis_target
+from tests.conftest import auth_header
+from tests.helpers import whoami
 
 
 def target_for(location, backend="django_redis.cache.RedisCache", options=None) -> RedisTarget:
@@ -102,8 +104,6 @@ def test_override_settings_reloads_values_and_client(settings):
 
 
 def test_key_prefix_is_used(client, make_token, settings, redis_conn):
-    from tests.conftest import auth_header
-
     settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "myapp"}
     token = make_token()
     client.get("/api/whoami/", **auth_header(token))
@@ -115,3 +115,16 @@ def test_key_prefix_is_used(client, make_token, settings, redis_conn):
 def test_parse_url_rejects_garbage():
     with pytest.raises(ImproperlyConfigured):
         parse_redis_url("not a url", options={})
+
+
+def test_bad_db_is_caught_by_check_and_never_a_500(client, make_token, settings):
+    """A database number beyond i64 fails `manage.py check`; a process started without
+    running checks (gunicorn doesn't) still never answers 500: lookups fail open, and
+    revocations fail closed with a 503."""
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": "redis://127.0.0.1:6379/9223372036854775808"}
+    errors = check_settings()
+    assert [e.id for e in errors] == ["knox_redis.E001"]
+    token = make_token()
+    client.raise_request_exception = False
+    assert whoami(client, token) == 200  # lookups fail open
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 503  # revocations fail closed
