@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, router, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -30,7 +30,7 @@ from knox.settings import CONSTANTS, knox_settings
 from knox.signals import token_expired
 from rest_framework import exceptions
 
-from knox_redis import cache
+from knox_redis import cache, users
 from knox_redis.settings import knox_redis_settings
 from knox_redis.signals import refreshing
 
@@ -184,6 +184,6 @@ def _load_user(token_model: Any, user_pk: Any) -> Any:
     user_model = token_model._meta.get_field("user").related_model
     try:
         pk = user_model._meta.pk.to_python(user_pk)
-        return user_model._base_manager.get(pk=pk)
-    except (ObjectDoesNotExist, ValidationError, ValueError, TypeError, OverflowError):
+        return users.load_user(user_model, pk, router.db_for_read(user_model))
+    except (ValidationError, ValueError, TypeError, OverflowError):
         return None

@@ -1,0 +1,267 @@
+"""In-process `authenticate()` calls/s: knox_redis against plain knox and the alternatives.
+
+Every scenario authenticates the same kind of request object, a random one of 1,000 users'
+tokens per call, calling the DRF authentication class directly (no view, no middleware), so
+the table compares authentication alone. Scenarios take turns in interleaved rounds (at
+least 5), so the machine's noise lands on all of them; each ratio to plain knox is the
+median over the rounds, with its spread (min-max). PostgreSQL when reachable (as bench.py),
+its own redis-server.
+
+    .venv/bin/python bench/calls.py [--calls 2000] [--rounds 5] [--threads 1,4] [--db auto]
+
+Scenarios:
+- knox: knox.auth.TokenAuthentication (2 queries).
+- DRF TokenAuthentication: rest_framework.authtoken (1 query, a join).
+- simplejwt: JWTAuthentication, an access token per user (1 query: the user), if installed.
+- knox_redis: knox_redis.auth.TokenAuthentication, every token cached (1 query: the user).
+- ceiling: an authentication class that builds the user and token objects in memory from a
+  dict, no I/O at all: the most any cache could reach in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import django  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from bench import open_database  # noqa: E402  (bench/bench.py: the same databases)
+from tests.servers import RedisServer  # noqa: E402
+
+USERS = 1000
+
+
+def has_simplejwt() -> bool:
+    try:
+        import rest_framework_simplejwt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def configure(database: dict[str, Any], redis_url: str) -> None:
+    apps = ["django.contrib.auth", "django.contrib.contenttypes", "rest_framework", "rest_framework.authtoken"]
+    apps += ["knox", "knox_redis"]
+    settings.configure(
+        SECRET_KEY="bench-calls-" + "x" * 40,
+        DEBUG=False,
+        USE_TZ=True,
+        INSTALLED_APPS=apps,
+        DATABASES={"default": database},
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_url}},
+        REST_KNOX_REDIS={"CACHE_ALIAS": "default"},
+        REST_KNOX={"TOKEN_TTL": timedelta(hours=10), "AUTO_REFRESH": False},
+        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
+        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+        SIMPLE_JWT={"ACCESS_TOKEN_LIFETIME": timedelta(hours=10)},
+        LOGGING={"version": 1, "loggers": {"knox_redis": {"level": "ERROR"}}},
+    )
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+@dataclass
+class Scenario:
+    name: str
+    auth: Any
+    tokens: list[str]
+    header_prefix: str = "Token"
+
+
+@dataclass
+class Round:
+    calls: int = 0
+    seconds: float = 0.0
+    queries: int = 0
+    redis_lookups: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def build_scenarios() -> list[Scenario]:
+    from django.contrib.auth import get_user_model
+    from knox.auth import TokenAuthentication as KnoxAuth
+    from knox.models import AuthToken
+    from rest_framework.authentication import BaseAuthentication, TokenAuthentication as DRFAuth
+    from rest_framework.authtoken.models import Token
+
+    from knox_redis.auth import TokenAuthentication as KnoxRedisAuth
+
+    user_model = get_user_model()
+    users = [user_model.objects.create_user(username=f"u{i}") for i in range(USERS)]
+    knox_tokens = [AuthToken.objects.create(user=u)[1] for u in users]  # cached by write-through
+    drf_tokens = [Token.objects.create(user=u).key for u in users]
+    scenarios = [
+        Scenario("knox", KnoxAuth(), knox_tokens),
+        Scenario("DRF TokenAuthentication", DRFAuth(), drf_tokens),
+    ]
+    if has_simplejwt():
+        from rest_framework_simplejwt.authentication import JWTAuthentication
+        from rest_framework_simplejwt.tokens import AccessToken
+
+        jwts = [str(AccessToken.for_user(u)) for u in users]
+        scenarios.append(Scenario("simplejwt", JWTAuthentication(), jwts, header_prefix="Bearer"))
+    scenarios.append(Scenario("knox_redis (default)", KnoxRedisAuth(), knox_tokens))
+
+    rows = {t[:15]: (u.pk, u.username) for t, u in zip(knox_tokens, users, strict=True)}
+    known = AuthToken.objects.in_bulk(field_name="digest")
+
+    class CeilingAuth(BaseAuthentication):
+        """Builds the user and the token from a dict: the cost of DRF plus object building."""
+
+        def authenticate(self, request: Any) -> tuple[Any, Any] | None:
+            token = request.META["HTTP_AUTHORIZATION"].split()[1]
+            pk, username = rows[token[:15]]
+            user = user_model.from_db("default", ["id", "username", "is_active"], [pk, username, True])
+            row = known_by_key[token[:15]]
+            auth_token = AuthToken.from_db(
+                "default",
+                ["digest", "token_key", "user_id", "created", "expiry"],
+                [row.digest, row.token_key, pk, row.created, row.expiry],
+            )
+            auth_token.user = user
+            return user, auth_token
+
+    known_by_key = {row.token_key: row for row in known.values()}
+    scenarios.append(Scenario("ceiling (no I/O)", CeilingAuth(), knox_tokens))
+    return scenarios
+
+
+def run_round(scenario: Scenario, calls: int, threads: int) -> Round:
+    from django.db import connection, connections
+    from rest_framework.request import Request
+    from rest_framework.test import APIRequestFactory
+
+    from knox_redis import cache
+
+    factory = APIRequestFactory()
+    result = Round()
+    lock = threading.Lock()
+    per_thread = calls // threads
+    start_barrier = threading.Barrier(threads + 1)
+    lookups_before = _lookups(cache)
+    spans: list[tuple[float, float]] = []  # each thread's own clock: the main thread may wake late
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        requests = [
+            Request(factory.get("/", HTTP_AUTHORIZATION=f"{scenario.header_prefix} {rng.choice(scenario.tokens)}"))
+            for _ in range(per_thread)
+        ]
+        counted = [0]
+
+        def count(execute: Callable, sql: str, params: Any, many: bool, context: Any) -> Any:
+            counted[0] += 1
+            return execute(sql, params, many, context)
+
+        latencies = []
+        with connection.execute_wrapper(count):
+            for request in requests[:20]:  # warm: this thread's connection, code paths
+                scenario.auth.authenticate(request)
+            counted[0] = 0
+            start_barrier.wait()
+            first = time.perf_counter()
+            for request in requests:
+                began = time.perf_counter()
+                scenario.auth.authenticate(request)
+                latencies.append(time.perf_counter() - began)
+            last = time.perf_counter()
+        with lock:
+            result.queries += counted[0]
+            result.latencies += latencies
+            spans.append((first, last))
+        connections.close_all()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    start_barrier.wait()
+    for thread in pool:
+        thread.join()
+    result.seconds = max(end for _, end in spans) - min(start for start, _ in spans)
+    result.calls = per_thread * threads
+    result.redis_lookups = _lookups(cache) - lookups_before - 20 * threads * _uses_redis(scenario)
+    return result
+
+
+def _lookups(cache: Any) -> int:
+    stats = cache.get_client().stats()
+    return stats["hits"] + stats["misses"]
+
+
+def _uses_redis(scenario: Scenario) -> int:
+    return int(scenario.name.startswith("knox_redis"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per scenario, round and thread count")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", default="1,4")
+    parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
+    args = parser.parse_args()
+    server = RedisServer().start()
+    database = open_database(args.db)
+    try:
+        configure(database.settings, server.url)
+        scenarios = build_scenarios()
+        report(args, scenarios, database.engine)
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        database.cleanup()
+        server.stop()
+
+
+def report(args: argparse.Namespace, scenarios: list[Scenario], engine: str) -> None:
+    import platform
+    from importlib.metadata import version
+
+    print(
+        f"Python {platform.python_version()}, Django {version('django')}, knox {version('django-rest-knox')}, "
+        f"{engine}, {USERS} users, a random token per call, {args.rounds} interleaved rounds of "
+        f"{args.calls} calls per scenario\n"
+    )
+    print(
+        "| scenario | threads | calls/s (median) | x knox (median, min-max) | queries/call "
+        "| Redis lookups/call | p50 µs | p99 µs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        rounds: dict[str, list[Round]] = {s.name: [] for s in scenarios}
+        for number in range(args.rounds):
+            order = scenarios if number % 2 == 0 else scenarios[::-1]
+            for scenario in order:
+                rounds[scenario.name].append(run_round(scenario, args.calls, threads))
+        knox_rates = [r.calls / r.seconds for r in rounds["knox"]]
+        for scenario in scenarios:
+            rs = rounds[scenario.name]
+            rates = [r.calls / r.seconds for r in rs]
+            ratios = sorted(rate / base for rate, base in zip(rates, knox_rates, strict=True))
+            latencies = sorted(x for r in rs for x in r.latencies)
+            calls = sum(r.calls for r in rs)
+            print(
+                f"| {scenario.name} | {threads} | {statistics.median(rates):,.0f} | "
+                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
+                f"{sum(r.queries for r in rs) / calls:.2f} | {sum(r.redis_lookups for r in rs) / calls:.2f} | "
+                f"{latencies[len(latencies) // 2] * 1e6:,.0f} | {latencies[int(len(latencies) * 0.99)] * 1e6:,.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
