@@ -147,3 +147,18 @@ def test_a_value_of_a_type_the_row_cant_hold_is_refused():
         users.to_primitive(object())
     with pytest.raises(users.UncacheableValue):
         users.to_primitive(["a", "list"])
+
+
+def test_load_user_is_base_manager_get_in_one_precompiled_query(user, django_assert_num_queries):
+    """What a cache hit runs without USER_CACHE: the same columns and values as the ORM's
+    `_base_manager.get(pk=...)`, nothing deferred, and None for a user that is gone."""
+    model = type(user)
+    expected = model._base_manager.get(pk=user.pk)
+    with django_assert_num_queries(1):
+        loaded = users.load_user(model, user.pk, "default")
+    assert loaded.get_deferred_fields() == set()
+    for field in model._meta.concrete_fields:
+        assert getattr(loaded, field.attname) == getattr(expected, field.attname), field.name
+    assert loaded._state.db == "default"
+    assert not loaded._state.adding
+    assert users.load_user(model, user.pk + 1000, "default") is None
