@@ -58,6 +58,10 @@ def tls_server(tmp_path_factory):
         "2",
         "-subj",
         "/CN=knox-redis test CA",
+        # Python 3.13's default context verifies strictly (VERIFY_X509_STRICT): a CA must say
+        # what its key may sign.
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         cwd=d,
     )
     openssl(
@@ -73,7 +77,12 @@ def tls_server(tmp_path_factory):
         "/CN=localhost",
         cwd=d,
     )
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "san.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "authorityKeyIdentifier=keyid,issuer\n"  # also required by VERIFY_X509_STRICT
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
     openssl(
         "x509",
         "-req",
