@@ -12,6 +12,7 @@ from knox.models import AuthToken
 from rest_framework.test import APIClient
 
 from knox_redis import cache
+from tests import installed
 from tests.servers import RedisServer, TcpProxy
 
 _server: RedisServer | None = None
@@ -22,6 +23,10 @@ collect_ignore = [] if settings.AUTH_USER_MODEL == "uuidapp.UUIDUser" else ["tes
 
 def pytest_configure(config: pytest.Config) -> None:
     global _server
+    try:
+        installed.check()  # CI: the installed wheel, not the source tree
+    except RuntimeError as exc:
+        raise pytest.UsageError(str(exc)) from None
     _server = RedisServer().start()
     settings.CACHES["redis"]["LOCATION"] = _server.url
     print(f"knox_redis tests: redis-server on port {_server.port}, database {settings.DATABASES['default']['ENGINE']}")
@@ -39,7 +44,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         (
             f"knox_redis: database {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
             f"redis-server {redis_server_binary()} on port {_server.port if _server else '?'}"
-        )
+        ),
+        installed.check(),
     ]
 
 

@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from tests import installed
 from tests.servers import RedisServer
 
 _server = RedisServer()
@@ -25,6 +26,10 @@ def pytest_configure(config: pytest.Config) -> None:
     import rest_framework.test
     from django.conf import settings
 
+    try:
+        installed.check()  # CI: the installed wheel, not the source tree
+    except RuntimeError as exc:
+        raise pytest.UsageError(str(exc)) from None
     _server.start()
     settings.CACHES["redis"]["LOCATION"] = _server.url
 
@@ -40,6 +45,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _server.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [installed.check()]
 
 
 @pytest.fixture(autouse=True)
