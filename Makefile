@@ -4,13 +4,35 @@
 #               previous release, built into build/, for the rolling-deploy tests), knox's own tests
 # and the quality gate CI runs first:
 #   make lint   ruff (check and format), cargo fmt, clippy, and stubtest of the native module's stub
+#
+# Variables (CI sets them; a developer's `make test` needs none):
+#   WHEEL=dist/x.whl  test that wheel, installed with its `test` extra into a fresh $(VENV)
+#                     (build/wheel-venv by default), instead of the source tree that
+#                     `maturin develop` builds in place; every pytest session then checks that it
+#                     imports knox_redis from that virtualenv (tests/installed.py)
+#   DJANGO=4.2        that Django series (a pip constraint on every install, the previous
+#                     release's virtualenv included); the virtualenv gets a -django4.2 suffix
+#   PYTHON=python3.10 the interpreter the virtualenv is made from
 PYTHON ?= python3
-VENV ?= .venv
+WHEEL ?=
+DJANGO ?=
+VENV ?= $(if $(WHEEL),build/wheel-venv,.venv)$(if $(DJANGO),-django$(DJANGO))
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench develop clean
+ifneq ($(DJANGO),)
+CONSTRAINTS := build/constraints-django$(DJANGO).txt
+export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
+$(CONSTRAINTS):
+	mkdir -p $(dir $@)
+	echo "Django~=$(DJANGO).0" > $@
+endif
+ifneq ($(WHEEL),)
+export KNOX_REDIS_EXPECT_INSTALLED := $(abspath $(VENV))
+endif
 
-$(BIN)/maturin:
+.PHONY: demo test test-sqlite testenv lint bench develop clean
+
+$(BIN)/maturin: $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "maturin>=1.9.4,<2"
@@ -18,14 +40,33 @@ $(BIN)/maturin:
 develop: $(BIN)/maturin
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop -q --extras test
 
+# The environment the tests run in: the source tree built in place, or the installed wheel.
+ifeq ($(WHEEL),)
+testenv: develop
+else
+testenv: $(VENV)/.installed
+
+# Made anew whenever the wheel changes; no .pth file, so python/ is never on its sys.path.
+$(VENV)/.installed: $(WHEEL) $(CONSTRAINTS)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(abspath $(WHEEL))[test]"
+	touch $@
+endif
+
 demo: develop
 	$(BIN)/python demo/demo.py
 
-test: develop
+define pytest_sqlite
+$(BIN)/python -m pytest
+$(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py
+endef
+
+test: testenv
 	REDIS_SERVER="$$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')" cargo test --quiet
 	$(BIN)/python -m tests.previous_release
-	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py
+	$(pytest_sqlite)
 	@if $(BIN)/python -m tests.pg_available; then \
 		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest && \
 		KNOX_REDIS_TEST_DB=postgres $(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py; \
@@ -33,6 +74,10 @@ test: develop
 		echo "SKIPPED the PostgreSQL pass: no server (see the reason above)"; \
 	fi
 	$(BIN)/python -m tests.knox_suite.run
+
+# The pytest pass on SQLite alone (CI's pass on the oldest Django).
+test-sqlite: testenv
+	$(pytest_sqlite)
 
 # Builds the extension too: stubtest imports it to compare with python/knox_redis/_knox_redis.pyi.
 lint: $(BIN)/maturin
@@ -47,4 +92,4 @@ bench: develop
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) target build .nox
+	rm -rf $(VENV) .venv-django* target build .nox dist
