@@ -1,12 +1,31 @@
 """nox sessions, for those who prefer nox to `make` (both run the same steps)."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
+
+# The supported Django series (knox 5.x supports each), and the Pythons each supports among ours
+# (3.10-3.13): Django 4.2 stops at 3.12, Django 6.0 starts at 3.12. The latest knox 5.x and DRF
+# that pip finds for each. CI runs two corners: 6.0 on the newest Python (the whole suite) and
+# 4.2 on the oldest (pytest on SQLite), against the release wheel (.ci/run).
+DJANGO_PYTHONS = {
+    "4.2": ["3.10", "3.11", "3.12"],
+    "5.2": ["3.10", "3.11", "3.12", "3.13"],
+    "6.0": ["3.12", "3.13"],
+}
+MATRIX = [(python, django) for django, pythons in DJANGO_PYTHONS.items() for python in pythons]
+# One of them: `nox -s "tests(3.10-django4.2)"`; one series: `nox -s tests -k django4`.
 
 
-def install(session: nox.Session, extras: str = "test") -> None:
+def install(session: nox.Session, extras: str = "test", django: str | None = None) -> None:
+    if django:
+        # A constraint on every pip call of the session (maturin's, the previous release's), not
+        # an install that maturin's pip call could then upgrade past.
+        constraints = Path(session.create_tmp()) / "constraints.txt"
+        constraints.write_text(f"Django~={django}.0\n")
+        session.env["PIP_CONSTRAINT"] = str(constraints)
     session.install("maturin>=1.9.4,<2")
     session.run("maturin", "develop", "-q", "--extras", extras, env={"VIRTUAL_ENV": session.virtualenv.location})
 
@@ -22,9 +41,11 @@ def lint(session: nox.Session) -> None:
     session.run("python", "-m", "mypy.stubtest", "knox_redis._knox_redis")
 
 
-@nox.session(python=SUPPORTED)
-def tests(session: nox.Session) -> None:
-    install(session)
+@nox.session
+@nox.parametrize(("python", "django"), MATRIX, ids=[f"{py}-django{dj}" for py, dj in MATRIX])
+def tests(session: nox.Session, django: str) -> None:
+    """What `make test` runs, on one Python and one Django series."""
+    install(session, django=django)
     redis_server = session.run(
         "python", "-c", "from tests.servers import redis_server_binary as b; print(b())", silent=True
     ).strip()
