@@ -88,8 +88,13 @@ lint: $(BIN)/maturin
 	cargo clippy --all-targets --quiet -- -D warnings
 	$(BIN)/python -m mypy.stubtest knox_redis._knox_redis
 
+# Every table of the README's Performance section, side by side with plain knox in each run.
 bench: develop
+	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3"  # the [bench] extra
+	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/bench.py
+	$(BIN)/python -m tests.previous_release
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .venv-django* target build .nox dist

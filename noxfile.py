@@ -73,4 +73,8 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     install(session)
+    session.install("djangorestframework-simplejwt>=5.3")  # the [bench] extra
+    session.run("python", "bench/calls.py")
     session.run("python", "bench/bench.py", *session.posargs)
+    session.run("python", "-m", "tests.previous_release")
+    session.run("python", "bench/memory.py")
