@@ -197,6 +197,38 @@ fn value_to_py(py: Python<'_>, value: Value) -> PyResult<Py<PyAny>> {
     })
 }
 
+fn reply_to_py(py: Python<'_>, value: redis::Value) -> PyResult<Bound<'_, PyAny>> {
+    use redis::Value as V;
+    Ok(match value {
+        V::Int(i) => i.into_pyobject(py)?.into_any(),
+        V::BulkString(b) => PyBytes::new(py, &b).into_any(),
+        V::SimpleString(s) => s.into_pyobject(py)?.into_any(),
+        V::Okay => "OK".into_pyobject(py)?.into_any(),
+        V::Double(f) => f.into_pyobject(py)?.into_any(),
+        V::Boolean(b) => pyo3::types::PyBool::new(py, b).to_owned().into_any(),
+        V::VerbatimString { text, .. } => text.into_pyobject(py)?.into_any(),
+        V::BigNumber(n) => String::from_utf8_lossy(&n).into_owned().into_pyobject(py)?.into_any(),
+        V::Array(items) | V::Set(items) => {
+            let list = pyo3::types::PyList::empty(py);
+            for item in items {
+                list.append(reply_to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        V::Map(pairs) => {
+            let dict = PyDict::new(py);
+            for (key, item) in pairs {
+                dict.set_item(reply_to_py(py, key)?, reply_to_py(py, item)?)?;
+            }
+            dict.into_any()
+        }
+        V::Attribute { data, .. } => reply_to_py(py, *data)?,
+        V::ServerError(err) => return Err(Error::Reply(format!("{err:?}")).into()),
+        // Nil, push messages (they never answer a command), and whatever a newer protocol adds.
+        _ => py.None().into_bound(py),
+    })
+}
+
 fn user_pk_text(user_pk: &UserPk) -> String {
     match user_pk {
         UserPk::Int(pk) => pk.to_string(),
@@ -498,6 +530,26 @@ impl TokenCache {
             .map(|(tag, value)| Ok((tag_string(tag), value_to_py(py, value)?)))
             .collect::<PyResult<_>>()?;
         Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
+    }
+
+    /// One command, for operators' tools (`manage.py knox_redis`, system checks): INFO, SCAN,
+    /// UNLINK, CONFIG GET, MEMORY USAGE... Under the same timeouts, not through the breaker
+    /// (an operator asks now). Replies: None, int, bytes, str (status), float, bool, list,
+    /// dict; an error reply raises `CacheError`.
+    fn command<'py>(&self, py: Python<'py>, args: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyAny>> {
+        let Some((name, rest)) = args.split_first() else {
+            return Err(Error::Invalid("a command needs a name".into()).into());
+        };
+        let reply: redis::Value = py.detach(|| {
+            self.call_with(false, |conn| {
+                let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
+                for arg in rest {
+                    cmd.arg(arg);
+                }
+                cmd.query(conn)
+            })
+        })?;
+        reply_to_py(py, reply)
     }
 
     /// Round trip to Redis (through the breaker); raises `CacheUnavailable` if it can't.

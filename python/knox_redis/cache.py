@@ -372,6 +372,35 @@ def _user_pk_field() -> Any:
     return get_token_model()._meta.get_field("user").target_field
 
 
+# --- operators' tools -------------------------------------------------------------------
+
+
+def redis_command(*args: str | bytes | int) -> Any:
+    """One Redis command through the native client (timeouts, TLS, auth as configured), for
+    `manage.py knox_redis` and the system checks. Raises CacheError."""
+    return get_client().command([a if isinstance(a, bytes) else str(a).encode() for a in args])
+
+
+def key_pattern() -> str:
+    return f"{knox_redis_settings.REDIS_KEY_PREFIX}:*"
+
+
+def warm(tokens: Iterable[Any], using: str) -> int:
+    """Cache these token rows under the same lease as requests: a generation is created for
+    each first, then the rows are read again from the write database, then each is filled
+    only if its generation still stands. A logout at any point in between wins: its row is
+    gone from the re-read, or its revocation replaced the generation. Returns how many were
+    filled."""
+    tokens = [t for t in tokens if _cacheable(t.digest)]
+    generations = {}
+    for token in tokens:
+        found = lookup(token.token_key, token.digest, create=True)
+        if found is not None and found.generation is not None and found.record is None:
+            generations[token.digest] = found.generation
+    rows = get_token_model()._base_manager.using(using).filter(digest__in=list(generations))
+    return sum(_fill(_values(row), generations[row.digest]) for row in rows)
+
+
 # --- user rows (USER_CACHE) -------------------------------------------------------------
 
 

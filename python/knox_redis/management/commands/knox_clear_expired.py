@@ -1,35 +1,27 @@
-"""Delete expired knox tokens.
+"""`manage.py knox_clear_expired`: the old name of `manage.py knox_redis clear-expired`.
 
 knox deletes a user's expired tokens whenever it reads that user's tokens from the database.
 With knox_redis, cache hits skip the database, so a user who keeps using one cached token no
 longer sweeps their other, expired ones. The miss path still does (it is knox's own code), a
 token found expired in its record is deleted on use, and this command sweeps the rest: run it
-from cron. Each deleted row goes through the ORM, so its cached record is revoked too.
+from cron.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
-from django.utils import timezone
-from knox.models import get_token_model
+from django.core.management.base import BaseCommand, CommandParser
+
+from knox_redis.management.commands.knox_redis import clear_expired_tokens
 
 
 class Command(BaseCommand):
-    help = "Delete expired knox tokens (and their cached records), in batches."
+    help = "Delete expired knox tokens (and their cached records), in batches. Also: knox_redis clear-expired."
 
-    def add_arguments(self, parser: Any) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--batch-size", type=int, default=500)
 
     def handle(self, *args: Any, batch_size: int, **options: Any) -> None:
-        token_model = get_token_model()
-        now = timezone.now()
-        total = 0
-        while True:
-            batch = list(token_model._base_manager.filter(expiry__lt=now).values_list("pk", flat=True)[:batch_size])
-            if not batch:
-                break
-            deleted, _ = token_model._base_manager.filter(pk__in=batch, expiry__lt=now).delete()
-            total += deleted
+        total = clear_expired_tokens(batch_size, sender=type(self))
         self.stdout.write(f"Deleted {total} expired token(s).")
