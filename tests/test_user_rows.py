@@ -162,3 +162,28 @@ def test_load_user_is_base_manager_get_in_one_precompiled_query(user, django_ass
     assert loaded._state.db == "default"
     assert not loaded._state.adding
     assert users.load_user(model, user.pk + 1000, "default") is None
+
+
+def test_row_queries_keep_no_connection_alive(user):
+    """Compiled SQL is shared; converters live on each connection object, and die with it."""
+    import gc
+    import threading
+    import weakref
+
+    from django.db import connections
+
+    refs = []
+    users._row_query.cache_clear()
+
+    def hit() -> None:
+        users.load_user(type(user), user.pk, "default")
+        refs.append(weakref.ref(connections["default"]))
+        connections["default"].close()
+
+    for _ in range(5):
+        thread = threading.Thread(target=hit)
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert users._row_query.cache_info().currsize == 1  # one compiled query for every thread

@@ -188,3 +188,28 @@ def test_savepoints_that_cant_undo_the_insert_dont_stop_the_fill(user, redis_con
         transaction.savepoint_rollback(transaction.savepoint())
     assert AuthToken.objects.exists()
     assert record_exists(redis_conn, token)
+
+
+def test_a_token_rolled_back_to_a_savepoint_from_before_clean_savepoints_is_not_cached(user, redis_conn):
+    """clean_savepoints() resets the counter savepoint ids are made from: a savepoint made
+    before it can't be told from one made after by its id, so its rollback drops the fill."""
+    with transaction.atomic():
+        sid = transaction.savepoint()
+        transaction.clean_savepoints()
+        _row, token = AuthToken.objects.create(user=user)
+        transaction.savepoint_rollback(sid)
+    assert not AuthToken.objects.exists()
+    assert not record_exists(redis_conn, token)
+
+
+def test_an_aware_expiry_without_use_tz_is_no_500(user, settings):
+    import datetime
+
+    settings.USE_TZ = False
+    row = AuthToken(user=user, digest="cd" * 64, token_key="cdcdcdcdcdcdcdc", created=datetime.datetime.now())  # noqa: DTZ005
+    row.expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    try:
+        row.save(force_insert=True)
+    except ValueError:
+        pytest.skip("this backend refuses aware datetimes without USE_TZ (SQLite)")
+    assert AuthToken.objects.filter(digest="cd" * 64).exists()

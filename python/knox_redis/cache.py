@@ -317,10 +317,15 @@ def _values(token: Any) -> TokenValues:
 
 
 def _stored(value: datetime | None) -> datetime | None:
-    """A time as the database stores it: a naive one given with USE_TZ (Django warns, and
-    stores it in the default time zone) made aware the same way."""
-    if value is not None and settings.USE_TZ and timezone.is_naive(value):
+    """A time as the database stores it, in the zone convention of USE_TZ: a naive one
+    given with USE_TZ (Django warns, and stores it in the default time zone) made aware the
+    same way; an aware one without USE_TZ made naive in the default time zone."""
+    if value is None:
+        return value
+    if settings.USE_TZ and timezone.is_naive(value):
         return timezone.make_aware(value, timezone.get_default_timezone())
+    if not settings.USE_TZ and timezone.is_aware(value):
+        return timezone.make_naive(value, timezone.get_default_timezone())
     return value
 
 
@@ -483,19 +488,28 @@ def _on_commit_unless_rolled_back(callback: Any, using: str) -> None:
         state["cancelled"] = True  # not the shape this code knows: never fill blind
         return
     sids, func, robust = pending
-    connection.run_on_commit[-1] = (_SavepointsBefore(sids, connection.savepoint_state), func, robust)
+    connection.run_on_commit[-1] = (_SavepointsBefore(sids, connection), func, robust)
 
 
 class _SavepointsBefore(set):
-    def __init__(self, sids: Iterable[str], savepoint_state: int) -> None:
+    """Matches, besides the atomic savepoints Django recorded, every savepoint that may have
+    been made before the callback: its id's counter is at most the connection's counter then.
+    When that can't be told (the counter was reset by clean_savepoints(), so ids repeat),
+    every savepoint matches: the fill is dropped, which only costs a miss."""
+
+    def __init__(self, sids: Iterable[str], connection: Any) -> None:
         super().__init__(sids)
-        self.savepoint_state = savepoint_state
+        self.connection = connection
+        self.savepoint_state = connection.savepoint_state
 
     def __contains__(self, sid: object) -> bool:
         if super().__contains__(sid):
             return True
         counter = str(sid).rpartition("_x")[2]
-        return not counter.isdigit() or int(counter) <= self.savepoint_state
+        if not counter.isdigit():
+            return True
+        now = self.connection.savepoint_state
+        return int(counter) <= self.savepoint_state or now < self.savepoint_state or int(counter) > now
 
 
 # --- revocation (fails closed) ----------------------------------------------------------

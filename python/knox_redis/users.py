@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet, ValidationError
 from django.db import connections
 from django.db.models import Field, Model
 from django.db.models.sql.compiler import SQLCompiler
@@ -39,50 +40,82 @@ def cached_fields(model: type[Model]) -> list[Field]:
 
 
 class RowQuery:
-    """`SELECT <columns> FROM <user table> WHERE pk = %s`, compiled once per model, database
-    and connection (connections are per thread, and converters are bound to theirs) by
-    Django's own compiler, then run with the cursor: the same SQL, parameters and converters
-    as the ORM's query, without building the query anew for every request."""
+    """`SELECT <columns> FROM <user table> WHERE pk = %s`, compiled by Django's own compiler
+    once per model and database alias, then run with the cursor: the same SQL, parameters
+    and converters as the ORM's query, without building the query anew for every request.
+
+    Converters are bound to a connection (connections are per thread, or per async context
+    under ASGI), so they are kept on the connection object itself and die with it."""
+
+    # A primary key no one has: the compiled query's parameters show where the real one goes.
+    # (Within every integer field's range: Django turns an out-of-range lookup into no query.)
+    SENTINELS = (1_987_654_321, 12_345, "knox-redis-sentinel-pk", uuid.UUID(int=0x6B6E6F78))
 
     def __init__(self, model: type[Model], using: str, fields: tuple[Field, ...]) -> None:
         self.model, self.using, self.fields = model, using, fields
         self.attnames = [f.attname for f in fields]
-        self.connection = connections[using]
         self.pk_field = model._meta.pk
-        # Compiled with a placeholder primary key, which the driver's parameter replaces.
-        query = model._base_manager.db_manager(using).filter(pk=0).values_list(*self.attnames).query
-        compiler: SQLCompiler = query.get_compiler(using=using)
-        self.sql, params = compiler.as_sql()
-        if len(params) != 1:
-            raise ValueError(f"can't compile a primary key lookup for {model.__name__}: {params!r}")
-        self.converters = compiler.get_converters([column for column, _sql, _alias in compiler.select])
+        self.sql, self.params, self.pk_index = self._compile()
+
+    def _compile(self) -> tuple[str, list[Any], int]:
+        connection = connections[self.using]
+        for sentinel in self.SENTINELS:
+            try:
+                pk = self.pk_field.to_python(sentinel)
+            except (ValueError, TypeError, ValidationError):
+                continue
+            query = self._query(pk)
+            try:
+                sql, params = query.get_compiler(using=self.using).as_sql()
+            except EmptyResultSet:
+                continue
+            prepared = self.pk_field.get_db_prep_value(pk, connection, prepared=False)
+            matches = [i for i, param in enumerate(params) if param == prepared]
+            if len(matches) == 1:
+                return sql, list(params), matches[0]
+        raise ValueError(f"can't compile a primary key lookup for {self.model.__name__}")
+
+    def _query(self, pk: Any) -> Any:
+        return self.model._base_manager.db_manager(self.using).filter(pk=pk).values_list(*self.attnames).query
+
+    def _converters(self, connection: Any) -> dict[int, Any]:
+        per_connection = connection.__dict__.setdefault("_knox_redis_converters", {})
+        key = (self.model, tuple(self.attnames))
+        if key not in per_connection:
+            compiler: SQLCompiler = self._query(self.params[self.pk_index]).get_compiler(using=self.using)
+            compiler.setup_query()
+            per_connection[key] = compiler.get_converters([column for column, _sql, _alias in compiler.select])
+        return per_connection[key]
 
     def fetch(self, pk: Any) -> tuple[Any, ...] | None:
         """The row as the driver returns it (before converters), or None."""
-        param = self.pk_field.get_db_prep_value(pk, self.connection, prepared=False)
-        with self.connection.cursor() as cursor:
-            cursor.execute(self.sql, [param])
+        connection = connections[self.using]
+        params = list(self.params)
+        params[self.pk_index] = self.pk_field.get_db_prep_value(pk, connection, prepared=False)
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, params)
             return cursor.fetchone()
 
     def build(self, raw: Sequence[Any]) -> Model:
         """The instance, as a query on this database builds it from the row `raw`."""
         if len(raw) != len(self.fields):
             raise ValueError("a user row with another number of columns (the model changed)")
+        connection = connections[self.using]
         row = list(raw)
-        for index, (functions, column) in self.converters.items():
+        for index, (functions, column) in self._converters(connection).items():
             for convert in functions:
-                row[index] = convert(row[index], column, self.connection)
+                row[index] = convert(row[index], column, connection)
         return self.model.from_db(self.using, self.attnames, row)
 
 
-@lru_cache(maxsize=256)
-def _row_query(model: type[Model], using: str, connection: Any, cached_only: bool) -> RowQuery:
+@lru_cache(maxsize=64)
+def _row_query(model: type[Model], using: str, cached_only: bool) -> RowQuery:
     fields = tuple(cached_fields(model) if cached_only else model._meta.concrete_fields)
     return RowQuery(model, using, fields)
 
 
 def row_query(model: type[Model], using: str, *, cached_only: bool = True) -> RowQuery:
-    return _row_query(model, using, connections[using], cached_only)
+    return _row_query(model, using, cached_only)
 
 
 def load_user(model: type[Model], pk: Any, using: str) -> Model | None:
