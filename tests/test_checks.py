@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from io import StringIO
+
 import pytest
+from django.core import checks
+from django.core.checks.registry import registry
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from knox_redis.checks import check_token_length
+from knox_redis import cache
+from knox_redis.checks import check_authentication_classes, check_redis_server, check_token_length, check_token_prefix
+from tests.conftest import auth_header
+from tests.servers import RedisServer, free_port
 
 
 def test_knox_tokens_longer_than_knox_redis_accepts_are_an_error(settings):
@@ -27,3 +35,145 @@ def test_the_longest_tokens_knox_redis_accepts_pass(settings):
     assert check_token_length() == []
     settings.REST_KNOX = {"AUTH_TOKEN_CHARACTER_LENGTH": 1024 - 8, "TOKEN_PREFIX": "p" * 10}
     assert [e.id for e in check_token_length()] == ["knox_redis.E002"]
+
+
+# knox's own classes and views beside knox_redis's.
+
+
+def test_knox_token_prefix_longer_than_knox_allows_is_an_error(monkeypatch):
+    from knox.settings import CONSTANTS, knox_settings
+
+    # Not through settings.REST_KNOX: knox raises ValueError when that changes at runtime. At
+    # startup nothing checks it, which is what this check is for.
+    monkeypatch.setattr(knox_settings, "TOKEN_PREFIX", "p" * CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH, raising=False)
+    assert check_token_prefix() == []
+    monkeypatch.setattr(knox_settings, "TOKEN_PREFIX", "p" * (CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH + 1), raising=False)
+    (error,) = check_token_prefix()
+    assert error.id == "knox_redis.E003"
+    assert "MAXIMUM_TOKEN_PREFIX_LENGTH" in error.msg
+    assert error.hint
+    with pytest.raises(SystemCheckError, match=r"knox_redis\.E003"):
+        call_command("check")
+
+
+@pytest.mark.parametrize("entry", ["knox.auth.TokenAuthentication", "knox_auth_class"])
+def test_knox_own_authentication_class_is_a_warning(settings, entry):
+    from knox.auth import TokenAuthentication
+
+    entry = TokenAuthentication if entry == "knox_auth_class" else entry
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_AUTHENTICATION_CLASSES": [entry]}
+    (warning,) = check_authentication_classes()
+    assert warning.id == "knox_redis.W001"
+    assert isinstance(warning, checks.Warning)
+    assert "knox_redis.auth.TokenAuthentication" in warning.hint
+
+
+def test_knox_redis_authentication_class_passes(settings):
+    from knox_redis.auth import TokenAuthentication
+
+    assert check_authentication_classes() == []  # the test settings: knox_redis's, by path
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_AUTHENTICATION_CLASSES": [TokenAuthentication]}
+    assert check_authentication_classes() == []
+
+
+def test_knox_own_logoutall_view_revokes_through_signals(make_token, user):
+    """knox's LogoutAllView (routed instead of knox_redis's) deletes with a queryset delete, which
+    sends pre_delete per row: the cached tokens are revoked all the same, so no check for it."""
+    from django.test import Client
+    from knox.views import LogoutAllView
+    from rest_framework.test import APIRequestFactory
+
+    client = Client()
+    tokens = [make_token(), make_token()]
+    for token in tokens:
+        for _ in range(2):
+            assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert cache.get_client().stats()["hits"] == 2
+    request = APIRequestFactory().post("/logoutall/", **auth_header(tokens[0]))
+    assert LogoutAllView.as_view()(request).status_code == 204
+    for token in tokens:
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+    assert cache.get_client().stats()["hits"] == 2
+
+
+# `check --deploy` only: the Redis the native client uses, probed with CONFIG GET.
+
+
+def test_redis_checks_run_only_with_deploy():
+    assert check_redis_server not in registry.get_checks(include_deployment_checks=False)
+    assert check_redis_server in registry.get_checks(include_deployment_checks=True)
+
+
+@pytest.fixture
+def probe(settings):
+    """Start a redis-server with these arguments, point knox_redis at it, run the deploy check."""
+    servers = []
+
+    def probe(*args: str, url: str | None = None) -> list[checks.CheckMessage]:
+        if url is None:
+            server = RedisServer(extra_args=args).start()
+            servers.append(server)
+            url = server.url
+        settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": url}
+        started = time.monotonic()
+        messages = check_redis_server()
+        assert time.monotonic() - started < 2
+        return messages
+
+    yield probe
+    for server in servers:
+        server.stop()
+
+
+def test_the_test_redis_passes(probe, redis_server):
+    assert probe(url=redis_server.url) == []  # no maxmemory, no persistence
+
+
+def test_unreachable_redis_is_a_warning(probe, settings):
+    (warning,) = probe(url=f"redis://127.0.0.1:{free_port()}/0")
+    assert warning.id == "knox_redis.W002"
+    assert isinstance(warning, checks.Warning)
+    assert warning.hint
+    out, err = StringIO(), StringIO()
+    call_command("check", deploy=True, stdout=out, stderr=err)  # a warning: does not fail
+    assert "knox_redis.W002" in out.getvalue() + err.getvalue()
+    out, err = StringIO(), StringIO()
+    call_command("check", stdout=out, stderr=err)  # without --deploy, Redis is not asked
+    assert "knox_redis.W002" not in out.getvalue() + err.getvalue()
+
+
+def test_noeviction_with_maxmemory_is_a_warning(probe):
+    (warning,) = probe("--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
+    assert warning.id == "knox_redis.W004"
+    assert "noeviction" in warning.msg
+    assert "503" in warning.msg
+    assert "allkeys-lru" in warning.hint
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru"])
+def test_an_evicting_policy_passes(probe, policy):
+    assert probe("--maxmemory", "64mb", "--maxmemory-policy", policy) == []
+
+
+def test_noeviction_without_maxmemory_passes(probe):
+    assert probe("--maxmemory-policy", "noeviction") == []
+
+
+def test_persistence_is_a_warning(probe):
+    (warning,) = probe("--save", "3600 1", "--appendonly", "yes")
+    assert warning.id == "knox_redis.W005"
+    assert "save '3600 1'" in warning.msg
+    assert "appendonly yes" in warning.msg
+    assert 'save ""' in warning.hint
+    assert "appendonly no" in warning.hint
+
+
+def test_config_refused_is_a_warning_naming_config(probe):
+    server = RedisServer(extra_args=("--user", "probe", "on", ">pw", "~knox:*", "-@all", "+ping")).start()
+    try:
+        (warning,) = probe(url=f"redis://probe:pw@127.0.0.1:{server.port}/0")
+    finally:
+        server.stop()
+    assert warning.id == "knox_redis.W003"
+    assert "CONFIG" in warning.msg
+    assert "knox_redis.W003" in warning.hint

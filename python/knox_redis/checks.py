@@ -1,4 +1,5 @@
-"""System checks: a misconfigured REST_KNOX_REDIS fails at startup, not on the first request."""
+"""System checks: a misconfigured REST_KNOX_REDIS fails at startup, not on the first request; the
+Redis-probing ones run only with `manage.py check --deploy`."""
 
 from __future__ import annotations
 
@@ -49,3 +50,160 @@ def check_token_length(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             id="knox_redis.E002",
         )
     ]
+
+
+@checks.register(checks.Tags.security)
+def check_token_prefix(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """knox refuses a longer TOKEN_PREFIX only when REST_KNOX changes at runtime, never at startup."""
+    from knox.settings import CONSTANTS, knox_settings
+
+    prefix = knox_settings.TOKEN_PREFIX
+    if not isinstance(prefix, str) or len(prefix) <= CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH:
+        return []
+    return [
+        checks.Error(
+            f"REST_KNOX['TOKEN_PREFIX'] has {len(prefix)} characters; knox allows at most "
+            f"{CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH} (knox.settings.CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH). "
+            f"A token's token_key is its first {CONSTANTS.TOKEN_KEY_LENGTH} characters, so a longer prefix "
+            "leaves too few random characters in it: tokens pile up under the same token_key (one database "
+            "lookup and one Redis hash for all of them), and knox raises ValueError if the setting is "
+            "changed at runtime.",
+            hint=f"Shorten REST_KNOX['TOKEN_PREFIX'] to at most {CONSTANTS.MAXIMUM_TOKEN_PREFIX_LENGTH} characters.",
+            id="knox_redis.E003",
+        )
+    ]
+
+
+@checks.register(checks.Tags.security)
+def check_authentication_classes(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """knox's own class authenticates from the database alone: requests it handles skip the cache.
+    Only knox's exact class is flagged; knox_redis's subclasses it."""
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+    from knox.auth import TokenAuthentication as KnoxTokenAuthentication
+
+    configured = (getattr(settings, "REST_FRAMEWORK", None) or {}).get("DEFAULT_AUTHENTICATION_CLASSES") or ()
+    if isinstance(configured, str):
+        configured = (configured,)
+    for entry in configured:
+        try:
+            cls = import_string(entry) if isinstance(entry, str) else entry
+        except ImportError:
+            continue  # DRF's to report
+        if cls is KnoxTokenAuthentication:
+            return [
+                checks.Warning(
+                    f"REST_FRAMEWORK['DEFAULT_AUTHENTICATION_CLASSES'] lists knox's own {entry!r} while "
+                    "knox_redis is installed: requests authenticated by it skip the Redis cache (they stay "
+                    "correct, only as slow as knox).",
+                    hint="Use 'knox_redis.auth.TokenAuthentication' instead.",
+                    id="knox_redis.W001",
+                )
+            ]
+    return []
+
+
+@checks.register(checks.Tags.caches, deploy=True)
+def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """`manage.py check --deploy` only: asks the Redis the native client uses (same target, same
+    timeouts, one connection, no retries) whether its configuration weakens a guarantee."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from knox_redis.settings import knox_redis_settings, redis_target
+
+    try:
+        target = redis_target()
+        connect_timeout = knox_redis_settings.SOCKET_CONNECT_TIMEOUT
+        timeout = knox_redis_settings.SOCKET_TIMEOUT
+    except ImproperlyConfigured:
+        return []  # knox_redis.E001
+    options: dict[str, Any] = {
+        "db": target.db,
+        "username": target.username,
+        "password": target.password,
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if target.unix_path:
+        options["unix_socket_path"] = target.unix_path
+    else:
+        options.update(host=target.host or "localhost", port=target.port)
+        if target.tls:
+            options.update(ssl=True, ssl_ca_certs=target.tls_ca_certs)
+    where = target.unix_path or f"{target.host}:{target.port}"
+    conn = redis.Redis(**options)
+    try:
+        try:
+            conn.ping()
+        except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, OSError) as exc:
+            return [
+                checks.Warning(
+                    f"knox_redis could not reach its Redis at {where}: {exc.__class__.__name__}: {exc}. "
+                    "Every request will authenticate from the database, and logouts will answer 503.",
+                    hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
+                    "and that this host can reach the server.",
+                    id="knox_redis.W002",
+                )
+            ]
+        except redis.ResponseError:
+            pass  # PING refused by an ACL: CONFIG GET below tells
+        try:
+            config = {
+                **conn.config_get("maxmemory"),
+                **conn.config_get("maxmemory-policy"),
+                **conn.config_get("save"),
+                **conn.config_get("appendonly"),
+            }
+        except (redis.ResponseError, redis.ConnectionError, redis.TimeoutError) as exc:
+            return [
+                checks.Warning(
+                    f"knox_redis could not check the configuration of its Redis at {where}: CONFIG GET was "
+                    f"refused ({exc}). Its maxmemory-policy and persistence are unverified.",
+                    hint="Check them by hand (see the README, System checks), or run `check --deploy` with a "
+                    "user allowed '+config|get'; then add 'knox_redis.W003' to SILENCED_SYSTEM_CHECKS.",
+                    id="knox_redis.W003",
+                )
+            ]
+    finally:
+        conn.close()
+    return _redis_config_messages(config, where)
+
+
+def _decoded(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.CheckMessage]:
+    config = {_decoded(k): _decoded(v) for k, v in config.items()}
+    messages: list[checks.CheckMessage] = []
+    if config.get("maxmemory", "0") not in ("", "0") and config.get("maxmemory-policy") == "noeviction":
+        messages.append(
+            checks.Warning(
+                f"The Redis at {where} has maxmemory {config['maxmemory']} with maxmemory-policy noeviction: "
+                "once memory is full it refuses writes, so every logout and token deletion answers 503 "
+                "(revocations are refused rather than lost) and nothing new is cached.",
+                hint="Set maxmemory-policy allkeys-lru (volatile-lru if the Redis also holds keys without "
+                "a TTL): every knox_redis key has a TTL, and LRU keeps the keys a revocation just wrote "
+                "longest. Avoid volatile-ttl: it evicts the short-lived keys of revoked tokens first.",
+                id="knox_redis.W004",
+            )
+        )
+    persistence = []
+    if config.get("save", "").strip():
+        persistence.append(f"save {config['save']!r}")
+    if config.get("appendonly") == "yes":
+        persistence.append("appendonly yes")
+    if persistence:
+        messages.append(
+            checks.Warning(
+                f"The Redis at {where} persists its data ({', '.join(persistence)}): restarted from an "
+                "older RDB/AOF file, it can bring back records of tokens revoked since, which are then "
+                "accepted until MAX_CACHE_TTL.",
+                hint='For a Redis dedicated to this cache, turn persistence off: save "" and appendonly no.',
+                id="knox_redis.W005",
+            )
+        )
+    return messages
