@@ -6,6 +6,7 @@ import time
 from io import StringIO
 
 import pytest
+import redis as redis_py
 from django.core import checks
 from django.core.checks.registry import registry
 from django.core.management import call_command
@@ -13,7 +14,7 @@ from django.core.management.base import SystemCheckError
 
 from knox_redis import cache
 from knox_redis.checks import check_authentication_classes, check_redis_server, check_token_length, check_token_prefix
-from tests.conftest import auth_header
+from tests.conftest import auth_header, basic_header
 from tests.servers import RedisServer, free_port
 
 
@@ -177,3 +178,49 @@ def test_config_refused_is_a_warning_naming_config(probe):
     assert warning.id == "knox_redis.W003"
     assert "CONFIG" in warning.msg
     assert "knox_redis.W003" in warning.hint
+
+
+# The least-privilege ACL line of the README: login, hit, logout and logoutall through it.
+
+ACL = (
+    "~knox:* resetchannels -@all +ping +select +evalsha +script|load "
+    "+hmget +hset +hdel +pexpire +pttl +time +del +type +srem"
+)
+
+
+def test_readme_acl_line_is_enough(settings, user):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"ACL SETUSER knox on >password {ACL}" in readme
+    server = RedisServer(extra_args=("--user", "knox", "on", ">knoxpw", *ACL.split())).start()
+    try:
+        # Database 3: SELECT on every new connection. A fresh server: the scripts are loaded
+        # through the ACL user (EVALSHA, NOSCRIPT, SCRIPT LOAD).
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": f"redis://knox:knoxpw@127.0.0.1:{server.port}/3",
+        }
+        from django.test import Client
+
+        client = Client()
+        tokens = [client.post("/api/login/", **basic_header("alice", "pw")).json()["token"] for _ in range(3)]
+        for token in tokens:
+            for _ in range(2):
+                assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+        native = cache.get_client()
+        assert native.stats()["hits"] == 6
+        native.ping()
+        assert client.post("/api/logout/", **auth_header(tokens[0])).status_code == 204
+        assert client.get("/api/whoami/", **auth_header(tokens[0])).status_code == 401
+        assert client.post("/api/logoutall/", **auth_header(tokens[1])).status_code == 204
+        for token in tokens:
+            assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+        stats = native.stats()
+        assert stats["errors"] == 0, stats
+        assert stats["revoked"] > 0, stats
+        assert redis_py.Redis(port=server.port, db=3).dbsize() > 0  # it did write there
+        # The deploy check can't read CONFIG through this user: a warning, not a failure.
+        assert [m.id for m in check_redis_server()] == ["knox_redis.W003"]
+    finally:
+        server.stop()
