@@ -183,8 +183,9 @@ def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.Ch
         messages.append(
             checks.Warning(
                 f"The Redis at {where} has maxmemory {config['maxmemory']} with maxmemory-policy noeviction: "
-                "once memory is full it refuses writes, so every logout and token deletion answers 503 "
-                "(revocations are refused rather than lost) and nothing new is cached.",
+                "once memory is full it refuses the writes that cache a token, so every token not cached yet "
+                "is read from the database on each request, each time a Redis error that opens the circuit "
+                "breaker (revocations still succeed, past maxmemory).",
                 hint="Set maxmemory-policy allkeys-lru (volatile-lru if the Redis also holds keys without "
                 "a TTL): every knox_redis key has a TTL, and LRU keeps the keys a revocation just wrote "
                 "longest. Avoid volatile-ttl: it evicts the short-lived keys of revoked tokens first.",
