@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from io import StringIO
+from pathlib import Path
 
 import pytest
 import redis as redis_py
@@ -187,11 +188,10 @@ ACL = (
     "~knox:* resetchannels -@all +ping +select +evalsha +script|load "
     "+hmget +hset +hdel +hgetall +pexpire +pttl +time +del +type +srem +smembers"
 )
+OPERATOR = "+info +scan +memory|usage +unlink"
 
 
 def test_readme_acl_line_is_enough(settings, user):
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"ACL SETUSER knox on >password {ACL}" in readme
     server = RedisServer(extra_args=("--user", "knox", "on", ">knoxpw", *ACL.split())).start()
@@ -257,5 +257,26 @@ def test_noeviction_when_memory_is_full(settings, make_token):
         assert client.get("/api/whoami/", **auth_header(cached)).status_code == 401
         assert client.post("/api/logoutall/", **auth_header(other)).status_code == 204
         assert client.get("/api/whoami/", **auth_header(uncached)).status_code == 401
+    finally:
+        server.stop()
+
+
+def test_readme_acl_line_with_the_operator_commands_runs_the_management_command(settings):
+    import json
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`{OPERATOR}`" in readme
+    server = RedisServer(extra_args=("--user", "ops", "on", ">opspw", *ACL.split(), *OPERATOR.split())).start()
+    try:
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": f"redis://ops:opspw@127.0.0.1:{server.port}/3",
+        }
+        redis_py.Redis(port=server.port, db=3).set("knox:token:x", "garbage")
+        for action in ("ping", "stats", "purge"):
+            out = StringIO()
+            call_command("knox_redis", "--json", action, *(["--noinput"] if action == "purge" else []), stdout=out)
+            assert json.loads(out.getvalue()), action
+        assert redis_py.Redis(port=server.port, db=3).dbsize() == 0
     finally:
         server.stop()
