@@ -215,7 +215,7 @@ def test_readme_acl_line_is_enough(settings, user):
         assert client.post("/api/logout/", **auth_header(tokens[0])).status_code == 204
         assert client.get("/api/whoami/", **auth_header(tokens[0])).status_code == 401
         # A row deleted behind Django's back: only Redis remembers the token, and logoutall
-        # finds it in the user's index (HGETALL inside the script, where a refusal is silent).
+        # finds it in the user's index (HGETALL inside the revocation script).
         AuthToken.objects.filter(token_key=tokens[2][:15])._raw_delete(AuthToken.objects.db)
         assert client.get("/api/whoami/", **auth_header(tokens[2])).status_code == 200
         assert client.post("/api/logoutall/", **auth_header(tokens[1])).status_code == 204
@@ -278,5 +278,26 @@ def test_readme_acl_line_with_the_operator_commands_runs_the_management_command(
             call_command("knox_redis", "--json", action, *(["--noinput"] if action == "purge" else []), stdout=out)
             assert json.loads(out.getvalue()), action
         assert redis_py.Redis(port=server.port, db=3).dbsize() == 0
+    finally:
+        server.stop()
+
+
+def test_a_user_index_redis_refuses_to_read_fails_the_revocation(settings, user):
+    """An ACL without +hgetall: logoutall can't read the user's index, so tokens only Redis
+    remembers could stay cached. The revocation is refused (503), never silently partial."""
+    narrow = ACL.replace(" +hgetall", "")
+    server = RedisServer(extra_args=("--user", "knox", "on", ">knoxpw", *narrow.split())).start()
+    try:
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": f"redis://knox:knoxpw@127.0.0.1:{server.port}/0",
+        }
+        from django.test import Client
+
+        client = Client()
+        token = client.post("/api/login/", **basic_header("alice", "pw")).json()["token"]
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+        assert client.post("/api/logoutall/", **auth_header(token)).status_code == 503
+        assert AuthToken.objects.filter(token_key=token[:15]).exists()  # rolled back: still valid
     finally:
         server.stop()

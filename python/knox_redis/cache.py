@@ -32,7 +32,7 @@ from rest_framework import status
 from rest_framework.exceptions import APIException
 
 from knox_redis import _knox_redis
-from knox_redis._knox_redis import CacheError
+from knox_redis._knox_redis import CacheError, CacheUnavailable  # noqa: F401  (re-exported: checks)
 from knox_redis.settings import knox_redis_settings, redis_target
 
 logger = logging.getLogger("knox_redis")

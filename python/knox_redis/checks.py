@@ -105,70 +105,47 @@ def check_authentication_classes(app_configs: Any = None, **kwargs: Any) -> list
 
 @checks.register(checks.Tags.caches, deploy=True)
 def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """`manage.py check --deploy` only: asks the Redis the native client uses (same target, same
-    timeouts, one connection, no retries) whether its configuration weakens a guarantee."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    from knox_redis.settings import knox_redis_settings, redis_target
+    """`manage.py check --deploy` only: asks the Redis the native client uses, through the
+    native client itself (same target, TLS, credentials and timeouts), whether its
+    configuration weakens a guarantee."""
+    from knox_redis import cache
+    from knox_redis.settings import redis_target
 
     try:
         target = redis_target()
-        connect_timeout = knox_redis_settings.SOCKET_CONNECT_TIMEOUT
-        timeout = knox_redis_settings.SOCKET_TIMEOUT
+        cache.get_client()
     except ImproperlyConfigured:
         return []  # knox_redis.E001
-    options: dict[str, Any] = {
-        "db": target.db,
-        "username": target.username,
-        "password": target.password,
-        "socket_connect_timeout": connect_timeout,
-        "socket_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-    }
-    if target.unix_path:
-        options["unix_socket_path"] = target.unix_path
-    else:
-        options.update(host=target.host or "localhost", port=target.port)
-        if target.tls:
-            options.update(ssl=True, ssl_ca_certs=target.tls_ca_certs)
     where = target.unix_path or f"{target.host}:{target.port}"
-    conn = redis.Redis(**options)
     try:
-        try:
-            conn.ping()
-        except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, OSError) as exc:
-            return [
-                checks.Warning(
-                    f"knox_redis could not reach its Redis at {where}: {exc.__class__.__name__}: {exc}. "
-                    "Every request will authenticate from the database, and logouts will answer 503.",
-                    hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
-                    "and that this host can reach the server.",
-                    id="knox_redis.W002",
-                )
-            ]
-        except redis.ResponseError:
-            pass  # PING refused by an ACL: CONFIG GET below tells
-        try:
-            config = {
-                **conn.config_get("maxmemory"),
-                **conn.config_get("maxmemory-policy"),
-                **conn.config_get("save"),
-                **conn.config_get("appendonly"),
-            }
-        except (redis.ResponseError, redis.ConnectionError, redis.TimeoutError) as exc:
-            return [
-                checks.Warning(
-                    f"knox_redis could not check the configuration of its Redis at {where}: CONFIG GET was "
-                    f"refused ({exc}). Its maxmemory-policy and persistence are unverified.",
-                    hint="Check them by hand (see the README, System checks), or run `check --deploy` with a "
-                    "user allowed '+config|get'; then add 'knox_redis.W003' to SILENCED_SYSTEM_CHECKS.",
-                    id="knox_redis.W003",
-                )
-            ]
-    finally:
-        conn.close()
+        cache.redis_command("PING")
+    except cache.CacheUnavailable as exc:
+        return [
+            checks.Warning(
+                f"knox_redis could not reach its Redis at {where}: {exc}. "
+                "Every request will authenticate from the database, and logouts will answer 503.",
+                hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
+                "and that this host can reach the server.",
+                id="knox_redis.W002",
+            )
+        ]
+    except cache.CacheError:
+        pass  # PING refused by an ACL: CONFIG GET below tells
+    try:
+        config: dict[str, Any] = {}
+        for name in ("maxmemory", "maxmemory-policy", "save", "appendonly"):
+            reply = cache.redis_command("CONFIG", "GET", name)
+            config.update(zip(reply[::2], reply[1::2], strict=True))
+    except cache.CacheError as exc:
+        return [
+            checks.Warning(
+                f"knox_redis could not check the configuration of its Redis at {where}: CONFIG GET was "
+                f"refused ({exc}). Its maxmemory-policy and persistence are unverified.",
+                hint="Check them by hand (see the README, System checks), or run `check --deploy` with a "
+                "user allowed '+config|get'; then add 'knox_redis.W003' to SILENCED_SYSTEM_CHECKS.",
+                id="knox_redis.W003",
+            )
+        ]
     return _redis_config_messages(config, where)
 
 

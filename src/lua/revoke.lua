@@ -39,6 +39,16 @@ local function revoke(key, id)
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 
+-- A key of the wrong type (another tool's value under our name) holds nothing of ours: skip
+-- it. Any other error (an ACL refusing the command) must fail the revocation, not skip it.
+local function tolerant(command, key)
+  local ok, reply = pcall(redis.call, command, key)
+  if ok then return reply end
+  local message = type(reply) == 'table' and reply['err'] or tostring(reply)
+  if string.find(message, 'WRONGTYPE', 1, true) then return {} end
+  return redis.error_reply(message)
+end
+
 local function tohex(bytes)
   return (string.gsub(bytes, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
@@ -49,17 +59,15 @@ for i = 1, n do
   redis.pcall('SREM', KEYS[2 * n + i], ARGV[4 + 2 * n + i])
 end
 for i = 3 * n + 1, #KEYS, 2 do
-  local ok, pairs_ = pcall(redis.call, 'HGETALL', KEYS[i])
-  if ok then
-    for j = 1, #pairs_, 2 do
-      if #pairs_[j] == 16 then revoke(prefix .. ':token:' .. pairs_[j + 1], tohex(pairs_[j])) end
-    end
+  local pairs_ = tolerant('HGETALL', KEYS[i])
+  if pairs_['err'] then return pairs_ end
+  for j = 1, #pairs_, 2 do
+    if #pairs_[j] == 16 then revoke(prefix .. ':token:' .. pairs_[j + 1], tohex(pairs_[j])) end
   end
-  local ok_, members = pcall(redis.call, 'SMEMBERS', KEYS[i + 1])
-  if ok_ then
-    for _, member in ipairs(members) do
-      revoke(prefix .. ':token:' .. string.sub(member, 33), string.sub(member, 1, 32))
-    end
+  local members = tolerant('SMEMBERS', KEYS[i + 1])
+  if members['err'] then return members end
+  for _, member in ipairs(members) do
+    revoke(prefix .. ':token:' .. string.sub(member, 33), string.sub(member, 1, 32))
   end
   redis.call('DEL', KEYS[i], KEYS[i + 1])
 end
