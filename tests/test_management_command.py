@@ -132,3 +132,13 @@ def test_clear_expired_deletes_revokes_and_signals(make_token, redis_conn, comma
     assert AuthToken.objects.filter(token_key=kept[:15]).exists()
     assert not record_exists(redis_conn, soon)
     assert signalled == ["alice"]
+
+
+def test_purge_with_glob_characters_in_the_prefix_touches_no_other_key(make_token, redis_conn, settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "k*x?[a]"}
+    token = make_token(write_through=True)
+    redis_conn.set("knox-other:key", "not ours")
+    redis_conn.set("kAxB[a]:key", "not ours either")
+    assert accepted(token)
+    assert run("purge", "--noinput")["removed"] >= 1
+    assert sorted(redis_conn.keys("*")) == [b"kAxB[a]:key", b"knox-other:key"]

@@ -387,7 +387,10 @@ def redis_command(*args: str | bytes | int) -> Any:
 
 
 def key_pattern() -> str:
-    return f"{knox_redis_settings.REDIS_KEY_PREFIX}:*"
+    """SCAN's MATCH pattern for every key under the prefix, and nothing else: glob characters
+    in the prefix (`*`, `?`, `[`, `\\`) are escaped."""
+    prefix = "".join("\\" + c if c in "*?[]\\" else c for c in knox_redis_settings.REDIS_KEY_PREFIX)
+    return f"{prefix}:*"
 
 
 def warm(tokens: Iterable[Any], using: str) -> int:
