@@ -301,3 +301,12 @@ def test_a_user_index_redis_refuses_to_read_fails_the_revocation(settings, user)
         assert AuthToken.objects.filter(token_key=token[:15]).exists()  # rolled back: still valid
     finally:
         server.stop()
+
+
+def test_wrong_credentials_are_unreachable_not_config_refused(probe):
+    server = RedisServer(extra_args=("--requirepass", "s3cret")).start()
+    try:
+        for url in (f"redis://:wrong@127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/0"):
+            assert [m.id for m in probe(url=url)] == ["knox_redis.W002"], url
+    finally:
+        server.stop()

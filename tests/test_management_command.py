@@ -142,3 +142,15 @@ def test_purge_with_glob_characters_in_the_prefix_touches_no_other_key(make_toke
     assert accepted(token)
     assert run("purge", "--noinput")["removed"] >= 1
     assert sorted(redis_conn.keys("*")) == [b"kAxB[a]:key", b"knox-other:key"]
+
+
+def test_clear_expired_reads_the_write_database(make_token, settings):
+    """With a router that sends reads to a replica, the sweep still reads (and re-reads) the
+    primary: a lagging replica would show deleted rows again, and the loop would never end."""
+    from tests.test_routers import PrimaryReplicaRouter
+
+    make_token(expiry=timedelta(seconds=-1))
+    settings.DATABASE_ROUTERS = [PrimaryReplicaRouter()]
+    out = io.StringIO()
+    call_command("knox_redis", "--json", "clear-expired", stdout=out)
+    assert json.loads(out.getvalue()) == {"deleted": 1}

@@ -117,20 +117,24 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     except ImproperlyConfigured:
         return []  # knox_redis.E001
     where = target.unix_path or f"{target.host}:{target.port}"
+    unreachable: BaseException | None = None
     try:
         cache.redis_command("PING")
-    except cache.CacheUnavailable as exc:
+    except cache.CacheError as exc:
+        # Not reachable, or the credentials refused; else PING itself was refused by an ACL,
+        # and CONFIG GET below tells.
+        if isinstance(exc, cache.CacheUnavailable) or _credentials_refused(exc):
+            unreachable = exc
+    if unreachable is not None:
         return [
             checks.Warning(
-                f"knox_redis could not reach its Redis at {where}: {exc}. "
+                f"knox_redis could not reach its Redis at {where}: {unreachable}. "
                 "Every request will authenticate from the database, and logouts will answer 503.",
                 hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
                 "and that this host can reach the server.",
                 id="knox_redis.W002",
             )
         ]
-    except cache.CacheError:
-        pass  # PING refused by an ACL: CONFIG GET below tells
     try:
         config: dict[str, Any] = {}
         for name in ("maxmemory", "maxmemory-policy", "save", "appendonly"):
@@ -147,6 +151,11 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             )
         ]
     return _redis_config_messages(config, where)
+
+
+def _credentials_refused(exc: BaseException) -> bool:
+    text = str(exc).upper()
+    return any(marker in text for marker in ("WRONGPASS", "NOAUTH", "AUTHENTICATION", "INVALID USERNAME-PASSWORD"))
 
 
 def _decoded(value: Any) -> str:

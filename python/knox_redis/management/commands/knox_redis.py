@@ -156,19 +156,19 @@ def clear_expired_tokens(batch_size: int, sender: type) -> int:
     """Delete expired tokens in batches through the ORM (each is revoked in Redis by the
     pre_delete signal) and send knox's token_expired for each, as knox's own cleanup does."""
     token_model = get_token_model()
+    # Reads from the write database too: a lagging replica would show deleted rows again.
+    tokens = token_model._base_manager.using(router.db_for_write(token_model))
     now = timezone.now()
     total = 0
     while True:
-        batch = list(
-            token_model._base_manager.filter(expiry__lt=now).select_related("user").only("pk", "user")[:batch_size]
-        )
+        batch = list(tokens.filter(expiry__lt=now).select_related("user").only("pk", "user")[:batch_size])
         if not batch:
             break
         pks = [t.pk for t in batch]
-        deleted, _ = token_model._base_manager.filter(pk__in=pks, expiry__lt=now).delete()
+        deleted, _ = tokens.filter(pk__in=pks, expiry__lt=now).delete()
         total += deleted
         # Only for rows that went (one refreshed in between stays, and expired nothing).
-        kept = set(token_model._base_manager.filter(pk__in=pks).values_list("pk", flat=True))
+        kept = set(tokens.filter(pk__in=pks).values_list("pk", flat=True))
         for token in batch:
             if token.pk not in kept:
                 token_expired.send(sender=sender, username=token.user.get_username(), source="clear_expired")
