@@ -16,7 +16,7 @@ use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
 use crate::pool::{Pool, PoolConfig};
-use crate::record::{Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
+use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 use crate::user_row::{UserRow, Value};
 
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
@@ -506,9 +506,7 @@ impl TokenCache {
         let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
         let values =
             values.iter().map(|(tag, value)| Ok((tag_byte(tag)?, value_from_py(value)?))).collect::<PyResult<_>>()?;
-        // Whole seconds, rounded down: an earlier re-read is always safe.
-        let seconds = (fresh_until_us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32;
-        let row = UserRow { fresh_until_s: seconds, values };
+        let row = UserRow { fresh_until_s: whole_seconds(fresh_until_us), values };
         Ok(PyBytes::new(py, &row.encode(&self.record_keys[0], &user_key)))
     }
 

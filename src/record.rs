@@ -135,9 +135,7 @@ impl Record {
         if let Some(expiry) = self.expiry_us {
             put_varint(&mut out, zigzag(expiry.wrapping_sub(self.created_us)));
         }
-        // Rounded down, and clamped: an earlier re-read is always safe.
-        let fresh_s = (self.fresh_until_us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32;
-        out.extend_from_slice(&fresh_s.to_le_bytes());
+        out.extend_from_slice(&whole_seconds(self.fresh_until_us).to_le_bytes());
         match &self.user_pk {
             UserPk::Int(pk) => put_varint(&mut out, zigzag(*pk)),
             UserPk::Str(s) => {
@@ -226,6 +224,12 @@ impl<'a> Reader<'a> {
         }
         None
     }
+}
+
+/// A re-read deadline in whole seconds since the epoch, as records and user rows store it:
+/// rounded down and clamped, since an earlier re-read is always safe.
+pub(crate) fn whole_seconds(us: i64) -> u32 {
+    (us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32
 }
 
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {

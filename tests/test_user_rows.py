@@ -173,7 +173,7 @@ def test_row_queries_keep_no_connection_alive(user):
     from django.db import connections
 
     refs = []
-    users._row_query.cache_clear()
+    users.row_query.cache_clear()
 
     def hit() -> None:
         users.load_user(type(user), user.pk, "default")
@@ -186,4 +186,4 @@ def test_row_queries_keep_no_connection_alive(user):
         thread.join()
     gc.collect()
     assert all(ref() is None for ref in refs)
-    assert users._row_query.cache_info().currsize == 1  # one compiled query for every thread
+    assert users.row_query.cache_info().currsize == 1  # one compiled query for every thread

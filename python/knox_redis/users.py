@@ -109,13 +109,9 @@ class RowQuery:
 
 
 @lru_cache(maxsize=64)
-def _row_query(model: type[Model], using: str, cached_only: bool) -> RowQuery:
-    fields = tuple(cached_fields(model) if cached_only else model._meta.concrete_fields)
-    return RowQuery(model, using, fields)
-
-
 def row_query(model: type[Model], using: str, *, cached_only: bool = True) -> RowQuery:
-    return _row_query(model, using, cached_only)
+    """The compiled query for `model` on `using`: USER_CACHE's columns, or every column."""
+    return RowQuery(model, using, tuple(cached_fields(model) if cached_only else model._meta.concrete_fields))
 
 
 def load_user(model: type[Model], pk: Any, using: str) -> Model | None:
