@@ -413,7 +413,7 @@ def _cache_then_drop_records(route: str, tokens: list[str]) -> None:
     rows = {row.token_key: row for row in AuthToken.objects.filter(token_key__in=[t[:15] for t in tokens])}
     for token in tokens:
         row = rows[token[:15]]
-        record, generation = native.lookup(row.token_key, row.digest)
+        record, generation, *_ = native.lookup(row.token_key, row.digest)
         if record is None or generation is None:
             raise BenchError("a token that was just authenticated is not cached")
         user_pk, created_us, expiry_us, _fresh_until_us = record

@@ -32,6 +32,10 @@ struct Stats {
     bad_mac: AtomicU64,
     fills: AtomicU64,
     fills_refused: AtomicU64,
+    user_hits: AtomicU64,
+    user_misses: AtomicU64,
+    user_fills: AtomicU64,
+    user_fills_refused: AtomicU64,
     revoked: AtomicU64,
     errors: AtomicU64,
     short_circuits: AtomicU64,
@@ -40,8 +44,12 @@ struct Stats {
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
 type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
 
-/// `(record tuple or None, generation bytes or None)`, as `lookup` returns it to Python.
-type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>);
+/// `(record tuple or None, generation or None, user row or None, user row generation or
+/// None)`, as `lookup` returns it to Python.
+type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>, Option<DecodedUserRow>, Option<Py<PyBytes>>);
+
+/// `(user row or None, generation or None)`, as `lookup_user` returns it to Python.
+type UserLookupReply = (Option<DecodedUserRow>, Option<Py<PyBytes>>);
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -72,6 +80,43 @@ impl TokenCache {
     /// The previous release's index: a SET of `{id}{token_key}`, still read by revocations.
     fn legacy_user_key_name(&self, user_pk: &UserPk) -> String {
         format!("{}:user:{}:tokens", self.prefix, user_pk_text(user_pk))
+    }
+
+    fn signed_user_row(
+        &self,
+        user_key: &str,
+        fresh_until_us: i64,
+        values: &[(String, Bound<'_, PyAny>)],
+    ) -> PyResult<Vec<u8>> {
+        let values =
+            values.iter().map(|(tag, value)| Ok((tag_byte(tag)?, value_from_py(value)?))).collect::<PyResult<_>>()?;
+        let row = UserRow { fresh_until_s: whole_seconds(fresh_until_us), values };
+        Ok(row.encode(&self.record_keys[0], user_key))
+    }
+
+    /// A stored user row (its generation, then the signed row) for the user named
+    /// `user_key`, as Python sees it; None for anything else (garbage, forged, another user's).
+    fn user_row_to_py(&self, py: Python<'_>, stored: &[u8], user_key: &str) -> PyResult<Option<DecodedUserRow>> {
+        match stored.get(GENERATION_LEN..) {
+            Some(signed) => self.signed_row_to_py(py, signed, user_key),
+            None => Ok(None),
+        }
+    }
+
+    fn signed_row_to_py(&self, py: Python<'_>, signed: &[u8], user_key: &str) -> PyResult<Option<DecodedUserRow>> {
+        let row = match UserRow::decode(signed, &self.record_keys, user_key) {
+            Ok(row) => row,
+            Err(rejected) => {
+                bump(if rejected == Rejected::BadMac { &self.stats.bad_mac } else { &self.stats.undecodable });
+                return Ok(None);
+            }
+        };
+        let values = row
+            .values
+            .into_iter()
+            .map(|(tag, value)| Ok((tag_string(tag), value_to_py(py, value)?)))
+            .collect::<PyResult<_>>()?;
+        Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
     }
 
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
@@ -349,19 +394,44 @@ impl TokenCache {
         })
     }
 
-    /// One round trip: `(record or None, generation or None)`. The record is
-    /// `(user_pk, created_us, expiry_us or None, fresh_until_us)`, returned only if it
-    /// decodes and its MAC verifies for this `token_key` and digest.
-    /// The generation is opaque bytes; with `create`, a missing one is created.
-    #[pyo3(signature = (token_key, digest, create = false))]
-    fn lookup(&self, py: Python<'_>, token_key: &str, digest: &str, create: bool) -> PyResult<LookupReply> {
+    /// One round trip: `(record or None, generation or None, user row or None, user row
+    /// generation or None)`. The record is `(user_pk, created_us, expiry_us or None,
+    /// fresh_until_us)`, returned only if it decodes and its MAC verifies for this
+    /// `token_key` and digest. Generations are opaque bytes; with `create`, a missing one is
+    /// created. With `with_user` (`USER_CACHE`), the same round trip reads the row of the user
+    /// the record names (see `decode_user_row`) and creates that row's generation if missing.
+    #[pyo3(signature = (token_key, digest, create = false, with_user = false))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        token_key: &str,
+        digest: &str,
+        create: bool,
+        with_user: bool,
+    ) -> PyResult<LookupReply> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
-        let candidate = new_generation();
+        let fields = [format!("r:{id}"), format!("g:{id}")];
+        let candidates = [new_generation(), new_generation()];
         let lease_ms = self.lease_ms;
-        let (raw, generation): (Option<Vec<u8>>, Option<Vec<u8>>) = py.detach(|| {
-            self.call(|conn| LOOKUP.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(u8::from(create)).invoke(conn))
+        let prefix = if with_user { self.prefix.as_str() } else { "" };
+        let reply: Vec<Option<Vec<u8>>> = py.detach(|| {
+            self.call(|conn| {
+                LOOKUP
+                    .key(&key)
+                    .arg(&fields)
+                    .arg(&candidates[0])
+                    .arg(lease_ms)
+                    .arg(u8::from(create))
+                    .arg(prefix)
+                    .arg(&candidates[1])
+                    .invoke(conn)
+            })
         })?;
+        let mut reply = reply.into_iter();
+        let (raw, generation) = (reply.next().flatten(), reply.next().flatten());
+        let (user_key, raw_row, row_generation) =
+            (reply.next().flatten(), reply.next().flatten(), reply.next().flatten());
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
         let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, &id) {
             Ok(record) => Some(record),
@@ -376,12 +446,56 @@ impl TokenCache {
         });
         let Some(record) = record else {
             bump(&self.stats.misses);
-            return Ok((None, generation));
+            return Ok((None, generation, None, None));
         };
         bump(&self.stats.hits);
+        let (mut row, mut row_generation_py) = (None, None);
+        // The row counts only under the user key the verified record names: the script named
+        // it from bytes it could not authenticate.
+        let expected = self.user_key_name(&record.user_pk);
+        if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
+            let name = user_pk_text(&record.user_pk);
+            row = match raw_row {
+                Some(stored) => self.user_row_to_py(py, &stored, &name)?,
+                None => None,
+            };
+            bump(if row.is_some() { &self.stats.user_hits } else { &self.stats.user_misses });
+            row_generation_py = row_generation.map(|g| PyBytes::new(py, &g).unbind());
+        }
         let user_pk = user_pk_to_py(py, record.user_pk)?;
         let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
-        Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation))
+        Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation, row, row_generation_py))
+    }
+
+    /// A user row alone (`USER_CACHE`, a re-read after commit): `(row or None, generation or
+    /// None)`; with `create`, a missing generation is created.
+    #[pyo3(signature = (user_pk, create = false))]
+    fn lookup_user(&self, py: Python<'_>, user_pk: &Bound<'_, PyAny>, create: bool) -> PyResult<UserLookupReply> {
+        let user_pk = user_pk_from_py(user_pk)?;
+        let key = self.user_key_name(&user_pk);
+        let candidate = new_generation();
+        let lease_ms = self.lease_ms;
+        let reply: Vec<Option<Vec<u8>>> = py.detach(|| {
+            self.call(|conn| {
+                LOOKUP
+                    .key(&key)
+                    .arg("u")
+                    .arg("ug")
+                    .arg(&candidate)
+                    .arg(lease_ms)
+                    .arg(u8::from(create))
+                    .arg("")
+                    .arg("")
+                    .invoke(conn)
+            })
+        })?;
+        let mut reply = reply.into_iter();
+        let (raw_row, generation) = (reply.next().flatten(), reply.next().flatten());
+        let row = match raw_row {
+            Some(stored) => self.user_row_to_py(py, &stored, &user_pk_text(&user_pk))?,
+            None => None,
+        };
+        Ok((row, generation.map(|g| PyBytes::new(py, &g).unbind())))
     }
 
     /// Store a record if the generation seen at lookup still stands and no tombstone does.
@@ -412,21 +526,57 @@ impl TokenCache {
         );
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
+        let fields = [format!("r:{id}"), format!("g:{id}"), format!("t:{id}")];
         let stored: i64 = py.detach(|| {
             self.call(|conn| {
                 FILL.key(&keys[0])
                     .key(&keys[1])
-                    .arg(&id)
+                    .arg(&fields)
                     .arg(generation)
                     .arg(&record)
                     .arg(ttl_ms)
+                    .arg(lease_ms)
                     .arg(&index_field[..])
                     .arg(token_key)
-                    .arg(lease_ms)
                     .invoke(conn)
             })
         })?;
         bump(if stored == 1 { &self.stats.fills } else { &self.stats.fills_refused });
+        Ok(stored == 1)
+    }
+
+    /// Store a user row (`USER_CACHE`) if the generation seen at lookup still stands and no
+    /// tombstone does: `values` as for `encode_user_row`, signed for this user.
+    #[pyo3(signature = (user_pk, generation, fresh_until_us, values, ttl_ms))]
+    fn fill_user<'py>(
+        &self,
+        py: Python<'py>,
+        user_pk: &Bound<'py, PyAny>,
+        generation: &[u8],
+        fresh_until_us: i64,
+        values: Vec<(String, Bound<'py, PyAny>)>,
+        ttl_ms: u64,
+    ) -> PyResult<bool> {
+        let user_pk = user_pk_from_py(user_pk)?;
+        let key = self.user_key_name(&user_pk);
+        let mut stored_row = random_generation().to_vec();
+        stored_row.extend_from_slice(&self.signed_user_row(&user_pk_text(&user_pk), fresh_until_us, &values)?);
+        let ttl_ms = ttl_ms.max(1);
+        let lease_ms = self.lease_ms;
+        let stored: i64 = py.detach(|| {
+            self.call(|conn| {
+                FILL.key(&key)
+                    .arg("u")
+                    .arg("ug")
+                    .arg("ut")
+                    .arg(generation)
+                    .arg(&stored_row)
+                    .arg(ttl_ms)
+                    .arg(lease_ms)
+                    .invoke(conn)
+            })
+        })?;
+        bump(if stored == 1 { &self.stats.user_fills } else { &self.stats.user_fills_refused });
         Ok(stored == 1)
     }
 
@@ -446,7 +596,15 @@ impl TokenCache {
     /// one script: records deleted, generations renewed, tombstones written. Returns how many
     /// records were deleted. Revocations ignore the breaker (a logout must try) unless
     /// `use_breaker`: for tokens that may go without Redis anyway, failing fast is better.
-    #[pyo3(signature = (tokens, users = Vec::new(), tombstone_ms = 60_000, use_breaker = false))]
+    /// `user_rows`: users whose cached row (`USER_CACHE`) is revoked the same way; with
+    /// `tombstone_ms` 0, `lift_tombstone` (the deadline a first call returned, before the
+    /// user's write) lifts their tombstone once that write has committed.
+    /// Returns `(records deleted, the tombstones' deadline in ms since the epoch)`.
+    #[pyo3(signature = (
+        tokens, users = Vec::new(), tombstone_ms = 60_000, use_breaker = false, user_rows = Vec::new(),
+        lift_tombstone = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn revoke(
         &self,
         py: Python<'_>,
@@ -454,7 +612,9 @@ impl TokenCache {
         users: Vec<Bound<'_, PyAny>>,
         tombstone_ms: u64,
         use_breaker: bool,
-    ) -> PyResult<i64> {
+        user_rows: Vec<Bound<'_, PyAny>>,
+        lift_tombstone: Option<i64>,
+    ) -> PyResult<(i64, i64)> {
         let n = tokens.len();
         let (mut token_keys, mut index_keys, mut legacy_index_keys) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -476,21 +636,25 @@ impl TokenCache {
             user_keys.push(self.user_key_name(&pk));
             user_keys.push(self.legacy_user_key_name(&pk));
         }
-        if token_keys.is_empty() && user_keys.is_empty() {
-            return Ok(0);
+        let pairs = users.len();
+        let row_keys =
+            user_rows.iter().map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?))).collect::<PyResult<Vec<_>>>()?;
+        if token_keys.is_empty() && user_keys.is_empty() && row_keys.is_empty() {
+            return Ok((0, 0));
         }
+        let lift = lift_tombstone.map(|deadline| deadline.to_string()).unwrap_or_default();
         let seed = new_generation();
-        let removed: i64 = py.detach(|| {
+        let (removed, deadline): (i64, i64) = py.detach(|| {
             self.call_with(use_breaker, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
-                invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys);
-                invocation.arg(n).arg(tombstone_ms).arg(&seed).arg(&self.prefix);
+                invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys).key(&row_keys);
+                invocation.arg(n).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(pairs).arg(&lift);
                 invocation.arg(&ids).arg(&id_fields).arg(&legacy_members);
                 invocation.invoke(conn)
             })
         })?;
         self.stats.revoked.fetch_add(removed.max(0) as u64, Ordering::Relaxed);
-        Ok(removed)
+        Ok((removed, deadline))
     }
 
     /// A user row (`USER_CACHE`) as it is stored: `values` are `(tag, primitive)` pairs, the
@@ -504,10 +668,7 @@ impl TokenCache {
         values: Vec<(String, Bound<'py, PyAny>)>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
-        let values =
-            values.iter().map(|(tag, value)| Ok((tag_byte(tag)?, value_from_py(value)?))).collect::<PyResult<_>>()?;
-        let row = UserRow { fresh_until_s: whole_seconds(fresh_until_us), values };
-        Ok(PyBytes::new(py, &row.encode(&self.record_keys[0], &user_key)))
+        Ok(PyBytes::new(py, &self.signed_user_row(&user_key, fresh_until_us, &values)?))
     }
 
     /// `(fresh_until_us, [(tag, primitive), ...])`, or None if `data` is not a row signed for
@@ -518,16 +679,7 @@ impl TokenCache {
         user_pk: &Bound<'py, PyAny>,
         data: &[u8],
     ) -> PyResult<Option<DecodedUserRow>> {
-        let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
-        let Ok(row) = UserRow::decode(data, &self.record_keys, &user_key) else {
-            return Ok(None);
-        };
-        let values = row
-            .values
-            .into_iter()
-            .map(|(tag, value)| Ok((tag_string(tag), value_to_py(py, value)?)))
-            .collect::<PyResult<_>>()?;
-        Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
+        self.signed_row_to_py(py, data, &user_pk_text(&user_pk_from_py(user_pk)?))
     }
 
     /// One command, for operators' tools (`manage.py knox_redis`, system checks): INFO, SCAN,
@@ -591,6 +743,10 @@ impl TokenCache {
             ("bad_mac", &s.bad_mac),
             ("fills", &s.fills),
             ("fills_refused", &s.fills_refused),
+            ("user_hits", &s.user_hits),
+            ("user_misses", &s.user_misses),
+            ("user_fills", &s.user_fills),
+            ("user_fills_refused", &s.user_fills_refused),
             ("revoked", &s.revoked),
             ("errors", &s.errors),
             ("short_circuits", &s.short_circuits),

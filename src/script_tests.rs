@@ -52,29 +52,41 @@ const SEED: &str = "5eed5eed5eed5eed";
 const RECORD: &str = "NEWGEN01record";
 
 fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String>) {
-    LOOKUP.key(KEY).arg(ID).arg(FRESH).arg(60_000).arg(u8::from(create)).invoke(conn).unwrap()
+    LOOKUP
+        .key(KEY)
+        .arg(format!("r:{ID}"))
+        .arg(format!("g:{ID}"))
+        .arg(FRESH)
+        .arg(60_000)
+        .arg(u8::from(create))
+        .arg("")
+        .arg("")
+        .invoke(conn)
+        .unwrap()
 }
 
-fn fill_with(conn: &mut Connection, generation: &str, record: &str) -> i64 {
+fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> i64 {
     FILL.key(KEY)
         .key(INDEX)
-        .arg(ID)
+        .arg(format!("r:{ID}"))
+        .arg(format!("g:{ID}"))
+        .arg(format!("t:{ID}"))
         .arg(generation)
         .arg(record)
         .arg(60_000)
+        .arg(60_000)
         .arg(ID_BYTES)
         .arg("abc")
-        .arg(60_000)
         .invoke(conn)
         .unwrap()
 }
 
 fn fill(conn: &mut Connection, generation: &str) -> i64 {
-    fill_with(conn, generation, RECORD)
+    fill_with(conn, generation, RECORD.as_bytes())
 }
 
 fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
-    REVOKE
+    let (removed, _deadline): (i64, i64) = REVOKE
         .key(KEY)
         .key(INDEX)
         .key(LEGACY_INDEX)
@@ -82,15 +94,29 @@ fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
         .arg(tombstone_ms)
         .arg(SEED)
         .arg("knox")
+        .arg(0)
+        .arg("")
         .arg(ID)
         .arg(ID_BYTES)
         .arg(format!("{ID}abc"))
         .invoke(conn)
-        .unwrap()
+        .unwrap();
+    removed
 }
 
 fn revoke_user(conn: &mut Connection) -> i64 {
-    REVOKE.key(INDEX).key(LEGACY_INDEX).arg(0).arg(60_000).arg(SEED).arg("knox").invoke(conn).unwrap()
+    let (removed, _deadline): (i64, i64) = REVOKE
+        .key(INDEX)
+        .key(LEGACY_INDEX)
+        .arg(0)
+        .arg(60_000)
+        .arg(SEED)
+        .arg("knox")
+        .arg(1)
+        .arg("")
+        .invoke(conn)
+        .unwrap();
+    removed
 }
 
 #[test]
@@ -112,7 +138,7 @@ fn lifecycle() {
     assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0 && conn.pttl::<_, i64>(INDEX).unwrap() > 0);
     // A re-read fills under the record's generation; the old lookup's one is spent.
     assert_eq!(fill(&mut conn, &generation), 0, "a generation fills once");
-    assert_eq!(fill_with(&mut conn, "NEWGEN01", "NEWGEN02record"), 1);
+    assert_eq!(fill_with(&mut conn, "NEWGEN01", b"NEWGEN02record"), 1);
     // Revocation: record gone, generation renewed, index pruned, tombstone blocks fills.
     assert_eq!(revoke(&mut conn, 60_000), 1);
     let (record, new_generation) = lookup(&mut conn, true);
@@ -210,4 +236,127 @@ fn previous_release_generations_are_still_honoured() {
         assert_eq!(lookup(&mut conn, true).1.as_deref(), Some(old));
         assert_eq!(fill(&mut conn, old), 1);
     }
+}
+
+// --- user rows (USER_CACHE) -------------------------------------------------------------
+
+/// A real record for user `pk` (lookup.lua reads the user key out of it).
+fn record_for(pk: crate::record::UserPk) -> Vec<u8> {
+    let record = crate::record::Record { user_pk: pk, created_us: 1, expiry_us: Some(2), fresh_until_us: 3_000_000 };
+    record.encode(&crate::record::RecordKey::derive(b"s", "knox\x000"), "abc", ID, *b"RECGEN01")
+}
+
+type UserReply = (Option<Vec<u8>>, Option<String>, Option<String>, Option<String>, Option<String>);
+
+fn lookup_with_user(conn: &mut Connection) -> UserReply {
+    LOOKUP
+        .key(KEY)
+        .arg(format!("r:{ID}"))
+        .arg(format!("g:{ID}"))
+        .arg(FRESH)
+        .arg(60_000)
+        .arg(0)
+        .arg("knox")
+        .arg(SEED)
+        .invoke(conn)
+        .unwrap()
+}
+
+fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> i64 {
+    FILL.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).invoke(conn).unwrap()
+}
+
+/// Returns the tombstone's deadline. Each call seeds its generations anew, as the client does.
+fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift: &str) -> i64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = format!("{:016x}", 0x5eed_0000 + CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let (_removed, deadline): (i64, i64) =
+        REVOKE.key(key).arg(0).arg(tombstone_ms).arg(seed).arg("knox").arg(0).arg(lift).invoke(conn).unwrap();
+    deadline
+}
+
+fn revoke_row(conn: &mut Connection, key: &str, tombstone_ms: u64) -> i64 {
+    revoke_row_lifting(conn, key, tombstone_ms, "")
+}
+
+#[test]
+fn a_hit_reads_the_user_row_the_record_names_in_the_same_round_trip() {
+    use crate::record::UserPk;
+    let Some((_server, mut conn)) = start() else { return };
+    let uuid = "6b6e6f78-0000-4000-8000-00000000002a";
+    for (pk, user_key) in [
+        (UserPk::Int(42), "knox:user:42:ix".to_owned()),
+        (UserPk::Int(-7), "knox:user:-7:ix".to_owned()),
+        (UserPk::Int((1 << 52) - 1), format!("knox:user:{}:ix", (1_i64 << 52) - 1)),
+        (UserPk::Str(uuid.into()), format!("knox:user:{uuid}:ix")),
+        (UserPk::Str("alice:{x}".into()), "knox:user:alice:{x}:ix".to_owned()),
+    ] {
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+        let record = record_for(pk);
+        let _: () = conn.hset(KEY, format!("r:{ID}"), &record).unwrap();
+        // No row yet: its generation is created (the caller reads the row and fills).
+        let (found, generation, named, row, row_generation) = lookup_with_user(&mut conn);
+        assert_eq!(found.as_deref(), Some(&record[..]));
+        assert_eq!(generation.as_deref(), Some("RECGEN01"));
+        assert_eq!(named.as_deref(), Some(user_key.as_str()));
+        assert_eq!((row, row_generation.as_deref()), (None, Some(SEED)));
+        assert!(conn.pttl::<_, i64>(&user_key).unwrap() > 0);
+        assert_eq!(fill_user(&mut conn, &user_key, SEED, "ROWGEN01row"), 1);
+        let (_, _, _, row, row_generation) = lookup_with_user(&mut conn);
+        assert_eq!((row.as_deref(), row_generation.as_deref()), (Some("ROWGEN01row"), Some("ROWGEN01")));
+        assert_eq!(conn.hlen::<_, i64>(&user_key).unwrap(), 1, "one field per cached row");
+    }
+}
+
+#[test]
+fn no_user_row_without_a_record_or_from_garbage() {
+    let Some((_server, mut conn)) = start() else { return };
+    assert_eq!(lookup_with_user(&mut conn), (None, None, None, None, None));
+    let _: () = conn.hset(KEY, format!("r:{ID}"), "short garbage, no user key in it").unwrap();
+    let (_, _, named, row, row_generation) = lookup_with_user(&mut conn);
+    assert_eq!((named, row, row_generation), (None, None, None));
+    // A key a double can't spell exactly: the token is still a hit, the user is read from the
+    // database.
+    let _: () = conn.hset(KEY, format!("r:{ID}"), record_for(crate::record::UserPk::Int(1 << 60))).unwrap();
+    let (found, _, named, _, _) = lookup_with_user(&mut conn);
+    assert!(found.is_some() && named.is_none());
+    assert_eq!(conn.keys::<_, Vec<String>>("knox:user:*").unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn a_user_row_has_the_lease_of_a_token() {
+    let Some((_server, mut conn)) = start() else { return };
+    let user_key = "knox:user:42:ix";
+    let _: () = conn.hset(KEY, format!("r:{ID}"), record_for(crate::record::UserPk::Int(42))).unwrap();
+    let seen = lookup_with_user(&mut conn).4.unwrap();
+    // A revocation (a user save) between lookup and fill: the fill is refused...
+    let deadline = revoke_row(&mut conn, user_key, 60_000);
+    assert_eq!(fill_user(&mut conn, user_key, &seen, "ROWGEN01row"), 0);
+    // ...and so is one under the new generation while the tombstone stands.
+    let fresh = lookup_with_user(&mut conn).4.unwrap();
+    assert!(fresh.ends_with(":1") && fresh != seen, "{fresh}");
+    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row"), 0);
+    // Once the write has committed, the second call lifts the tombstone it wrote (only that
+    // one: a later deadline guards a write still open) and renews the generation again.
+    revoke_row_lifting(&mut conn, user_key, 0, &(deadline - 1).to_string());
+    assert!(conn.hexists::<_, _, bool>(user_key, "ut").unwrap());
+    revoke_row_lifting(&mut conn, user_key, 0, &deadline.to_string());
+    assert!(!conn.hexists::<_, _, bool>(user_key, "ut").unwrap());
+    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row"), 0, "the generation moved on");
+    let latest = lookup_with_user(&mut conn).4.unwrap();
+    assert_eq!(fill_user(&mut conn, user_key, &latest, "ROWGEN01row"), 1);
+    // A cached row is deleted by a revocation.
+    revoke_row(&mut conn, user_key, 0);
+    assert!(!conn.hexists::<_, _, bool>(user_key, "u").unwrap());
+}
+
+#[test]
+fn revoking_every_token_of_a_user_keeps_the_user_rows_tombstone() {
+    let Some((_server, mut conn)) = start() else { return };
+    let _ = lookup(&mut conn, true);
+    assert_eq!(fill(&mut conn, FRESH), 1);
+    revoke_row(&mut conn, INDEX, 60_000); // a user save in flight
+    assert_eq!(revoke_user(&mut conn), 1);
+    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES).unwrap());
+    assert!(conn.hexists::<_, _, bool>(INDEX, "ut").unwrap() && conn.hexists::<_, _, bool>(INDEX, "ug").unwrap());
 }

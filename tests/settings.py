@@ -23,6 +23,7 @@ INSTALLED_APPS = [
     "knox",
     "knox_redis",
     "tests.testapp",
+    "tests.userapp",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

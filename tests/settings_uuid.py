@@ -3,5 +3,6 @@
 
 from tests.settings import *  # noqa: F403
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.uuidapp"]  # noqa: F405
+# tests.userapp subclasses the stock user model, which this one replaces.
+INSTALLED_APPS = [*(app for app in INSTALLED_APPS if app != "tests.userapp"), "tests.uuidapp"]  # noqa: F405
 AUTH_USER_MODEL = "uuidapp.UUIDUser"

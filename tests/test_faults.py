@@ -219,7 +219,9 @@ def test_pending_revocations_do_not_slow_requests_while_redis_is_down(make_token
     token = make_token()
     assert accepted(token)
     proxy.cut()
-    cache.pending_revocations.add([(token[:15], AuthToken.objects.get().digest, 1)], [], RuntimeError("test"))
+    cache.pending_revocations.add(
+        cache.Revocation([(token[:15], AuthToken.objects.get().digest, 1)], [], []), RuntimeError("test")
+    )
     assert accepted(token)  # opens the breaker
     started = time.perf_counter()
     assert all(accepted(token) for _ in range(20))
@@ -252,7 +254,8 @@ def test_a_pending_revocation_stops_every_hit_in_this_process(make_token, redis_
         raise CacheError("revocation not delivered")
 
     monkeypatch.setattr(cache, "_send_revocations", undeliverable)
-    cache.pending_revocations.add([(row.token_key, row.digest, row.user_id)], [], RuntimeError("test"))
+    batch = cache.Revocation([(row.token_key, row.digest, row.user_id)], [], [])
+    cache.pending_revocations.add(batch, RuntimeError("test"))
     assert not accepted(token)
 
 
@@ -263,7 +266,9 @@ def test_requests_do_not_wait_on_a_hung_redis_to_deliver_pending_revocations(mak
     token = make_token()
     assert accepted(token)
     proxy.blackhole()
-    cache.pending_revocations.add([(token[:15], AuthToken.objects.get().digest, 1)], [], RuntimeError("test"))
+    cache.pending_revocations.add(
+        cache.Revocation([(token[:15], AuthToken.objects.get().digest, 1)], [], []), RuntimeError("test")
+    )
     assert accepted(token)  # pays one timeout, opens the breaker
     started = time.perf_counter()
     assert all(accepted(token) for _ in range(10))

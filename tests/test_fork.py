@@ -60,7 +60,7 @@ def test_children_never_share_the_parents_connections(transactional_db, django_u
     parent_wrong = 0
     for _ in range(40):
         for digest, (token_key, user_pk) in expected.items():
-            record, _generation = cache.get_client().lookup(token_key, digest)
+            record, *_ = cache.get_client().lookup(token_key, digest)
             parent_wrong += record is None or record[0] != user_pk
     results = [queue.get(timeout=60) for _ in children]
     for child in children:

@@ -37,7 +37,7 @@ def test_a_deadline_further_ahead_than_max_cache_ttl_is_due_for_a_reread(make_to
     token = make_token()
     cache_it(token)
     row = AuthToken.objects.get()
-    _record, generation = native.lookup(row.token_key, row.digest, True)
+    _record, generation, *_ = native.lookup(row.token_key, row.digest, True)
     fast = timezone.now() + timedelta(seconds=3600 + 3600)
     assert native.fill(
         row.token_key,

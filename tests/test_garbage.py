@@ -20,7 +20,7 @@ LAST_MICROSECOND = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt_timezone
 
 def plant(native, row, user_pk, *, created=None, fresh_until=None) -> None:
     """A record as a writer with a broken clock would fill it, under a valid generation."""
-    _record, generation = native.lookup(row.token_key, row.digest, True)
+    _record, generation, *_ = native.lookup(row.token_key, row.digest, True)
     assert native.fill(
         row.token_key,
         row.digest,

@@ -103,6 +103,6 @@ def test_big_integer_user_pk_is_stored_as_text(make_token, user):
     digest = "ab" * 64
     found = cache.lookup("bigpk", digest, create=True)
     assert client.fill("bigpk", digest, found.generation, 2**70, 0, None, 10**15, 60_000)
-    record, _ = client.lookup("bigpk", digest)
+    record, *_ = client.lookup("bigpk", digest)
     assert record[0] == str(2**70)
     assert isinstance(client, _knox_redis.TokenCache)

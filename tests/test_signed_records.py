@@ -25,7 +25,7 @@ def attacker_client(redis_server) -> _knox_redis.TokenCache:
 
 def plant(native, token: str, user_pk, *, expiry_us=None) -> None:
     digest = hashlib.sha512(token.encode()).hexdigest()
-    _record, generation = native.lookup(token[:15], digest, True)
+    _record, generation, *_ = native.lookup(token[:15], digest, True)
     now_us = cache.to_us(timezone.now())
     assert native.fill(token[:15], digest, generation, user_pk, now_us, expiry_us, now_us + 3_000_000_000, 60_000)
 

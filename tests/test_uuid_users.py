@@ -67,3 +67,18 @@ def test_login_hit_logoutall_with_uuid_users(client, uuid_user, redis_conn):
     assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
     assert not any(record_exists(redis_conn, t) for t in tokens)
     assert all(client.get("/api/whoami/", **auth_header(t)).status_code == 401 for t in tokens)
+
+
+def test_user_cache_with_uuid_keys(uuid_user, settings, redis_conn, django_assert_num_queries):
+    """The lookup script reads the user's key out of the record (16 bytes for a UUID) and
+    spells it as Django does: the row comes back in the same round trip."""
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    _instance, token = AuthToken.objects.create(user=uuid_user)
+    assert accepted(token)
+    assert redis_conn.hexists(cache.get_client().user_key(str(uuid_user.pk)), "u")
+    with django_assert_num_queries(0):
+        assert accepted(token)
+    uuid_user.is_active = False
+    uuid_user.save()
+    assert not accepted(token)
+    knox_redis.invalidate_user(str(uuid_user.pk).upper())  # any spelling names the same row

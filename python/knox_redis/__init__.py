@@ -1,14 +1,14 @@
 """django-rest-knox-redis: a Redis cache for django-rest-knox token authentication.
 
 For writes that bypass Django signals (raw SQL, ``QuerySet.update``, another service):
-``invalidate_token`` and ``invalidate_user_tokens``.
+``invalidate_token``, ``invalidate_user_tokens`` and, with USER_CACHE, ``invalidate_user``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["__version__", "invalidate_token", "invalidate_user_tokens"]
+__all__ = ["__version__", "invalidate_token", "invalidate_user", "invalidate_user_tokens"]
 
 
 def __getattr__(name: str) -> Any:
@@ -42,3 +42,20 @@ def invalidate_user_tokens(user: Any) -> None:
     user_pk = getattr(user, "pk", user)
     tokens = list(get_token_model()._base_manager.filter(user_id=user_pk))
     cache.revoke(tokens, users=[user_pk])
+
+
+def invalidate_user(user: Any) -> None:
+    """Drop the cached row of `user` (a user instance or primary key) (USER_CACHE): the next
+    request builds the user from the database. Call it after changing users in ways that send
+    no signal (``QuerySet.update``, raw SQL); inside a transaction, it is sent again after
+    commit. Without it, such a change is seen within USER_CACHE_TTL.
+
+    Raises knox_redis.cache.RevocationUnavailable if Redis can't be reached.
+    """
+    from django.contrib.auth import get_user_model
+    from django.db import router
+
+    from knox_redis import cache
+
+    pk, using = getattr(user, "pk", user), router.db_for_write(get_user_model())
+    cache.finish_user_revocation(pk, cache.revoke([], user_rows=[pk], using=using, after_commit=False), using)

@@ -23,6 +23,9 @@ _Primitive = None | bool | int | float | str | bytes
 # (user_pk, created_us, expiry_us or None, fresh_until_us)
 _CachedRecord = tuple[int | str, int, int | None, int]
 
+# (fresh_until_us, [(tag, primitive), ...])
+_UserRow = tuple[int, list[tuple[str, _Primitive]]]
+
 # A #[pyclass] without `subclass`: Python can't subclass it.
 @final
 class TokenCache:
@@ -48,8 +51,9 @@ class TokenCache:
         record_fallback_secrets: list[bytes] = ...,
     ) -> Self: ...
     def lookup(
-        self, token_key: str, digest: str, create: bool = False
-    ) -> tuple[_CachedRecord | None, bytes | None]: ...
+        self, token_key: str, digest: str, create: bool = False, with_user: bool = False
+    ) -> tuple[_CachedRecord | None, bytes | None, _UserRow | None, bytes | None]: ...
+    def lookup_user(self, user_pk: int | str, create: bool = False) -> tuple[_UserRow | None, bytes | None]: ...
     def fill(
         self,
         token_key: str,
@@ -61,6 +65,14 @@ class TokenCache:
         fresh_until_us: int,
         ttl_ms: int,
     ) -> bool: ...
+    def fill_user(
+        self,
+        user_pk: int | str,
+        generation: bytes,
+        fresh_until_us: int,
+        values: list[tuple[str, _Primitive]],
+        ttl_ms: int,
+    ) -> bool: ...
     def claim(self, token_key: str, digest: str) -> bytes | None: ...
     def revoke(
         self,
@@ -68,11 +80,13 @@ class TokenCache:
         users: list[int | str] = ...,
         tombstone_ms: int = 60000,
         use_breaker: bool = False,
-    ) -> int: ...
+        user_rows: list[int | str] = ...,
+        lift_tombstone: int | None = None,
+    ) -> tuple[int, int]: ...
     def encode_user_row(
         self, user_pk: int | str, fresh_until_us: int, values: list[tuple[str, _Primitive]]
     ) -> bytes: ...
-    def decode_user_row(self, user_pk: int | str, data: bytes) -> tuple[int, list[tuple[str, _Primitive]]] | None: ...
+    def decode_user_row(self, user_pk: int | str, data: bytes) -> _UserRow | None: ...
     def command(self, args: list[bytes]) -> Any: ...
     def ping(self) -> None: ...
     def reset(self) -> None: ...

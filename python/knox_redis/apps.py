@@ -21,3 +21,13 @@ class KnoxRedisConfig(AppConfig):
                 pre_delete.connect(signals.revoke_before_delete, sender=model, dispatch_uid=f"{uid}.delete")
                 pre_save.connect(signals.revoke_before_update, sender=model, dispatch_uid=f"{uid}.update")
                 post_save.connect(signals.after_save, sender=model, dispatch_uid=f"{uid}.saved")
+
+        # The user's row (USER_CACHE): every model whose save or delete changes it.
+        user_model = token_model._meta.get_field("user").related_model
+        tables = {user_model._meta.concrete_model, *user_model._meta.get_parent_list()}
+        for model in apps.get_models():
+            if tables & {model._meta.concrete_model, *model._meta.get_parent_list()}:
+                uid = f"knox_redis.user.{model._meta.label}"
+                pre_save.connect(signals.revoke_user_row_before_save, sender=model, dispatch_uid=f"{uid}.update")
+                post_save.connect(signals.finish_user_row_revocation, sender=model, dispatch_uid=f"{uid}.saved")
+                pre_delete.connect(signals.revoke_user_row_before_delete, sender=model, dispatch_uid=f"{uid}.delete")

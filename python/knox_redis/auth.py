@@ -8,8 +8,12 @@ The story of one request:
    stored under the token_key and the first 128 bits of the digest, and the native client
    returns it only if its MAC (keyed from SIGNING_KEY) verifies for both, so a record planted
    or altered by whoever can write to Redis is a miss.
-3. Hit: the record gives user, created and expiry, so no token row is read. The user is loaded by primary key (the
-   one query) so a deactivated user is rejected at once.
+3. Hit: the record gives user, created and expiry, so no token row is read. The user is
+   loaded by primary key (the one query), so a deactivated user is rejected at once. With
+   USER_CACHE, the user's row came back in the same round trip and the user is built from
+   it (no query at all): every save or delete of a user revokes its row first, as a logout
+   revokes a token, so it is as current as the database. Without a usable row, the user is
+   read by primary key and its row cached under the same lease as tokens.
 4. Miss (or Redis unavailable): knox's own database path runs unchanged, then the row is
    cached, unless a revocation started since the lookup.
 """
@@ -130,7 +134,7 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         if not expired and not cache.fresh(record, now):
             return None  # due for a re-read from the database (MAX_CACHE_TTL)
         token_model = get_token_model()
-        user = _load_user(token_model, record.user_pk)
+        user = _load_user(token_model, found, now)
         if user is None:
             return None
         # As if loaded from the database: any field a custom TOKEN_MODEL adds is deferred, so
@@ -180,10 +184,24 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         return True
 
 
-def _load_user(token_model: Any, user_pk: Any) -> Any:
+def _load_user(token_model: Any, found: cache.Lookup, now: Any) -> Any:
+    """The user the record names: built from its cached row (USER_CACHE: no query), else read
+    by primary key (one query). None sends the request down knox's database path."""
     user_model = token_model._meta.get_field("user").related_model
+    using = router.db_for_read(user_model)
     try:
-        pk = user_model._meta.pk.to_python(user_pk)
-        return users.load_user(user_model, pk, router.db_for_read(user_model))
+        pk = user_model._meta.pk.to_python(found.record.user_pk)  # type: ignore[union-attr]
+        if not knox_redis_settings.USER_CACHE:
+            return users.load_user(user_model, pk, using)
+        if found.user_row is not None and cache.fresh_user_row(found.user_row, now):
+            try:
+                return users.build_user(user_model, found.user_row.values, using)
+            except (ValidationError, ValueError, TypeError, OverflowError) as exc:
+                cache.logger.debug("knox_redis: cached user row not used: %s", exc)  # re-read below
+        fetched = users.fetch_user(user_model, pk, using)
     except (ValidationError, ValueError, TypeError, OverflowError):
         return None
+    if fetched is None:
+        return None
+    cache.store_user(user_model, pk, fetched, found, using)
+    return fetched.user

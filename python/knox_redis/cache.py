@@ -34,6 +34,7 @@ from rest_framework.exceptions import APIException
 from knox_redis import _knox_redis
 from knox_redis._knox_redis import CacheError, CacheUnavailable  # noqa: F401  (re-exported: checks)
 from knox_redis.settings import knox_redis_settings, redis_target
+from knox_redis.users import FetchedUser, UncacheableValue, fetch_user
 
 logger = logging.getLogger("knox_redis")
 
@@ -63,12 +64,25 @@ class CachedToken:
 
 
 @dataclass(frozen=True)
+class CachedUserRow:
+    """A user's row (USER_CACHE), authenticated: MAC verified for the user the record names.
+    `values` are the columns as the database driver returned them, as `(tag, primitive)`
+    pairs (users.py turns them back into a user)."""
+
+    fresh_until: datetime
+    values: list[tuple[str, Any]]
+
+
+@dataclass(frozen=True)
 class Lookup:
     """What Redis knows about a token: its record, if any, and the generation a fill needs
-    (None until a request that the database authenticated has created one)."""
+    (None until a request that the database authenticated has created one); with USER_CACHE
+    and a record, the row of the user it names, and the generation a fill of that row needs."""
 
     record: CachedToken | None
     generation: bytes | None
+    user_row: CachedUserRow | None = None
+    user_generation: bytes | None = None
 
 
 # --- the client -------------------------------------------------------------------------
@@ -200,11 +214,13 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
     if len(pending_revocations) and not pending_revocations.drain(fail_fast=True):
         return None  # a revocation Redis hasn't taken yet: no cached record can be trusted
     try:
-        raw, generation = get_client().lookup(token_key, digest, create)
+        raw, generation, raw_row, user_generation = get_client().lookup(
+            token_key, digest, create, knox_redis_settings.USER_CACHE
+        )
     except (CacheError, ImproperlyConfigured) as exc:
         _warn("lookup", exc)
         return None
-    return Lookup(_record(raw), generation)
+    return Lookup(_record(raw), generation, _user_row(raw_row), user_generation)
 
 
 def _record(raw: Any) -> CachedToken | None:
@@ -229,6 +245,17 @@ def _record(raw: Any) -> CachedToken | None:
     return record
 
 
+def _user_row(raw: Any) -> CachedUserRow | None:
+    if raw is None:
+        return None
+    fresh_until_us, values = raw
+    try:
+        return CachedUserRow(from_us(fresh_until_us), values)
+    except (OverflowError, ValueError) as exc:
+        _warn("decode", exc)
+        return None
+
+
 def fresh(record: CachedToken, now: datetime) -> bool:
     """May a hit trust this record without re-reading the row?
 
@@ -236,6 +263,11 @@ def fresh(record: CachedToken, now: datetime) -> bool:
     than MAX_CACHE_TTL allows now: it was set under a longer setting, or by a writer whose
     clock runs fast, and a lowered MAX_CACHE_TTL must bound records cached before it."""
     return now < record.fresh_until <= now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+
+
+def fresh_user_row(row: CachedUserRow, now: datetime) -> bool:
+    """May a hit build the user from this row? As `fresh`, with USER_CACHE_TTL."""
+    return now < row.fresh_until <= now + timedelta(seconds=knox_redis_settings.USER_CACHE_TTL)
 
 
 def store(token: Any, found: Lookup) -> None:
@@ -299,6 +331,55 @@ def _refill(token_key: str, digest: str, using: str) -> None:
     token = get_token_model()._base_manager.using(using).filter(digest=digest).first()
     if token is not None:
         _fill(_values(token), found.generation)
+
+
+def store_user(model: Any, pk: Any, fetched: FetchedUser, found: Lookup, read_db: str) -> None:
+    """Cache a user row this request read from `read_db` (USER_CACHE), under the lease of
+    the lookup that found its token (`found.user_generation`): as `store` does for tokens."""
+    if fetched.values is None:
+        _warn("user row", UncacheableValue(fetched.problem))
+        return
+    write_db = router.db_for_write(model)
+    states = {db: _when_committed(db) for db in (write_db, read_db)}
+    if "never" in states.values():
+        return
+    if set(states.values()) == {"now"} and found.user_generation is not None and read_db == write_db:
+        _fill_user(pk, fetched.values, found.user_generation)
+    else:
+        _refill_user(model, pk, write_db)
+
+
+def _refill_user(model: Any, pk: Any, using: str) -> None:
+    """Read the user row again from the write database under a fresh generation, and cache
+    it; after commit if that database (or the one requests read from) is in a transaction."""
+    for db in dict.fromkeys((using, router.db_for_read(model))):
+        if transaction.get_connection(db).in_atomic_block:
+            transaction.on_commit(partial(_refill_user, model, pk, using), using=db, robust=True)
+            return
+    if len(pending_revocations) and not pending_revocations.drain(fail_fast=True):
+        return
+    try:
+        _row, generation = get_client().lookup_user(_user_pk(pk), create=True)
+    except (CacheError, ImproperlyConfigured) as exc:
+        _warn("lookup", exc)
+        return
+    fetched = None if generation is None else fetch_user(model, pk, using)
+    if fetched is not None and fetched.values is not None:
+        _fill_user(pk, fetched.values, generation)
+
+
+def _fill_user(pk: Any, values: list[tuple[str, Any]], generation: bytes) -> bool:
+    """Store the user row if `generation` still stands and no tombstone does."""
+    period = timedelta(seconds=knox_redis_settings.USER_CACHE_TTL)
+    fresh_until = timezone.now() + period
+    # The key (and the generation the row carries) outlives the row by one period, so the
+    # re-read after USER_CACHE_TTL is a plain miss, not a first sight.
+    ttl_ms = int(2 * period.total_seconds() * 1000)
+    try:
+        return get_client().fill_user(_user_pk(pk), generation, to_us(fresh_until), values, ttl_ms)
+    except (CacheError, ImproperlyConfigured) as exc:
+        _warn("fill", exc)
+        return False
 
 
 @dataclass(frozen=True)
@@ -532,41 +613,97 @@ REVOKE_BATCH = 5000
 
 
 def revoke(
-    tokens: Iterable[Any], *, users: Iterable[Any] = (), using: str | None = None, fail_fast: bool = False
-) -> None:
-    """Revoke cached tokens before their rows change or go; again after commit.
+    tokens: Iterable[Any],
+    *,
+    users: Iterable[Any] = (),
+    user_rows: Iterable[Any] = (),
+    using: str | None = None,
+    fail_fast: bool = False,
+    quiet: bool = False,
+    after_commit: bool = True,
+) -> int:
+    """Revoke cached tokens (and every token indexed for `users`, and the cached rows of
+    `user_rows`) before their rows change or go; again after commit.
 
     Raises RevocationUnavailable when Redis can't be told: the caller's transaction rolls
     back and the token stays valid everywhere, as the database says. Revocations ignore the
-    circuit breaker unless `fail_fast` (for callers with a fallback of their own).
+    circuit breaker unless `fail_fast` (for callers with a fallback of their own, `quiet`
+    if that fallback is to go on without Redis). Returns the tombstones' deadline (for
+    `finish_user_revocation`, which callers passing `after_commit=False` call instead).
     """
     # A row whose digest can't name a hash field (imported, hand-made) was never cached.
     tokens = [t for t in tokens if _cacheable(t.digest)]
-    entries = [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens]
-    user_pks = [_user_pk(pk) for pk in users]
-    if not entries and not user_pks:
-        return
+    batch = Revocation(
+        [(t.token_key, t.digest, _user_pk(t.user_id)) for t in tokens],
+        [_user_pk(pk) for pk in users],
+        [_user_pk(pk) for pk in user_rows],
+    )
+    if not batch:
+        return 0
     try:
-        _send_revocations(entries, user_pks, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
+        deadline = _send_revocations(batch, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
     except (CacheError, ImproperlyConfigured) as exc:
-        logger.error("knox_redis: refusing to revoke tokens, Redis can't be told: %s", exc)
+        if quiet:
+            _warn("revocation", exc)
+        else:
+            logger.error("knox_redis: refusing to revoke, Redis can't be told: %s", exc)
         raise RevocationUnavailable() from exc
     # After commit, revoke once more without a tombstone: a reader that looked the token up
     # after the first revocation but read the row before the commit can't fill it now.
     if using is None:
         hints = {"instance": tokens[0]} if tokens else {}
         using = router.db_for_write(get_token_model(), **hints)
-    if transaction.get_connection(using).in_atomic_block:
-        transaction.on_commit(partial(_revoke_after_commit, entries, user_pks), using=using, robust=True)
+    if after_commit and transaction.get_connection(using).in_atomic_block:
+        transaction.on_commit(partial(_revoke_after_commit, batch), using=using, robust=True)
+    return deadline
 
 
-def _send_revocations(
-    entries: list[tuple[str, str, int | str]], user_pks: list[int | str], tombstone_ms: int, fail_fast: bool = False
-) -> None:
+def finish_user_revocation(pk: Any, deadline: int, using: str) -> None:
+    """After a write of the user's row (post_save): once it has committed, revoke the row
+    again and lift the tombstone the revocation before the write left (`deadline`), so the
+    new row can be cached at once instead of after REVOCATION_TOMBSTONE_TTL. A request that
+    read the row before the commit holds a generation this replaces: its fill fails anyway.
+    Under manual transaction management (no way to know when it commits) the tombstone
+    stays and runs out."""
+    batch = Revocation([], [], [_user_pk(pk)], lift_tombstone=deadline)
+    when = _when_committed(using)
+    if when == "now":
+        _revoke_after_commit(batch)
+    elif when == "on_commit":
+        transaction.on_commit(partial(_revoke_after_commit, batch), using=using, robust=True)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What one revocation tells Redis: tokens `(token_key, digest, user_pk)`, users whose
+    indexed tokens all go, users whose cached row goes (and, after the write, the deadline
+    of the user rows' tombstones to lift)."""
+
+    tokens: list[tuple[str, str, int | str]]
+    users: list[int | str]
+    user_rows: list[int | str]
+    lift_tombstone: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.users or self.user_rows)
+
+
+def _send_revocations(batch: Revocation, tombstone_ms: int, fail_fast: bool = False) -> int:
+    """Returns the tombstones' deadline, in ms since the epoch (Redis' clock)."""
     client = get_client()
-    for start in range(0, max(len(entries), 1), REVOKE_BATCH):
-        last = start + REVOKE_BATCH >= len(entries)
-        client.revoke(entries[start : start + REVOKE_BATCH], user_pks if last else [], tombstone_ms, fail_fast)
+    tokens = batch.tokens
+    deadline = 0
+    for start in range(0, max(len(tokens), 1), REVOKE_BATCH):
+        last = start + REVOKE_BATCH >= len(tokens)
+        _removed, deadline = client.revoke(
+            tokens[start : start + REVOKE_BATCH],
+            batch.users if last else [],
+            tombstone_ms,
+            fail_fast,
+            batch.user_rows if last else [],
+            batch.lift_tombstone if last else None,
+        )
+    return deadline
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -576,11 +713,11 @@ def _cacheable(digest: Any) -> bool:
     return isinstance(digest, str) and len(digest) >= 32 and set(digest[:32]) <= _HEX
 
 
-def _revoke_after_commit(entries: list[tuple[str, str, int | str]], user_pks: list[int | str]) -> None:
+def _revoke_after_commit(batch: Revocation) -> None:
     try:
-        _send_revocations(entries, user_pks, 0)
+        _send_revocations(batch, 0)
     except (CacheError, ImproperlyConfigured) as exc:
-        pending_revocations.add(entries, user_pks, exc)
+        pending_revocations.add(batch, exc)
 
 
 class PendingRevocations:
@@ -599,7 +736,7 @@ class PendingRevocations:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._batches: list[tuple[list[tuple[str, str, int | str]], list[int | str]]] = []
+        self._batches: list[Revocation] = []
         self._drain_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -607,10 +744,10 @@ class PendingRevocations:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def add(self, entries: list[tuple[str, str, int | str]], user_pks: list[int | str], exc: BaseException) -> None:
+    def add(self, batch: Revocation, exc: BaseException) -> None:
         with self._lock:
             first = not self._batches
-            self._batches.append((entries, user_pks))
+            self._batches.append(batch)
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._retry_until_drained, name=self.THREAD_NAME, daemon=True)
@@ -634,9 +771,9 @@ class PendingRevocations:
             with self._lock:
                 batches = list(self._batches)
             sent = 0
-            for entries, user_pks in batches:
+            for batch in batches:
                 try:
-                    _send_revocations(entries, user_pks, 0, fail_fast)
+                    _send_revocations(batch, 0, fail_fast)
                 except (CacheError, ImproperlyConfigured):
                     break
                 sent += 1

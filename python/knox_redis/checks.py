@@ -194,3 +194,34 @@ def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.Ch
             )
         )
     return messages
+
+
+@checks.register(checks.Tags.models)
+def check_user_cache(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """USER_CACHE keeps the user's columns as the database driver returns them: a column type
+    the row can't be trusted to hold (an array, a custom db_type) is an error naming it."""
+    from django.contrib.auth import get_user_model
+
+    from knox_redis.settings import knox_redis_settings
+
+    try:
+        enabled = knox_redis_settings.USER_CACHE
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    return user_cache_errors(get_user_model()) if enabled else []
+
+
+def user_cache_errors(user_model: Any) -> list[checks.CheckMessage]:
+    from knox_redis.users import unsupported_fields
+
+    return [
+        checks.Error(
+            f"REST_KNOX_REDIS['USER_CACHE'] can't cache {user_model._meta.label}.{problem.field.name}: "
+            f"{problem.reason}.",
+            hint="Turn USER_CACHE off, or store that value in a column of a supported type (text, integer, "
+            "JSON, ...); knox_redis.users.fields_that_cant_round_trip(user) tries a saved user's row.",
+            obj=problem.field,
+            id="knox_redis.E010",
+        )
+        for problem in unsupported_fields(user_model)
+    ]

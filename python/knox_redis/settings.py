@@ -36,6 +36,13 @@ DEFAULTS: dict[str, Any] = {
     # Older secrets that still verify records (never sign them) while a rotation rolls out;
     # with SIGNING_KEY None, Django's SECRET_KEY_FALLBACKS.
     "SIGNING_KEY_FALLBACKS": (),
+    # Cache the user row too: a hit then makes no database query at all. Every ORM save or
+    # delete of a user (proxies and multi-table parents included) revokes the cached row
+    # first, as a logout revokes a token; writes that bypass signals (QuerySet.update, raw
+    # SQL) are seen within USER_CACHE_TTL, or at once after knox_redis.invalidate_user().
+    "USER_CACHE": False,
+    # Seconds a cached user row is trusted before it is read from the database again.
+    "USER_CACHE_TTL": 60,
 }
 
 REDIS_BACKENDS = (
@@ -87,6 +94,9 @@ def load() -> dict[str, Any]:
     _number(values, "MAX_CACHE_TTL", low=1, high=30 * 86400)
     _number(values, "REVOCATION_TOMBSTONE_TTL", low=1, high=86400)
     _number(values, "MAX_IDLE_CONNECTIONS", low=0, high=10_000)
+    _number(values, "USER_CACHE_TTL", low=1, high=86400)
+    if not isinstance(values["USER_CACHE"], bool):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['USER_CACHE'] must be True or False.")
     if not isinstance(values["MAX_IDLE_CONNECTIONS"], int):
         raise ImproperlyConfigured("REST_KNOX_REDIS['MAX_IDLE_CONNECTIONS'] must be an integer.")
     if not isinstance(values["CACHE_ENABLED"], bool):

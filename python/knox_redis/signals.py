@@ -20,6 +20,8 @@ from typing import Any
 from django.db.models import Model
 
 from knox_redis import cache
+from knox_redis.settings import knox_redis_settings
+from knox_redis.users import UNCACHED
 
 # The digest whose expiry knox's renew_token is saving in this context: that save only
 # extends the token, and the authentication class re-caches it itself.
@@ -81,6 +83,53 @@ def after_save(sender: Any, instance: Any, created: bool, using: str, raw: bool 
     elif _refreshing.get() == instance.digest:
         # Tells auth.TokenAuthentication that renew_token wrote the new expiry.
         instance.__dict__["_knox_redis_saved"] = True
+
+
+# --- user rows (USER_CACHE) -------------------------------------------------------------
+# Connected for the user model, its proxies and multi-table children, and every model that
+# shares a multi-table parent with it (a save of the parent row changes the user's columns):
+# see apps.py.
+
+
+def revoke_user_row_before_save(
+    sender: Any, instance: Any, using: str, update_fields: Any = None, **kwargs: Any
+) -> None:
+    """A user row about to change: its cached copy is revoked first, as a token's record is
+    before a logout, so once the save returns no process builds the user from the old row."""
+    if update_fields is not None and set(update_fields) <= UNCACHED:
+        return  # a login's last_login, a password change: nothing cached changes
+    if instance.pk is None or (instance._state.adding and _inserting_only(instance)):
+        return  # an INSERT: no row of it can be cached yet
+    deadline = _revoke_user_row(instance.pk, using, after_commit=False)
+    if deadline:
+        instance.__dict__[_USER_TOMBSTONE] = deadline
+
+
+def finish_user_row_revocation(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    """After the UPDATE: once it commits, revoke again and lift the tombstone (see
+    cache.finish_user_revocation), or the user would go uncached for a whole lease."""
+    deadline = instance.__dict__.pop(_USER_TOMBSTONE, None)
+    if deadline is not None:
+        cache.finish_user_revocation(instance.pk, deadline, using)
+
+
+def revoke_user_row_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    _revoke_user_row(instance.pk, using)
+
+
+_USER_TOMBSTONE = "_knox_redis_user_tombstone"
+
+
+def _revoke_user_row(pk: Any, using: str, *, after_commit: bool = True) -> int:
+    if knox_redis_settings.USER_CACHE:
+        # Refused (503) if Redis can't be told, exactly as a logout is.
+        return cache.revoke([], user_rows=[pk], using=using, after_commit=after_commit)
+    # This process caches no user rows, but others may (a rollout turning USER_CACHE on):
+    # tell Redis if it answers; without USER_CACHE a user save never waits on it or fails.
+    try:
+        return cache.revoke([], user_rows=[pk], using=using, fail_fast=True, quiet=True, after_commit=after_commit)
+    except cache.RevocationUnavailable:
+        return 0
 
 
 _SAVE_BASE = Model.save_base.__code__

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.core.exceptions import EmptyResultSet, ValidationError
 from django.db import connections
@@ -33,6 +34,10 @@ UNCACHED = frozenset({"password", "last_login"})
 
 class UncacheableValue(TypeError):
     """A column's value has a type the user row can't hold."""
+
+
+class OtherSchema(ValueError):
+    """A cached row written for other columns (the model changed: a deploy, a migration)."""
 
 
 def cached_fields(model: type[Model]) -> list[Field]:
@@ -56,6 +61,10 @@ class RowQuery:
         self.attnames = [f.attname for f in fields]
         self.pk_field = model._meta.pk
         self.sql, self.params, self.pk_index = self._compile()
+        # The first value of every cached row: a row cached for other columns (another
+        # release's model) is a miss, never built into a user with values in the wrong places.
+        shape = repr([model._meta.label, [(f.attname, f.column, f.get_internal_type()) for f in fields]])
+        self.fingerprint = ("", hashlib.sha256(shape.encode()).hexdigest()[:16])
 
     def _compile(self) -> tuple[str, list[Any], int]:
         connection = connections[self.using]
@@ -96,6 +105,24 @@ class RowQuery:
             cursor.execute(self.sql, params)
             return cursor.fetchone()
 
+    def cached_values(self, raw: Sequence[Any]) -> list[tuple[str, Any]]:
+        """What the cached row holds for the row `raw`: the fingerprint, then each column as
+        a `(tag, primitive)` pair. Raises UncacheableValue naming the field."""
+        values = [self.fingerprint]
+        for field, value in zip(self.fields, raw, strict=True):
+            try:
+                values.append(to_primitive(value))
+            except UncacheableValue as exc:
+                raise UncacheableValue(f"{self.model.__name__}.{field.name}: {exc}") from None
+        return values
+
+    def build_cached(self, values: Sequence[tuple[str, Any]]) -> Model:
+        """The instance, as a query on this database builds it from the row these cached
+        values came from. Raises OtherSchema for a row cached for other columns."""
+        if not values or tuple(values[0]) != self.fingerprint:
+            raise OtherSchema("a user row cached for another version of the model")
+        return self.build([from_primitive(tag, value) for tag, value in values[1:]])
+
     def build(self, raw: Sequence[Any]) -> Model:
         """The instance, as a query on this database builds it from the row `raw`."""
         if len(raw) != len(self.fields):
@@ -122,26 +149,32 @@ def load_user(model: type[Model], pk: Any, using: str) -> Model | None:
     return None if raw is None else query.build(raw)
 
 
-def fetch_user(model: type[Model], pk: Any, using: str) -> tuple[Model, list[tuple[str, Any]]] | None:
+class FetchedUser(NamedTuple):
+    user: Model
+    # What USER_CACHE caches of the row (`RowQuery.cached_values`), or None if it can't be
+    # cached: then `problem` says why.
+    values: list[tuple[str, Any]] | None
+    problem: str | None = None
+
+
+def fetch_user(model: type[Model], pk: Any, using: str) -> FetchedUser | None:
     """The user by primary key (one query), with the password and last_login deferred, and
-    its cached columns as the driver returned them, as `(tag, primitive)` pairs; None if
-    there is no such user."""
+    what USER_CACHE caches of its row; None if there is no such user."""
     query = row_query(model, using)
     raw = query.fetch(pk)
     if raw is None:
         return None
-    values = []
-    for field, value in zip(query.fields, raw, strict=True):
-        try:
-            values.append(to_primitive(value))
-        except UncacheableValue as exc:
-            raise UncacheableValue(f"{model.__name__}.{field.name}: {exc}") from None
-    return query.build(raw), values
+    try:
+        values, problem = query.cached_values(raw), None
+    except UncacheableValue as exc:
+        values, problem = None, str(exc)
+    return FetchedUser(query.build(raw), values, problem)
 
 
-def build_user(model: type[Model], values: Iterable[tuple[str, Any]], using: str) -> Model:
-    """The user, as a query on `using` builds it from the row these values came from."""
-    return row_query(model, using).build([from_primitive(tag, value) for tag, value in values])
+def build_user(model: type[Model], values: Sequence[tuple[str, Any]], using: str) -> Model:
+    """The user, as a query on `using` builds it from the row these cached values came from.
+    Raises OtherSchema for a row cached for other columns."""
+    return row_query(model, using).build_cached(values)
 
 
 # --- tagged primitives ------------------------------------------------------------------
@@ -243,7 +276,7 @@ def fields_that_cant_round_trip(user: Model, using: str = "default") -> list[Fie
         if back != value or type(back) is not type(value):
             problems.append(FieldProblem(field, f"{value!r} comes back as {back!r}"))
     if not problems:
-        rebuilt = build_user(model, [to_primitive(v) for v in raw], using)
+        rebuilt = build_user(model, query.cached_values(raw), using)
         for field in cached_fields(model):
             if getattr(rebuilt, field.attname) != getattr(direct, field.attname):
                 problems.append(FieldProblem(field, "rebuilt differently from a query"))

@@ -1,6 +1,7 @@
 -- Revoke tokens before the database forgets them: delete each record, give it a new
 -- generation (so fills in flight fail) and a tombstone (so fills that read the row before the
--- delete commits fail too). With user index keys, also every token those indexes list.
+-- delete commits fail too). With user index keys, also every token those indexes list. User
+-- rows (USER_CACHE) are revoked the same way before a user's row changes or goes.
 --
 -- Rolling deploys: the previous release indexed a user's tokens in a SET
 -- ({prefix}:user:{pk}:tokens, members `{id}{token_key}`); this one in a HASH
@@ -11,32 +12,44 @@
 -- KEYS[1..n]          {prefix}:token:{token_key} of each token
 -- KEYS[n+1..2n]       {prefix}:user:{user_pk}:ix of each token's owner (to forget it)
 -- KEYS[2n+1..3n]      {prefix}:user:{user_pk}:tokens of each token's owner (previous release)
--- KEYS[3n+1..]        pairs (ix, tokens) of users whose indexed tokens are revoked in full
+-- KEYS[3n+1..3n+2p]   pairs (ix, tokens) of users whose indexed tokens are revoked in full
+-- KEYS[3n+2p+1..]     {prefix}:user:{user_pk}:ix of users whose row is revoked (USER_CACHE)
 -- ARGV[1] n   ARGV[2] tombstone ms (0: none)   ARGV[3] generation seed   ARGV[4] key prefix
--- ARGV[5..4+n] field ids (hex) of the n tokens; ARGV[5+n..4+2n] the same as 16 raw bytes;
--- ARGV[5+2n..4+3n] their previous-release index members
-local n = tonumber(ARGV[1])
+-- ARGV[5] p   ARGV[6] with no tombstone, the deadline of the user rows' tombstones to lift
+--             ('' for none): the one this revocation's first call wrote, before the write
+--             that has now committed
+-- ARGV[7..6+n] field ids (hex) of the n tokens; ARGV[7+n..6+2n] the same as 16 raw bytes;
+-- ARGV[7+2n..6+3n] their previous-release index members
+-- Returns {records deleted, the tombstones' deadline in ms}.
+local n, p = tonumber(ARGV[1]), tonumber(ARGV[5])
+local lift = ARGV[6]
 local tombstone_ms = tonumber(ARGV[2])
 local seed, prefix = ARGV[3], ARGV[4]
 local now = redis.call('TIME')
 local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tombstone_ms
 local counter, removed = 0, 0
 
-local function revoke(key, id)
+-- An entry (`r:{id}` of a token key, `u` of a user key) with its generation and tombstone
+-- fields. Returns how many entries were deleted (0 or 1).
+local function revoke_entry(key, field, generation_field, tombstone_field)
   counter = counter + 1
-  local deleted = redis.pcall('HDEL', key, 'r:' .. id)
+  local deleted = redis.pcall('HDEL', key, field)
   if type(deleted) == 'table' and deleted['err'] then
     redis.call('DEL', key)
-  else
-    removed = removed + deleted
+    deleted = 0
   end
   if tombstone_ms > 0 then
-    redis.call('HSET', key, 'g:' .. id, seed .. ':' .. counter, 't:' .. id, string.format('%d', deadline))
+    redis.call('HSET', key, generation_field, seed .. ':' .. counter, tombstone_field, string.format('%d', deadline))
   else
-    redis.call('HSET', key, 'g:' .. id, seed .. ':' .. counter)
+    redis.call('HSET', key, generation_field, seed .. ':' .. counter)
   end
   local keep = math.max(tombstone_ms, 1000)
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+  return deleted
+end
+
+local function revoke(key, id)
+  removed = removed + revoke_entry(key, 'r:' .. id, 'g:' .. id, 't:' .. id)
 end
 
 -- A key of the wrong type (another tool's value under our name) holds nothing of ours: skip
@@ -54,21 +67,39 @@ local function tohex(bytes)
 end
 
 for i = 1, n do
-  revoke(KEYS[i], ARGV[4 + i])
-  redis.pcall('HDEL', KEYS[n + i], ARGV[4 + n + i])
-  redis.pcall('SREM', KEYS[2 * n + i], ARGV[4 + 2 * n + i])
+  revoke(KEYS[i], ARGV[6 + i])
+  redis.pcall('HDEL', KEYS[n + i], ARGV[6 + n + i])
+  redis.pcall('SREM', KEYS[2 * n + i], ARGV[6 + 2 * n + i])
 end
-for i = 3 * n + 1, #KEYS, 2 do
+for i = 3 * n + 1, 3 * n + 2 * p, 2 do
   local pairs_ = tolerant('HGETALL', KEYS[i])
   if pairs_['err'] then return pairs_ end
+  -- The index's token fields go; the user row's fields (`u`, `ug`, `ut`) stay: a tombstone
+  -- there still guards a user save in flight.
+  local indexed = {}
   for j = 1, #pairs_, 2 do
-    if #pairs_[j] == 16 then revoke(prefix .. ':token:' .. pairs_[j + 1], tohex(pairs_[j])) end
+    if #pairs_[j] == 16 then
+      revoke(prefix .. ':token:' .. pairs_[j + 1], tohex(pairs_[j]))
+      indexed[#indexed + 1] = pairs_[j]
+    end
+  end
+  for j = 1, #indexed, 1000 do
+    redis.call('HDEL', KEYS[i], unpack(indexed, j, math.min(j + 999, #indexed)))
   end
   local members = tolerant('SMEMBERS', KEYS[i + 1])
   if members['err'] then return members end
   for _, member in ipairs(members) do
     revoke(prefix .. ':token:' .. string.sub(member, 33), string.sub(member, 1, 32))
   end
-  redis.call('DEL', KEYS[i], KEYS[i + 1])
+  redis.call('DEL', KEYS[i + 1])
 end
-return removed
+for i = 3 * n + 2 * p + 1, #KEYS do
+  revoke_entry(KEYS[i], 'u', 'ug', 'ut')
+  -- Once the user's write has committed, a reader that looked the row up before this call
+  -- holds a generation this call replaced: the tombstone has done its work. Lifted only if
+  -- it is still the one written before the write (a later one guards a write still open).
+  if tombstone_ms == 0 and lift ~= '' and redis.pcall('HGET', KEYS[i], 'ut') == lift then
+    redis.call('HDEL', KEYS[i], 'ut')
+  end
+end
+return {removed, deadline}

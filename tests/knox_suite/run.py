@@ -71,8 +71,11 @@ TRANSACTIONAL_DESELECT = [
 def main() -> int:
     tests = knox_tests()
     failed = 0
-    for mode in ("as-written", "transactional"):
-        print(f"running knox's own tests ({mode}) from {tests.relative_to(ROOT)} with knox_redis swapped in")
+    # (mode, USER_CACHE): knox's tests as written, then with commits (served from Redis), then
+    # with commits and USER_CACHE (users built from cached rows).
+    for mode, user_cache in (("as-written", "0"), ("transactional", "0"), ("transactional", "1")):
+        label = mode + (", USER_CACHE" if user_cache == "1" else "")
+        print(f"running knox's own tests ({label}) from {tests.relative_to(ROOT)} with knox_redis swapped in")
         deselect = [f"--deselect={t}" for t in TRANSACTIONAL_DESELECT] if mode == "transactional" else []
         failed |= subprocess.call(
             [
@@ -88,7 +91,7 @@ def main() -> int:
                 *sys.argv[1:],
             ],
             cwd=ROOT,
-            env={**os.environ, "KNOX_SUITE_MODE": mode},
+            env={**os.environ, "KNOX_SUITE_MODE": mode, "KNOX_SUITE_USER_CACHE": user_cache},
         )
     return failed
 
