@@ -88,8 +88,10 @@ lint: $(BIN)/maturin
 	cargo clippy --all-targets --quiet -- -D warnings
 	$(BIN)/python -m mypy.stubtest knox_redis._knox_redis
 
-# Every table of the README's Performance section, side by side with plain knox in each run.
-bench: develop
+# Every table of the README's Performance section, side by side with plain knox in each run,
+# on the release build (what a wheel ships; `make develop` builds a debug one for the tests).
+bench: $(BIN)/maturin
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q --extras test
 	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3"  # the [bench] extra
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/bench.py

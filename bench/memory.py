@@ -2,7 +2,9 @@
 
 For 1,000 users with 1 and with 10 tokens each: every token authenticated twice (the first
 request fills the cache, the second is a hit), then all deleted through the ORM (each
-revocation leaves a generation and a tombstone behind for REVOCATION_TOMBSTONE_TTL).
+revocation leaves a generation and a tombstone behind for REVOCATION_TOMBSTONE_TTL). Where the
+release has USER_CACHE, each user's row is then cached too (a request with USER_CACHE on), and
+its growth / users is the bytes per cached user row (the stock user model, short names).
 Starts its own redis-server and uses SQLite in a temporary directory. With the previous
 release built (`python -m tests.previous_release`), the same script runs under it too, so
 both layouts are measured in one run:
@@ -17,6 +19,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +60,44 @@ def measure(users: int, tokens_per_user: int, redis_port: int) -> dict[str, floa
             auth.authenticate(factory.get("/", HTTP_AUTHORIZATION=f"Token {token}"))
     cached = raw.info("memory")["used_memory"]
     keys = raw.dbsize()
+    user_rows = cached
+    if _has_user_cache():
+        with _user_cache():
+            for token in tokens[::tokens_per_user]:  # one token of each user
+                auth.authenticate(factory.get("/", HTTP_AUTHORIZATION=f"Token {token}"))
+        user_rows = raw.info("memory")["used_memory"]
     AuthToken.objects.all().delete()
-    revoked = raw.info("memory")["used_memory"]
+    revoked = raw.info("memory")["used_memory"] - (user_rows - cached)
     n = len(tokens)
     return {
         "tokens": n,
         "keys": keys,
         "bytes_per_token": (cached - base) / n,
         "bytes_per_revoked_token": (revoked - base) / n,
+        "bytes_per_user_row": (user_rows - cached) / users if user_rows != cached else None,
     }
+
+
+def _has_user_cache() -> bool:
+    from knox_redis.settings import DEFAULTS
+
+    return "USER_CACHE" in DEFAULTS
+
+
+@contextmanager
+def _user_cache() -> Iterator[None]:
+    from django.conf import settings
+
+    from knox_redis.settings import knox_redis_settings
+
+    before = settings.REST_KNOX_REDIS
+    settings.REST_KNOX_REDIS = {**before, "USER_CACHE": True}
+    knox_redis_settings.reload()
+    try:
+        yield
+    finally:
+        settings.REST_KNOX_REDIS = before
+        knox_redis_settings.reload()
 
 
 def configure(redis_port: int, db_path: str) -> None:
@@ -126,13 +159,17 @@ def main() -> None:
     finally:
         server.stop()
     print(f"Redis {version}, {args.users} users, used_memory growth / tokens\n")
-    print("| release | tokens per user | bytes per cached token | bytes per revoked token (tombstone) |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| release | tokens per user | bytes per cached token | bytes per revoked token (tombstone) "
+        "| bytes per cached user row (USER_CACHE) |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name, rows in results.items():
         for row in rows:
+            user_row = row.get("bytes_per_user_row")
             print(
                 f"| {name} | {row['tokens_per_user']} | {row['bytes_per_token']:.0f} | "
-                f"{row['bytes_per_revoked_token']:.0f} |"
+                f"{row['bytes_per_revoked_token']:.0f} | {'-' if user_row is None else f'{user_row:.0f}'} |"
             )
     if args.json:
         Path(args.json).write_text(json.dumps({"redis_version": version, "users": args.users, "results": results}))
