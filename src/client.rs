@@ -3,7 +3,7 @@
 //! single Lua script, so a hung server costs one timeout, not one per command.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use pyo3::exceptions::PyTypeError;
@@ -15,8 +15,10 @@ use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
 use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
+use crate::local::{Entry, Local};
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
+use crate::tracking::Listener;
 use crate::user_row::{UserRow, Value};
 
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
@@ -65,6 +67,10 @@ pub struct TokenCache {
     /// The signing key first, then the fallbacks that still verify during a rotation.
     record_keys: Vec<RecordKey>,
     stats: Stats,
+    /// `LOCAL_CACHE_SIZE`: lookup replies kept in this process, and the thread keeping them
+    /// coherent.
+    local: Option<Arc<Local>>,
+    listener: Option<Listener>,
 }
 
 impl TokenCache {
@@ -117,6 +123,44 @@ impl TokenCache {
             .map(|(tag, value)| Ok((tag_string(tag), value_to_py(py, value)?)))
             .collect::<PyResult<_>>()?;
         Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
+    }
+
+    /// lookup.lua's reply for this token (see `lookup`).
+    fn lookup_in_redis(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        id: &str,
+        create: bool,
+        with_user: bool,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let fields = [format!("r:{id}"), format!("g:{id}")];
+        let candidates = [new_generation(), new_generation()];
+        let lease_ms = self.lease_ms;
+        let prefix = if with_user { self.prefix.as_str() } else { "" };
+        py.detach(|| {
+            self.call(|conn| {
+                LOOKUP
+                    .key(key)
+                    .arg(&fields)
+                    .arg(&candidates[0])
+                    .arg(lease_ms)
+                    .arg(u8::from(create))
+                    .arg(prefix)
+                    .arg(&candidates[1])
+                    .invoke(conn)
+            })
+        })
+    }
+
+    /// This process is about to change (or has changed) these keys: its own cached replies
+    /// that depend on them go now, not when Redis' push arrives.
+    fn forget_locally(&self, keys: &[&String]) {
+        if let Some(local) = &self.local {
+            for key in keys {
+                local.invalidate(key);
+            }
+        }
     }
 
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
@@ -322,7 +366,8 @@ impl TokenCache {
     #[pyo3(signature = (
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
-        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new()
+        breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new(),
+        local_cache_size = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -342,6 +387,7 @@ impl TokenCache {
         lease_ms: u64,
         record_secret: &[u8],
         record_fallback_secrets: Vec<Vec<u8>>,
+        local_cache_size: usize,
     ) -> PyResult<Self> {
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let addr = match unix_path {
@@ -381,7 +427,17 @@ impl TokenCache {
         // Records are signed for this prefix and database: one copied from another namespace
         // that shares the secret (a staging site on the same Redis) fails its MAC here.
         let namespace = format!("{key_prefix}\0{db}");
+        let (local, listener) = if local_cache_size > 0 {
+            let local = Arc::new(Local::new(local_cache_size));
+            let listener = Listener::spawn(pool.connector(), key_prefix.to_owned(), Arc::clone(&local))
+                .map_err(|e| Error::Invalid(format!("can't start the tracking listener: {e}")))?;
+            (Some(local), Some(listener))
+        } else {
+            (None, None)
+        };
         Ok(TokenCache {
+            local,
+            listener,
             pool,
             breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
             prefix: key_prefix.to_owned(),
@@ -411,27 +467,19 @@ impl TokenCache {
     ) -> PyResult<LookupReply> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
-        let fields = [format!("r:{id}"), format!("g:{id}")];
-        let candidates = [new_generation(), new_generation()];
-        let lease_ms = self.lease_ms;
-        let prefix = if with_user { self.prefix.as_str() } else { "" };
-        let reply: Vec<Option<Vec<u8>>> = py.detach(|| {
-            self.call(|conn| {
-                LOOKUP
-                    .key(&key)
-                    .arg(&fields)
-                    .arg(&candidates[0])
-                    .arg(lease_ms)
-                    .arg(u8::from(create))
-                    .arg(prefix)
-                    .arg(&candidates[1])
-                    .invoke(conn)
-            })
-        })?;
-        let mut reply = reply.into_iter();
-        let (raw, generation) = (reply.next().flatten(), reply.next().flatten());
+        // LOCAL_CACHE_SIZE: a reply kept in this process (never for a lookup that may create
+        // a generation: that one must reach Redis).
+        let local = self.local.as_deref().filter(|_| !create);
+        let cached = local.and_then(|local| local.get(token_key, &id, with_user));
+        let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
+        let reply = match cached {
+            Some(entry) => entry.reply,
+            None => Arc::new(self.lookup_in_redis(py, &key, &id, create, with_user)?),
+        };
+        let mut values = reply.iter().cloned();
+        let (raw, generation) = (values.next().flatten(), values.next().flatten());
         let (user_key, raw_row, row_generation) =
-            (reply.next().flatten(), reply.next().flatten(), reply.next().flatten());
+            (values.next().flatten(), values.next().flatten(), values.next().flatten());
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
         let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, &id) {
             Ok(record) => Some(record),
@@ -453,6 +501,10 @@ impl TokenCache {
         // The row counts only under the user key the verified record names: the script named
         // it from bytes it could not authenticate.
         let expected = self.user_key_name(&record.user_pk);
+        if let (Some(local), Some(ticket)) = (local, ticket) {
+            let entry = Entry { reply: Arc::clone(&reply), token_key: key, user_key: expected.clone() };
+            local.store(ticket, token_key, &id, with_user, entry);
+        }
         if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
             let name = user_pk_text(&record.user_pk);
             row = match raw_row {
@@ -597,9 +649,9 @@ impl TokenCache {
     /// records were deleted. Revocations ignore the breaker (a logout must try) unless
     /// `use_breaker`: for tokens that may go without Redis anyway, failing fast is better.
     /// `user_rows`: users whose cached row (`USER_CACHE`) is revoked the same way; with
-    /// `tombstone_ms` 0, `lift_tombstone` (the deadline a first call returned, before the
-    /// user's write) lifts their tombstone once that write has committed.
-    /// Returns `(records deleted, the tombstones' deadline in ms since the epoch)`.
+    /// `tombstone_ms` 0, `lift_tombstone` (what a first call returned, before the user's
+    /// write) lifts their tombstone once that write has committed.
+    /// Returns `(records deleted, the user rows' tombstone, or "")`.
     #[pyo3(signature = (
         tokens, users = Vec::new(), tombstone_ms = 60_000, use_breaker = false, user_rows = Vec::new(),
         lift_tombstone = None
@@ -613,8 +665,8 @@ impl TokenCache {
         tombstone_ms: u64,
         use_breaker: bool,
         user_rows: Vec<Bound<'_, PyAny>>,
-        lift_tombstone: Option<i64>,
-    ) -> PyResult<(i64, i64)> {
+        lift_tombstone: Option<String>,
+    ) -> PyResult<(i64, String)> {
         let n = tokens.len();
         let (mut token_keys, mut index_keys, mut legacy_index_keys) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -640,11 +692,14 @@ impl TokenCache {
         let row_keys =
             user_rows.iter().map(|pk| Ok(self.user_key_name(&user_pk_from_py(pk)?))).collect::<PyResult<Vec<_>>>()?;
         if token_keys.is_empty() && user_keys.is_empty() && row_keys.is_empty() {
-            return Ok((0, 0));
+            return Ok((0, String::new()));
         }
-        let lift = lift_tombstone.map(|deadline| deadline.to_string()).unwrap_or_default();
+        let lift = lift_tombstone.unwrap_or_default();
         let seed = new_generation();
-        let (removed, deadline): (i64, i64) = py.detach(|| {
+        // Before (no reply fetched from now on is kept) and after (none fetched meanwhile is).
+        let touched: Vec<&String> = token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).collect();
+        self.forget_locally(&touched);
+        let (removed, tombstone): (i64, String) = py.detach(|| {
             self.call_with(use_breaker, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
                 invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys).key(&row_keys);
@@ -653,8 +708,9 @@ impl TokenCache {
                 invocation.invoke(conn)
             })
         })?;
+        self.forget_locally(&touched);
         self.stats.revoked.fetch_add(removed.max(0) as u64, Ordering::Relaxed);
-        Ok((removed, deadline))
+        Ok((removed, tombstone))
     }
 
     /// A user row (`USER_CACHE`) as it is stored: `values` are `(tag, primitive)` pairs, the
@@ -708,10 +764,23 @@ impl TokenCache {
         Ok(())
     }
 
-    /// Drop pooled connections and close the breaker (settings changed, tests).
-    fn reset(&self) {
+    /// Drop pooled connections, close the breaker, stop the tracking listener and empty the
+    /// in-process cache (settings changed, tests): the client is done with.
+    fn reset(&self, py: Python<'_>) {
         self.pool.clear();
         self.breaker.reset();
+        if let Some(listener) = &self.listener {
+            py.detach(|| listener.stop(true));
+        }
+        if let Some(local) = &self.local {
+            local.dead();
+        }
+    }
+
+    /// Is the in-process cache serving hits (its listener live)? False without one.
+    #[getter]
+    fn local_cache_live(&self) -> bool {
+        self.local.as_ref().is_some_and(|local| local.is_live())
     }
 
     #[getter]
@@ -754,6 +823,13 @@ impl TokenCache {
             dict.set_item(name, counter.load(Ordering::Relaxed))?;
         }
         dict.set_item("idle_connections", self.pool.idle_count())?;
+        if let Some(local) = &self.local {
+            dict.set_item("local_hits", local.hits.load(Ordering::Relaxed))?;
+            dict.set_item("local_evictions", local.evictions.load(Ordering::Relaxed))?;
+            dict.set_item("local_invalidations", local.invalidations.load(Ordering::Relaxed))?;
+            dict.set_item("local_entries", local.len())?;
+            dict.set_item("local_live", u8::from(local.is_live()))?;
+        }
         Ok(dict)
     }
 }

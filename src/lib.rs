@@ -4,10 +4,12 @@ mod breaker;
 mod client;
 mod errors;
 mod hashing;
+mod local;
 mod pool;
 mod record;
 #[cfg(test)]
 mod script_tests;
+mod tracking;
 mod user_row;
 
 use pyo3::prelude::*;

@@ -22,11 +22,27 @@ struct Idle {
 }
 
 pub struct Pool {
+    connector: Connector,
+    max_idle: usize,
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// Opens connections with the pool's settings and timeouts (also for the tracking listener).
+#[derive(Clone)]
+pub struct Connector {
     client: Client,
     connect_timeout: Duration,
     io_timeout: Duration,
-    max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+}
+
+impl Connector {
+    pub fn connect(&self) -> RedisResult<Connection> {
+        let conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
+        // The connect helper bounds the handshake, then clears socket timeouts: set them again.
+        conn.set_read_timeout(Some(self.io_timeout))?;
+        conn.set_write_timeout(Some(self.io_timeout))?;
+        Ok(conn)
+    }
 }
 
 /// A connection and whether it came from the pool (a reused one may be stale after a restart).
@@ -44,9 +60,7 @@ impl Pool {
             None => Client::open(config.info)?,
         };
         Ok(Pool {
-            client,
-            connect_timeout: config.connect_timeout,
-            io_timeout: config.io_timeout,
+            connector: Connector { client, connect_timeout: config.connect_timeout, io_timeout: config.io_timeout },
             max_idle: config.max_idle,
             idle: Mutex::new(Vec::new()),
         })
@@ -63,15 +77,11 @@ impl Pool {
                 None => break,
             }
         }
-        self.connect().map(|conn| Checkout { conn, reused: false })
+        self.connector.connect().map(|conn| Checkout { conn, reused: false })
     }
 
-    pub fn connect(&self) -> RedisResult<Connection> {
-        let conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
-        // The connect helper bounds the handshake, then clears socket timeouts: set them again.
-        conn.set_read_timeout(Some(self.io_timeout))?;
-        conn.set_write_timeout(Some(self.io_timeout))?;
-        Ok(conn)
+    pub fn connector(&self) -> Connector {
+        self.connector.clone()
     }
 
     pub fn checkin(&self, conn: Connection) {

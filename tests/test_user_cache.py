@@ -341,3 +341,91 @@ def test_a_user_model_whose_columns_cant_be_cached_is_a_check_error():
     assert [e.id for e in errors] == ["knox_redis.E010"]
     assert "TaggedUser.tags" in errors[0].msg
     assert errors[0].hint
+
+
+# --- holes a review found (each failed before its fix) ------------------------------------
+
+
+def test_a_child_created_over_an_existing_user_revokes_the_row(user_cache, make_token, user):
+    """`Customer.objects.create(user_ptr=user)` forces the INSERT of the child's table only
+    and UPDATEs the existing user's row."""
+    token = make_token(write_through=True)
+    cached(token)
+    Customer.objects.create(
+        user_ptr=user, username=user.username, password=user.password, date_joined=user.date_joined, is_active=False
+    )
+    assert not get_user_model().objects.get(pk=user.pk).is_active
+    assert not accepted(token)
+
+
+def test_a_child_saved_with_pk_none_but_its_parent_id_set_revokes_the_row(user_cache, transactional_db, redis_conn):
+    """Django's multi-table copy gotcha: `child.pk = None` clears only `user_ptr_id`; the save
+    UPDATEs the user's row under the parent's `id`, still set."""
+    customer = Customer.objects.create_user(username="carol", password="pw")
+    _instance, token = AuthToken.objects.create(user=customer)
+    cached(token)
+    pk = customer.pk
+    customer.pk = None
+    customer.is_active = False
+    customer.save()
+    assert customer.pk == pk
+    assert not accepted(token)
+
+
+def test_a_save_of_a_childs_own_columns_leaves_the_row(user_cache, transactional_db, redis_conn):
+    customer = Customer.objects.create_user(username="carol", password="pw")
+    _instance, token = AuthToken.objects.create(user=customer)
+    cached(token)
+    customer.loyalty = 3
+    customer.save(update_fields=["loyalty"])
+    assert row_cached(redis_conn, customer)
+
+
+def test_a_process_without_user_cache_revokes_even_with_its_breaker_open(settings, make_token, user, proxy, via):
+    """A mixed fleet: the process without USER_CACHE had a failed lookup (its breaker is open)
+    but Redis is back: its user save must still reach Redis."""
+    via(proxy.url, cooldown=60)
+    token = make_token(write_through=True)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    cached(token)  # a process with USER_CACHE caches the row
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": False}  # one without
+    proxy.cut()
+    assert accepted(token)  # a failed lookup opens its breaker
+    proxy.heal()
+    user.is_active = False
+    user.save()
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    assert not accepted(token)
+
+
+def test_lifting_a_tombstone_never_lifts_another_writers(user, redis_conn):
+    """Two saves of one user in flight, even within the same millisecond: the first to commit
+    lifts its own tombstone only; the other still stops a fill of the row it hasn't
+    committed yet."""
+    client = cache.get_client()
+    _n, first = client.revoke([], user_rows=[user.pk], tombstone_ms=60_000)
+    _n, second = client.revoke([], user_rows=[user.pk], tombstone_ms=60_000)
+    assert first != second
+    client.revoke([], user_rows=[user.pk], tombstone_ms=0, lift_tombstone=first)  # the first commits
+    _row, generation = client.lookup_user(user.pk, create=True)
+    query = users.row_query(type(user), "default")
+    values = query.cached_values(query.fetch(user.pk))
+    assert not client.fill_user(user.pk, generation, cache.to_us(timezone.now()) + 60_000_000, values, 120_000)
+
+
+@pytest.fixture
+def restore_user_sequence(transactional_db):
+    """SQLite's AUTOINCREMENT would hand 2^60 + 2 to every later test's user."""
+    yield
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM sqlite_sequence WHERE name = 'auth_user'")
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="auth_user.id is a 32-bit integer on PostgreSQL")
+def test_a_snowflake_primary_key_is_served_from_the_row(user_cache, restore_user_sequence, django_assert_num_queries):
+    big = get_user_model().objects.create_user(id=2**60 + 1, username="snow", password="pw")
+    _instance, token = AuthToken.objects.create(user=big)
+    cached(token)
+    with django_assert_num_queries(0):
+        assert accepted(token)

@@ -44,11 +44,12 @@ def invalidate_user_tokens(user: Any) -> None:
     cache.revoke(tokens, users=[user_pk])
 
 
-def invalidate_user(user: Any) -> None:
+def invalidate_user(user: Any, *, using: str | None = None) -> None:
     """Drop the cached row of `user` (a user instance or primary key) (USER_CACHE): the next
     request builds the user from the database. Call it after changing users in ways that send
     no signal (``QuerySet.update``, raw SQL); inside a transaction, it is sent again after
-    commit. Without it, such a change is seen within USER_CACHE_TTL.
+    commit (on `using`, the database the change was written to: by default the user model's
+    write database). Without it, such a change is seen within USER_CACHE_TTL.
 
     Raises knox_redis.cache.RevocationUnavailable if Redis can't be reached.
     """
@@ -57,5 +58,6 @@ def invalidate_user(user: Any) -> None:
 
     from knox_redis import cache
 
-    pk, using = getattr(user, "pk", user), router.db_for_write(get_user_model())
-    cache.finish_user_revocation(pk, cache.revoke([], user_rows=[pk], using=using, after_commit=False), using)
+    pks = [getattr(user, "pk", user)]
+    using = using or router.db_for_write(get_user_model())
+    cache.finish_user_revocation(pks, cache.revoke([], user_rows=pks, using=using, after_commit=False), using)

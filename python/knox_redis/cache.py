@@ -122,6 +122,7 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
             lease_ms=int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000),
             record_secret=signing_key(),
             record_fallback_secrets=signing_key_fallbacks(),
+            local_cache_size=int(knox_redis_settings.LOCAL_CACHE_SIZE),
         )
     except (CacheError, OverflowError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc
@@ -621,15 +622,13 @@ def revoke(
     fail_fast: bool = False,
     quiet: bool = False,
     after_commit: bool = True,
-) -> int:
+) -> str:
     """Revoke cached tokens (and every token indexed for `users`, and the cached rows of
     `user_rows`) before their rows change or go; again after commit.
 
     Raises RevocationUnavailable when Redis can't be told: the caller's transaction rolls
     back and the token stays valid everywhere, as the database says. Revocations ignore the
-    circuit breaker unless `fail_fast` (for callers with a fallback of their own, `quiet`
-    if that fallback is to go on without Redis). Returns the tombstones' deadline (for
-    `finish_user_revocation`, which callers passing `after_commit=False` call instead).
+
     """
     # A row whose digest can't name a hash field (imported, hand-made) was never cached.
     tokens = [t for t in tokens if _cacheable(t.digest)]
@@ -639,9 +638,9 @@ def revoke(
         [_user_pk(pk) for pk in user_rows],
     )
     if not batch:
-        return 0
+        return ""
     try:
-        deadline = _send_revocations(batch, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
+        tombstone = _send_revocations(batch, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
     except (CacheError, ImproperlyConfigured) as exc:
         if quiet:
             _warn("revocation", exc)
@@ -655,17 +654,17 @@ def revoke(
         using = router.db_for_write(get_token_model(), **hints)
     if after_commit and transaction.get_connection(using).in_atomic_block:
         transaction.on_commit(partial(_revoke_after_commit, batch), using=using, robust=True)
-    return deadline
+    return tombstone
 
 
-def finish_user_revocation(pk: Any, deadline: int, using: str) -> None:
-    """After a write of the user's row (post_save): once it has committed, revoke the row
-    again and lift the tombstone the revocation before the write left (`deadline`), so the
-    new row can be cached at once instead of after REVOCATION_TOMBSTONE_TTL. A request that
-    read the row before the commit holds a generation this replaces: its fill fails anyway.
-    Under manual transaction management (no way to know when it commits) the tombstone
-    stays and runs out."""
-    batch = Revocation([], [], [_user_pk(pk)], lift_tombstone=deadline)
+def finish_user_revocation(pks: Iterable[Any], tombstone: str, using: str) -> None:
+    """After a write of users' rows (post_save): once it has committed, revoke the rows
+    again and lift the tombstone the revocation before the write left (`tombstone`, unique
+    to it), so the new row can be cached at once instead of after REVOCATION_TOMBSTONE_TTL.
+    A request that read a row before the commit holds a generation this replaces: its fill
+    fails anyway. Under manual transaction management (no way to know when it commits) the
+    tombstone stays and runs out."""
+    batch = Revocation([], [], [_user_pk(pk) for pk in pks], lift_tombstone=tombstone)
     when = _when_committed(using)
     if when == "now":
         _revoke_after_commit(batch)
@@ -682,20 +681,20 @@ class Revocation:
     tokens: list[tuple[str, str, int | str]]
     users: list[int | str]
     user_rows: list[int | str]
-    lift_tombstone: int | None = None
+    lift_tombstone: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.users or self.user_rows)
 
 
-def _send_revocations(batch: Revocation, tombstone_ms: int, fail_fast: bool = False) -> int:
-    """Returns the tombstones' deadline, in ms since the epoch (Redis' clock)."""
+def _send_revocations(batch: Revocation, tombstone_ms: int, fail_fast: bool = False) -> str:
+    """Returns the user rows' tombstone (revoke.lua)."""
     client = get_client()
     tokens = batch.tokens
-    deadline = 0
+    tombstone = ""
     for start in range(0, max(len(tokens), 1), REVOKE_BATCH):
         last = start + REVOKE_BATCH >= len(tokens)
-        _removed, deadline = client.revoke(
+        _removed, tombstone = client.revoke(
             tokens[start : start + REVOKE_BATCH],
             batch.users if last else [],
             tombstone_ms,
@@ -703,7 +702,7 @@ def _send_revocations(batch: Revocation, tombstone_ms: int, fail_fast: bool = Fa
             batch.user_rows if last else [],
             batch.lift_tombstone if last else None,
         )
-    return deadline
+    return tombstone
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")

@@ -43,6 +43,11 @@ DEFAULTS: dict[str, Any] = {
     "USER_CACHE": False,
     # Seconds a cached user row is trusted before it is read from the database again.
     "USER_CACHE_TTL": 60,
+    # Entries of an in-process cache in front of Redis (0: none). A repeat hit then makes no
+    # network call; Redis pushes every change under the prefix to a listener thread that
+    # keeps it coherent (CLIENT TRACKING), and it serves nothing unless that listener heard
+    # from Redis within the last second.
+    "LOCAL_CACHE_SIZE": 0,
 }
 
 REDIS_BACKENDS = (
@@ -95,6 +100,9 @@ def load() -> dict[str, Any]:
     _number(values, "REVOCATION_TOMBSTONE_TTL", low=1, high=86400)
     _number(values, "MAX_IDLE_CONNECTIONS", low=0, high=10_000)
     _number(values, "USER_CACHE_TTL", low=1, high=86400)
+    _number(values, "LOCAL_CACHE_SIZE", low=0, high=10_000_000)
+    if not isinstance(values["LOCAL_CACHE_SIZE"], int):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['LOCAL_CACHE_SIZE'] must be an integer.")
     if not isinstance(values["USER_CACHE"], bool):
         raise ImproperlyConfigured("REST_KNOX_REDIS['USER_CACHE'] must be True or False.")
     if not isinstance(values["MAX_IDLE_CONNECTIONS"], int):

@@ -21,7 +21,6 @@ from django.db.models import Model
 
 from knox_redis import cache
 from knox_redis.settings import knox_redis_settings
-from knox_redis.users import UNCACHED
 
 # The digest whose expiry knox's renew_token is saving in this context: that save only
 # extends the token, and the authentication class re-caches it itself.
@@ -96,40 +95,68 @@ def revoke_user_row_before_save(
 ) -> None:
     """A user row about to change: its cached copy is revoked first, as a token's record is
     before a logout, so once the save returns no process builds the user from the old row."""
-    if update_fields is not None and set(update_fields) <= UNCACHED:
-        return  # a login's last_login, a password change: nothing cached changes
-    if instance.pk is None or (instance._state.adding and _inserting_only(instance)):
-        return  # an INSERT: no row of it can be cached yet
-    deadline = _revoke_user_row(instance.pk, using, after_commit=False)
-    if deadline:
-        instance.__dict__[_USER_TOMBSTONE] = deadline
+    if update_fields is not None and not _cached_columns().intersection(update_fields):
+        return  # a login's last_login, a password change, a child's own column: nothing cached
+    pks = _user_rows_of(instance)
+    # An INSERT can't change a cached row; but with multi-table parents, force_insert covers
+    # the child's table only (a child created over an existing user UPDATEs the user's row).
+    if not pks or (instance._state.adding and not instance._meta.parents and _inserting_only(instance)):
+        return
+    tombstone = _revoke_user_rows(pks, using, after_commit=False)
+    if tombstone:
+        instance.__dict__[_USER_TOMBSTONE] = (pks, tombstone)
 
 
 def finish_user_row_revocation(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     """After the UPDATE: once it commits, revoke again and lift the tombstone (see
     cache.finish_user_revocation), or the user would go uncached for a whole lease."""
-    deadline = instance.__dict__.pop(_USER_TOMBSTONE, None)
-    if deadline is not None:
-        cache.finish_user_revocation(instance.pk, deadline, using)
+    pending = instance.__dict__.pop(_USER_TOMBSTONE, None)
+    if pending is not None:
+        pks, tombstone = pending
+        cache.finish_user_revocation(pks, tombstone, using)
 
 
 def revoke_user_row_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
-    _revoke_user_row(instance.pk, using)
+    pks = _user_rows_of(instance)
+    if pks:
+        _revoke_user_rows(pks, using)
 
 
 _USER_TOMBSTONE = "_knox_redis_user_tombstone"
 
 
-def _revoke_user_row(pk: Any, using: str, *, after_commit: bool = True) -> int:
+def _user_rows_of(instance: Any) -> list[Any]:
+    """The user rows a write of `instance` may change: its own, and, through multi-table
+    parents, each parent's (saved under the parent's pk attname, which `child.pk = None`
+    doesn't clear)."""
+    pks = [instance.pk, *(getattr(instance, parent._meta.pk.attname) for parent in instance._meta.get_parent_list())]
+    return list(dict.fromkeys(pk for pk in pks if pk is not None))
+
+
+def _cached_columns() -> frozenset[str]:
+    from knox_redis.users import cached_fields
+
+    model = _user_model()
+    return frozenset(name for field in cached_fields(model) for name in (field.name, field.attname))
+
+
+def _user_model() -> Any:
+    from knox.models import get_token_model
+
+    return get_token_model()._meta.get_field("user").related_model
+
+
+def _revoke_user_rows(pks: list[Any], using: str, *, after_commit: bool = True) -> str:
     if knox_redis_settings.USER_CACHE:
         # Refused (503) if Redis can't be told, exactly as a logout is.
-        return cache.revoke([], user_rows=[pk], using=using, after_commit=after_commit)
-    # This process caches no user rows, but others may (a rollout turning USER_CACHE on):
-    # tell Redis if it answers; without USER_CACHE a user save never waits on it or fails.
+        return cache.revoke([], user_rows=pks, using=using, after_commit=after_commit)
+    # This process caches no user rows, but others may (a rollout turning USER_CACHE on): tell
+    # Redis (not through the breaker: a recent failed lookup says nothing about now), but go
+    # on without it. A user save then waits at most one timeout.
     try:
-        return cache.revoke([], user_rows=[pk], using=using, fail_fast=True, quiet=True, after_commit=after_commit)
+        return cache.revoke([], user_rows=pks, using=using, quiet=True, after_commit=after_commit)
     except cache.RevocationUnavailable:
-        return 0
+        return ""
 
 
 _SAVE_BASE = Model.save_base.__code__

@@ -63,7 +63,11 @@ class RowQuery:
         self.sql, self.params, self.pk_index = self._compile()
         # The first value of every cached row: a row cached for other columns (another
         # release's model) is a miss, never built into a user with values in the wrong places.
-        shape = repr([model._meta.label, [(f.attname, f.column, f.get_internal_type()) for f in fields]])
+        connection = connections[using]
+        columns = [
+            (f.attname, f.model._meta.db_table, f.column, f.get_internal_type(), f.db_type(connection)) for f in fields
+        ]
+        shape = repr([model._meta.label, columns])
         self.fingerprint = ("", hashlib.sha256(shape.encode()).hexdigest()[:16])
 
     def _compile(self) -> tuple[str, list[Any], int]:

@@ -31,8 +31,9 @@ if state[2] then
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   -- A revocation writes whole milliseconds, at most a day (the largest
-  -- REVOCATION_TOMBSTONE_TTL) ahead.
-  local deadline = string.match(state[2], '^%d+$') and tonumber(state[2])
+  -- REVOCATION_TOMBSTONE_TTL) ahead; a user row's is followed by `:{seed}` (revoke.lua).
+  local digits = string.match(state[2], '^(%d+)$') or string.match(state[2], '^(%d+):%x+$')
+  local deadline = digits and tonumber(digits)
   if not deadline or deadline > now_ms + 86400000 then
     -- Unreadable or impossible (garbage, 'inf', a format this code doesn't know): it stands
     -- for one lease from now, then fills resume. Never for ever, and never dropped on the

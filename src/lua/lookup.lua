@@ -85,11 +85,46 @@ local function user_pk(record)
   pos = pos + 4
   local kind = math.floor(flags / 2) % 4
   if kind == 0 then
-    local z = varint()
-    -- Beyond 2^53 a double loses digits: no row (the token is still a hit).
-    if not z or z >= 9007199254740992 then return nil end
-    if z % 2 == 0 then return string.format('%d', z / 2) end
-    return string.format('%d', -(z + 1) / 2)
+    -- Exact for every i64: the zigzag varint in base-10^7 limbs (a double holds 2^53 only).
+    local groups = {}
+    for i = 1, 10 do
+      local b = string.byte(record, pos)
+      if not b then return nil end
+      pos = pos + 1
+      groups[i] = b % 128
+      if b < 128 then break end
+      if i == 10 then return nil end
+    end
+    local limbs = {0}  -- little-endian, base 10^7
+    for i = #groups, 1, -1 do
+      local carry = groups[i]
+      for j = 1, #limbs do
+        local v = limbs[j] * 128 + carry
+        limbs[j], carry = v % 10000000, math.floor(v / 10000000)
+      end
+      if carry > 0 then limbs[#limbs + 1] = carry end
+    end
+    local negative = groups[1] % 2 == 1
+    if negative then  -- -(z + 1) / 2
+      local j = 1
+      while true do
+        limbs[j] = (limbs[j] or 0) + 1
+        if limbs[j] < 10000000 then break end
+        limbs[j] = 0
+        j = j + 1
+      end
+    end
+    local rem = 0
+    for j = #limbs, 1, -1 do
+      local v = rem * 10000000 + limbs[j]
+      limbs[j], rem = math.floor(v / 2), v % 2
+    end
+    while #limbs > 1 and limbs[#limbs] == 0 do limbs[#limbs] = nil end
+    local parts = {string.format('%d', limbs[#limbs])}
+    for j = #limbs - 1, 1, -1 do parts[#parts + 1] = string.format('%07d', limbs[j]) end
+    local text = table.concat(parts)
+    if negative then return '-' .. text end
+    return text
   elseif kind == 1 then
     local h = tohex(string.sub(record, pos, pos + 15))
     if #h ~= 32 then return nil end

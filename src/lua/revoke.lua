@@ -15,12 +15,14 @@
 -- KEYS[3n+1..3n+2p]   pairs (ix, tokens) of users whose indexed tokens are revoked in full
 -- KEYS[3n+2p+1..]     {prefix}:user:{user_pk}:ix of users whose row is revoked (USER_CACHE)
 -- ARGV[1] n   ARGV[2] tombstone ms (0: none)   ARGV[3] generation seed   ARGV[4] key prefix
--- ARGV[5] p   ARGV[6] with no tombstone, the deadline of the user rows' tombstones to lift
---             ('' for none): the one this revocation's first call wrote, before the write
+-- ARGV[5] p   ARGV[6] with no tombstone, the user rows' tombstone to lift ('' for none):
+--             the one this revocation's first call wrote (and returned), before the write
 --             that has now committed
 -- ARGV[7..6+n] field ids (hex) of the n tokens; ARGV[7+n..6+2n] the same as 16 raw bytes;
 -- ARGV[7+2n..6+3n] their previous-release index members
--- Returns {records deleted, the tombstones' deadline in ms}.
+-- Returns {records deleted, the user rows' tombstone ('' without user rows or tombstone)}.
+-- A user row's tombstone is `{deadline ms}:{seed}`, unique to this call, so that lifting it
+-- never lifts another writer's (a token's is the deadline alone: never lifted).
 local n, p = tonumber(ARGV[1]), tonumber(ARGV[5])
 local lift = ARGV[6]
 local tombstone_ms = tonumber(ARGV[2])
@@ -31,7 +33,7 @@ local counter, removed = 0, 0
 
 -- An entry (`r:{id}` of a token key, `u` of a user key) with its generation and tombstone
 -- fields. Returns how many entries were deleted (0 or 1).
-local function revoke_entry(key, field, generation_field, tombstone_field)
+local function revoke_entry(key, field, generation_field, tombstone_field, tombstone)
   counter = counter + 1
   local deleted = redis.pcall('HDEL', key, field)
   if type(deleted) == 'table' and deleted['err'] then
@@ -39,7 +41,7 @@ local function revoke_entry(key, field, generation_field, tombstone_field)
     deleted = 0
   end
   if tombstone_ms > 0 then
-    redis.call('HSET', key, generation_field, seed .. ':' .. counter, tombstone_field, string.format('%d', deadline))
+    redis.call('HSET', key, generation_field, seed .. ':' .. counter, tombstone_field, tombstone)
   else
     redis.call('HSET', key, generation_field, seed .. ':' .. counter)
   end
@@ -49,7 +51,7 @@ local function revoke_entry(key, field, generation_field, tombstone_field)
 end
 
 local function revoke(key, id)
-  removed = removed + revoke_entry(key, 'r:' .. id, 'g:' .. id, 't:' .. id)
+  removed = removed + revoke_entry(key, 'r:' .. id, 'g:' .. id, 't:' .. id, string.format('%d', deadline))
 end
 
 -- A key of the wrong type (another tool's value under our name) holds nothing of ours: skip
@@ -93,13 +95,15 @@ for i = 3 * n + 1, 3 * n + 2 * p, 2 do
   end
   redis.call('DEL', KEYS[i + 1])
 end
+local user_tombstone = ''
+if tombstone_ms > 0 and #KEYS > 3 * n + 2 * p then user_tombstone = string.format('%d', deadline) .. ':' .. seed end
 for i = 3 * n + 2 * p + 1, #KEYS do
-  revoke_entry(KEYS[i], 'u', 'ug', 'ut')
+  revoke_entry(KEYS[i], 'u', 'ug', 'ut', user_tombstone)
   -- Once the user's write has committed, a reader that looked the row up before this call
   -- holds a generation this call replaced: the tombstone has done its work. Lifted only if
-  -- it is still the one written before the write (a later one guards a write still open).
+  -- it is still the one written before the write (another is a write still open).
   if tombstone_ms == 0 and lift ~= '' and redis.pcall('HGET', KEYS[i], 'ut') == lift then
     redis.call('HDEL', KEYS[i], 'ut')
   end
 end
-return {removed, deadline}
+return {removed, user_tombstone}

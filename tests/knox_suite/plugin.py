@@ -6,7 +6,8 @@
   transaction never commits, so knox_redis looks every token up but never fills (it caches
   committed rows only). "transactional": TestCase runs as TransactionTestCase, so requests after
   the first really are served from Redis; the session fails if none was. With
-  KNOX_SUITE_USER_CACHE=1 (USER_CACHE on), it also fails if no user was built from a cached row.
+  KNOX_SUITE_USER_CACHE=1 (USER_CACHE on), it also fails if no user was built from a cached row;
+  KNOX_SUITE_LOCAL_CACHE=1 turns LOCAL_CACHE_SIZE on as well.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tests.servers import RedisServer
 _server = RedisServer()
 TRANSACTIONAL = os.environ.get("KNOX_SUITE_MODE", "as-written") == "transactional"
 USER_CACHE = os.environ.get("KNOX_SUITE_USER_CACHE") == "1"
+LOCAL_CACHE = os.environ.get("KNOX_SUITE_LOCAL_CACHE") == "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,16 +68,18 @@ def _fresh_redis() -> None:
     _totals["hits"] += stats["hits"]
     _totals["fills"] += stats["fills"]
     _totals["user_hits"] += stats["user_hits"]
+    _totals["local_hits"] += stats.get("local_hits", 0)
 
 
-_totals = {"hits": 0, "fills": 0, "user_hits": 0}
+_totals = {"hits": 0, "fills": 0, "user_hits": 0, "local_hits": 0}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     mode = ("transactional" if TRANSACTIONAL else "as-written") + (", USER_CACHE" if USER_CACHE else "")
+    mode += ", LOCAL_CACHE_SIZE" if LOCAL_CACHE else ""
     print(
         f"\nknox suite ({mode}) with knox_redis: cache hits {_totals['hits']}, fills {_totals['fills']}, "
-        f"users built from cached rows {_totals['user_hits']}"
+        f"users built from cached rows {_totals['user_hits']}, in-process hits {_totals['local_hits']}"
     )
     if TRANSACTIONAL and exitstatus == 0 and session.testscollected and _totals["hits"] == 0:
         print("knox suite: no request was served from the cache; the swap did not take effect")

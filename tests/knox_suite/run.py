@@ -71,10 +71,17 @@ TRANSACTIONAL_DESELECT = [
 def main() -> int:
     tests = knox_tests()
     failed = 0
-    # (mode, USER_CACHE): knox's tests as written, then with commits (served from Redis), then
-    # with commits and USER_CACHE (users built from cached rows).
-    for mode, user_cache in (("as-written", "0"), ("transactional", "0"), ("transactional", "1")):
-        label = mode + (", USER_CACHE" if user_cache == "1" else "")
+    # (mode, USER_CACHE, LOCAL_CACHE_SIZE): knox's tests as written, then with commits (served
+    # from Redis), then with USER_CACHE (users built from cached rows), then with both modes.
+    for mode, user_cache, local_cache in (
+        ("as-written", "0", "0"),
+        ("transactional", "0", "0"),
+        ("transactional", "1", "0"),
+        ("transactional", "1", "1"),
+    ):
+        label = (
+            mode + (", USER_CACHE" if user_cache == "1" else "") + (", LOCAL_CACHE_SIZE" if local_cache == "1" else "")
+        )
         print(f"running knox's own tests ({label}) from {tests.relative_to(ROOT)} with knox_redis swapped in")
         deselect = [f"--deselect={t}" for t in TRANSACTIONAL_DESELECT] if mode == "transactional" else []
         failed |= subprocess.call(
@@ -91,7 +98,12 @@ def main() -> int:
                 *sys.argv[1:],
             ],
             cwd=ROOT,
-            env={**os.environ, "KNOX_SUITE_MODE": mode, "KNOX_SUITE_USER_CACHE": user_cache},
+            env={
+                **os.environ,
+                "KNOX_SUITE_MODE": mode,
+                "KNOX_SUITE_USER_CACHE": user_cache,
+                "KNOX_SUITE_LOCAL_CACHE": local_cache,
+            },
         )
     return failed
 

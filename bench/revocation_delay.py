@@ -1,0 +1,153 @@
+"""With LOCAL_CACHE_SIZE, how long after a logout returns does another process stop accepting
+the token? (Without it, the delay is zero by construction: every request asks Redis.)
+
+Worker processes (forked, each with its own in-process cache and tracking listener) keep
+authenticating a random one of 1,000 users' tokens, all cached locally (the load), and in
+between the token the parent process is about to log out, which they too serve from their
+in-process cache. The parent logs out one such token at a time through the ORM; the delay is
+the time from the moment that delete returned to the first rejection in each worker
+(CLOCK_MONOTONIC is system-wide on Linux). A worker that stopped accepting the token before
+the parent's delete returned counts 0. USER_CACHE on (no query per hit), PostgreSQL when
+reachable (as bench.py), its own redis-server.
+
+    .venv/bin/python bench/revocation_delay.py [--revocations 200] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from calls import USERS, configure  # noqa: E402
+
+from bench import open_database  # noqa: E402
+from tests.servers import RedisServer  # noqa: E402
+
+SETTINGS = {"CACHE_ALIAS": "default", "USER_CACHE": True, "USER_CACHE_TTL": 3600, "LOCAL_CACHE_SIZE": 4 * USERS}
+
+
+def accepted(auth: Any, request: Any) -> bool:
+    from rest_framework.exceptions import AuthenticationFailed
+
+    try:
+        return auth.authenticate(request) is not None
+    except AuthenticationFailed:
+        return False
+
+
+def worker(load: list[str], targets: list[str], current: Any, done: Any, out: Any) -> None:
+    from calls import Scenario, _request
+    from django.db import connections
+
+    from knox_redis import cache
+    from knox_redis.auth import TokenAuthentication
+
+    connections.close_all()
+    auth = TokenAuthentication()
+    scenario = Scenario("w", auth, load)
+    deadline = time.monotonic() + 20
+    while not cache.get_client().local_cache_live:
+        assert time.monotonic() < deadline, "the tracking listener never went live"
+        time.sleep(0.001)
+    load_requests = [_request(scenario, token) for token in load]
+    target_requests = [_request(scenario, token) for token in targets]
+    for request in load_requests + target_requests:
+        accepted(auth, request)  # every token cached locally
+    rng = random.Random()
+    rejected: dict[int, float] = {}
+    out.send("ready")
+    while not done.value:
+        accepted(auth, rng.choice(load_requests))
+        i = current.value
+        if i >= 0 and i not in rejected and not accepted(auth, target_requests[i]):
+            rejected[i] = time.monotonic()
+    stats = cache.get_client().stats()
+    out.send({"rejected": rejected, "local_hits": stats["local_hits"], "lookups": stats["hits"] + stats["misses"]})
+    connections.close_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--revocations", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
+    args = parser.parse_args()
+    server = RedisServer().start()
+    database = open_database(args.db)
+    try:
+        configure(database.settings, server.url)
+        from django.conf import settings
+
+        settings.REST_KNOX_REDIS = SETTINGS
+        run(args, database.engine)
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        database.cleanup()
+        server.stop()
+
+
+def run(args: argparse.Namespace, engine: str) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import connections
+    from knox.models import AuthToken
+
+    users = [get_user_model().objects.create_user(username=f"u{i}") for i in range(USERS + args.revocations)]
+    load = [AuthToken.objects.create(user=u)[1] for u in users[:USERS]]
+    targets = [AuthToken.objects.create(user=u)[1] for u in users[USERS:]]
+    connections.close_all()
+
+    ctx = multiprocessing.get_context("fork")
+    current, done = ctx.Value("i", -1), ctx.Value("b", False)
+    pipes = [ctx.Pipe() for _ in range(args.workers)]
+    procs = [ctx.Process(target=worker, args=(load, targets, current, done, there)) for _, there in pipes]
+    for proc in procs:
+        proc.start()
+    for here, _ in pipes:
+        assert here.poll(60), "a worker never got ready"
+        assert here.recv() == "ready"
+    revoked_at: dict[int, float] = {}
+    rng = random.Random(1)
+    for i, token in enumerate(targets):
+        current.value = i
+        time.sleep(0.005 + rng.random() * 0.01)  # the workers keep serving it locally
+        AuthToken.objects.filter(token_key=token[:15]).delete()
+        revoked_at[i] = time.monotonic()  # the logout has returned
+        time.sleep(0.01)
+    time.sleep(0.2)
+    done.value = True
+    results = [here.recv() for here, _ in pipes]
+    for proc in procs:
+        proc.join(30)
+
+    delays = sorted(
+        max(0.0, result["rejected"][i] - revoked_at[i]) if i in result["rejected"] else float("inf")
+        for result in results
+        for i in revoked_at
+    )
+    local = sum(r["local_hits"] for r in results) / max(1, sum(r["lookups"] for r in results))
+    print(
+        f"{engine}, {args.workers} worker processes each serving {USERS} users' tokens from their in-process "
+        f"cache (USER_CACHE on; {local:.0%} of lookups served locally), {args.revocations} logouts\n"
+    )
+    print("| revocations seen | p50 ms | p99 ms | max ms | never seen |")
+    print("|---:|---:|---:|---:|---:|")
+    finite = [d for d in delays if d != float("inf")]
+    print(
+        f"| {len(finite)} | {statistics.median(finite) * 1e3:.2f} | {finite[int(len(finite) * 0.99) - 1] * 1e3:.2f} | "
+        f"{finite[-1] * 1e3:.2f} | {len(delays) - len(finite)} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+//! The in-process cache (`LOCAL_CACHE_SIZE`): lookup replies kept in this process, so a repeat
+//! hit makes no network call. Kept coherent by Redis' client-side caching (tracking.rs pushes
+//! every change to a key under the prefix here), under four rules:
+//!
+//! - an entry fetched before an invalidation of one of its keys is never stored after it: a
+//!   fetch takes a ticket (the invalidation count) before its round trip, and the store is
+//!   refused if any invalidation since then names one of the entry's keys, or if the log that
+//!   tells has been trimmed past the ticket;
+//! - entries are served only while the listener is live (a heartbeat sent through Redis came
+//!   back within the last second); otherwise the cache is flushed and bypassed;
+//! - a flush (FLUSHDB/FLUSHALL, a reconnect) empties it;
+//! - only found records are stored: an unknown token never takes a slot.
+//!
+//! Bounded: at capacity, the oldest entry goes (FIFO). Every method checks the pid: a forked
+//! child never touches what the parent's threads may have held locked at the fork.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// How long a heartbeat vouches for the listener: the worst-case delay before this process
+/// stops serving an entry that another process revoked.
+pub const LIVENESS: Duration = Duration::from_secs(1);
+/// Invalidations remembered for stores in flight; a store whose ticket is older is refused.
+const LOG_LEN: usize = 4096;
+
+/// A lookup reply as it came from Redis (still to be verified), with the keys it depends on.
+#[derive(Clone)]
+pub struct Entry {
+    pub reply: Arc<Vec<Option<Vec<u8>>>>,
+    pub token_key: String,
+    pub user_key: String,
+}
+
+#[derive(Clone, Hash, PartialEq, Eq)]
+struct Slot {
+    token_key: String,
+    field: String,
+    with_user: bool,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Slot, Entry>,
+    /// Redis key name -> the slots whose entry depends on it.
+    by_key: HashMap<String, Vec<Slot>>,
+    order: VecDeque<Slot>,
+    /// Invalidations so far (also the next ticket).
+    seq: u64,
+    /// The most recent invalidations: (seq, key name); None for a flush.
+    log: VecDeque<(u64, Option<String>)>,
+}
+
+pub struct Local {
+    capacity: usize,
+    owner_pid: u32,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` until which entries may be served (set by the listener).
+    live_until: AtomicU64,
+    state: Mutex<State>,
+    pub hits: AtomicU64,
+    pub evictions: AtomicU64,
+    pub invalidations: AtomicU64,
+}
+
+impl Local {
+    pub fn new(capacity: usize) -> Self {
+        Local {
+            capacity,
+            owner_pid: std::process::id(),
+            epoch: Instant::now(),
+            live_until: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+            hits: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+        }
+    }
+
+    fn ours(&self) -> bool {
+        std::process::id() == self.owner_pid
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.ours() && self.nanos(Instant::now()) < self.live_until.load(Ordering::Acquire)
+    }
+
+    /// The listener got back a heartbeat it sent at `sent`: everything Redis changed before
+    /// then has reached it, so entries may be served until `sent + LIVENESS`.
+    pub fn heartbeat(&self, sent: Instant) {
+        self.live_until.fetch_max(self.nanos(sent + LIVENESS), Ordering::AcqRel);
+    }
+
+    /// The listener lost its connection: serve nothing, keep nothing.
+    pub fn dead(&self) {
+        self.live_until.store(0, Ordering::Release);
+        self.flush();
+    }
+
+    /// The entry for this token, if one may be served now.
+    pub fn get(&self, token_key: &str, field: &str, with_user: bool) -> Option<Entry> {
+        if !self.is_live() {
+            if self.ours() && !self.state.lock().entries.is_empty() {
+                self.flush();
+            }
+            return None;
+        }
+        let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
+        let entry = self.state.lock().entries.get(&slot).cloned();
+        if entry.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        entry
+    }
+
+    /// A ticket for a fetch about to start, or None if nothing may be stored.
+    pub fn ticket(&self) -> Option<u64> {
+        self.is_live().then(|| self.state.lock().seq)
+    }
+
+    /// Store what a fetch that took `ticket` found, unless an invalidation since then names
+    /// one of its keys (or can't be ruled out).
+    pub fn store(&self, ticket: u64, token_key: &str, field: &str, with_user: bool, entry: Entry) {
+        if !self.is_live() || self.capacity == 0 {
+            return;
+        }
+        let mut state = self.state.lock();
+        if state.seq != ticket {
+            let covered = state.log.front().is_some_and(|(first, _)| *first <= ticket + 1);
+            if !covered {
+                return;
+            }
+            let touched = state.log.iter().filter(|(seq, _)| *seq > ticket).any(|(_, key)| match key {
+                None => true,
+                Some(key) => *key == entry.token_key || *key == entry.user_key,
+            });
+            if touched {
+                return;
+            }
+        }
+        let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
+        while state.entries.len() >= self.capacity {
+            let Some(oldest) = state.order.pop_front() else { break };
+            if let Some(gone) = state.entries.remove(&oldest) {
+                unlink(&mut state, &oldest, &gone);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for key in [&entry.token_key, &entry.user_key] {
+            state.by_key.entry(key.clone()).or_default().push(slot.clone());
+        }
+        if let Some(previous) = state.entries.insert(slot.clone(), entry) {
+            unlink(&mut state, &slot, &previous);
+        } else {
+            state.order.push_back(slot);
+        }
+    }
+
+    /// Redis says `key` changed (or this process is about to change it): drop what depends on it.
+    pub fn invalidate(&self, key: &str) {
+        if !self.ours() {
+            return;
+        }
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock();
+        log(&mut state, Some(key.to_owned()));
+        for slot in state.by_key.remove(key).unwrap_or_default() {
+            if let Some(gone) = state.entries.remove(&slot) {
+                unlink(&mut state, &slot, &gone);
+            }
+        }
+    }
+
+    pub fn flush(&self) {
+        if !self.ours() {
+            return;
+        }
+        let mut state = self.state.lock();
+        log(&mut state, None);
+        state.entries.clear();
+        state.by_key.clear();
+        state.order.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        if self.ours() {
+            self.state.lock().entries.len()
+        } else {
+            0
+        }
+    }
+}
+
+fn log(state: &mut State, key: Option<String>) {
+    state.seq += 1;
+    let seq = state.seq;
+    state.log.push_back((seq, key));
+    while state.log.len() > LOG_LEN {
+        state.log.pop_front();
+    }
+}
+
+/// Forget `slot` in the key index of `entry`'s keys (the FIFO order is pruned lazily).
+fn unlink(state: &mut State, slot: &Slot, entry: &Entry) {
+    for key in [&entry.token_key, &entry.user_key] {
+        if let Some(slots) = state.by_key.get_mut(key) {
+            slots.retain(|s| s != slot);
+            if slots.is_empty() {
+                state.by_key.remove(key);
+            }
+        }
+    }
+    if state.order.len() > 2 * state.entries.len() + 64 {
+        let entries = &state.entries;
+        state.order.retain(|s| entries.contains_key(s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(token_key: &str, user_key: &str) -> Entry {
+        Entry { reply: Arc::new(vec![Some(b"r".to_vec())]), token_key: token_key.into(), user_key: user_key.into() }
+    }
+
+    fn live(capacity: usize) -> Local {
+        let local = Local::new(capacity);
+        local.heartbeat(Instant::now());
+        local
+    }
+
+    #[test]
+    fn a_fetch_that_raced_an_invalidation_is_never_stored() {
+        let local = live(10);
+        let ticket = local.ticket().unwrap();
+        local.invalidate("k:user:1:ix"); // the push arrives while the fetch is in flight
+        local.store(ticket, "tk", "id", true, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.get("tk", "id", true).is_none());
+        // An unrelated key doesn't stop it; a flush does.
+        let ticket = local.ticket().unwrap();
+        local.invalidate("k:token:other");
+        local.store(ticket, "tk", "id", true, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.get("tk", "id", true).is_some());
+        let ticket = local.ticket().unwrap();
+        local.flush();
+        local.store(ticket, "tk2", "id", true, entry("k:token:tk2", "k:user:1:ix"));
+        assert!(local.get("tk2", "id", true).is_none());
+    }
+
+    #[test]
+    fn a_ticket_older_than_the_log_is_refused() {
+        let local = live(10);
+        let ticket = local.ticket().unwrap();
+        for i in 0..=LOG_LEN {
+            local.invalidate(&format!("k:token:{i}"));
+        }
+        local.store(ticket, "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.get("tk", "id", false).is_none());
+    }
+
+    #[test]
+    fn invalidating_either_key_drops_the_entry() {
+        let local = live(10);
+        for key in ["k:token:tk", "k:user:1:ix"] {
+            let ticket = local.ticket().unwrap();
+            local.store(ticket, "tk", "id", true, entry("k:token:tk", "k:user:1:ix"));
+            assert!(local.get("tk", "id", true).is_some());
+            local.invalidate(key);
+            assert!(local.get("tk", "id", true).is_none(), "{key}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_served_or_stored_without_a_recent_heartbeat() {
+        let local = Local::new(10);
+        assert!(local.ticket().is_none());
+        local.heartbeat(Instant::now());
+        local.store(local.ticket().unwrap(), "tk", "id", true, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.get("tk", "id", true).is_some());
+        local.dead();
+        assert!(local.get("tk", "id", true).is_none());
+        assert_eq!(local.len(), 0);
+        // A heartbeat sent long ago vouches for nothing now.
+        local.heartbeat(Instant::now().checked_sub(LIVENESS * 2).unwrap());
+        assert!(!local.is_live());
+    }
+
+    #[test]
+    fn bounded_oldest_first() {
+        let local = live(2);
+        for tk in ["a", "b", "c"] {
+            local.store(local.ticket().unwrap(), tk, "id", false, entry(&format!("k:token:{tk}"), "k:user:1:ix"));
+        }
+        assert_eq!(local.len(), 2);
+        assert!(local.get("a", "id", false).is_none());
+        assert!(local.get("c", "id", false).is_some());
+        assert_eq!(local.evictions.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,180 @@
+"""LOCAL_CACHE_SIZE: lookup replies kept in the process, kept coherent by Redis' client-side
+caching (a listener thread gets every change under the prefix), served only while that
+listener has heard from Redis within the last second. Real redis-server, real processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+from django.db import connections
+from knox.models import AuthToken
+
+from knox_redis import cache
+from tests.helpers import accepted
+
+
+@pytest.fixture
+def local_cache(settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 100}
+    wait_until(lambda: cache.get_client().local_cache_live)
+
+
+def wait_until(condition, timeout: float = 5.0) -> float:
+    """Seconds until `condition()` held (fails the test after `timeout`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.001)
+    return time.monotonic() - start
+
+
+def settled() -> None:
+    """Let Redis' pushes for the writes so far (a login's write-through) reach the listener:
+    they may arrive after a lookup kept a reply, and rightly drop it. Two heartbeats (100 ms
+    apart) coming back prove every earlier push has arrived."""
+    time.sleep(0.3)
+
+
+def evalsha_calls(redis_conn) -> int:
+    return redis_conn.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def stats() -> dict:
+    return cache.get_client().stats()
+
+
+def test_a_repeat_hit_makes_no_network_call(local_cache, make_token, redis_conn):
+    token = make_token(write_through=True)
+    settled()
+    assert accepted(token)  # from Redis, then kept
+    before = evalsha_calls(redis_conn)
+    for _ in range(5):
+        assert accepted(token)
+    assert evalsha_calls(redis_conn) == before
+    assert stats()["local_hits"] == 5
+
+
+def test_unknown_tokens_are_never_kept(local_cache, make_token):
+    assert not accepted("0" * 64)
+    assert not accepted("0" * 64)
+    assert stats()["local_entries"] == 0
+
+
+def test_the_revoking_process_drops_its_entry_before_returning(local_cache, make_token):
+    token = make_token(write_through=True)
+    assert accepted(token)
+    assert accepted(token)
+    AuthToken.objects.get().delete()
+    assert not accepted(token)
+
+
+def test_a_change_made_behind_the_process_reaches_it(local_cache, make_token, redis_conn):
+    """A revocation written to Redis by someone else (here: by hand) empties the entry as soon
+    as Redis' push arrives."""
+    token = make_token(write_through=True)
+    settled()
+    assert accepted(token)
+    assert stats()["local_entries"] == 1
+    redis_conn.hset(f"knox:token:{token[:15]}", "unrelated", "x")  # any write to the key
+    wait_until(lambda: stats()["local_entries"] == 0)
+
+
+def test_flushall_empties_it(local_cache, make_token, redis_conn):
+    token = make_token(write_through=True)
+    assert accepted(token)
+    redis_conn.flushall()
+    wait_until(lambda: stats()["local_entries"] == 0)
+    assert accepted(token)  # from the database again
+
+
+def test_a_user_change_reaches_every_token_of_the_user(settings, local_cache, make_token, user):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    wait_until(lambda: cache.get_client().local_cache_live)
+    tokens = [make_token(write_through=True) for _ in range(2)]
+    for token in tokens:
+        assert accepted(token)
+        assert accepted(token)
+    user.is_active = False
+    user.save()
+    for token in tokens:
+        assert not accepted(token)
+
+
+def test_a_cut_connection_stops_local_hits_within_a_second(settings, make_token, proxy, via):
+    via(proxy.url)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 100}
+    wait_until(lambda: cache.get_client().local_cache_live)
+    token = make_token(write_through=True)
+    settled()
+    assert accepted(token)
+    assert stats()["local_entries"] == 1
+    proxy.blackhole()  # the listener hears nothing from now on
+    delay = wait_until(lambda: not cache.get_client().local_cache_live, timeout=3)
+    assert delay <= 1.2
+    assert stats()["local_entries"] == 0
+    assert accepted(token)  # the database answers (the breaker sends it there)
+    proxy.heal()
+    wait_until(lambda: cache.get_client().local_cache_live, timeout=5)
+
+
+def test_a_restarted_redis_is_a_fresh_start(local_cache, make_token, redis_server):
+    token = make_token(write_through=True)
+    assert accepted(token)
+    redis_server.stop()
+    wait_until(lambda: stats()["local_entries"] == 0)
+    redis_server.start()
+    wait_until(lambda: cache.get_client().local_cache_live, timeout=10)
+    assert accepted(token)
+
+
+def serve_until_rejected(token: str, conn) -> None:
+    """A forked process: its own client and listener (nothing inherited), the token served
+    from its in-process cache; then, once told the token is revoked, how long until it stops
+    accepting it."""
+    connections.close_all()
+    try:
+        assert cache.get_client().stats()["local_entries"] == 0  # starts empty: nothing inherited
+        wait_until(lambda: cache.get_client().local_cache_live)
+        assert accepted(token)
+        assert accepted(token)
+        assert cache.get_client().stats()["local_hits"] >= 1
+        conn.send("ready")
+        conn.recv()  # the other process's revocation has returned
+        revoked_at = time.monotonic()
+        while accepted(token):
+            pass
+        conn.send({"delay": time.monotonic() - revoked_at})
+    except BaseException as exc:
+        conn.send({"error": repr(exc)})
+    finally:
+        connections.close_all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_revocation_by_another_process_stops_the_token_there(local_cache, make_token):
+    """Two real processes: one serves the token from its in-process cache, the other logs it
+    out. The first stops accepting it as soon as Redis' push arrives (at worst, when its
+    heartbeat lapses: one second)."""
+    token = make_token(write_through=True)
+    connections.close_all()
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=serve_until_rejected, args=(token, there))
+    child.start()
+    try:
+        assert here.poll(15)
+        assert here.recv() == "ready"
+        AuthToken.objects.get().delete()  # returns: the token is revoked
+        here.send("go")
+        assert here.poll(15)
+        result = here.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert "error" not in result, result
+    assert result["delay"] < 1.0
+    print(f"revocation seen by the other process after {result['delay'] * 1000:.2f} ms")
