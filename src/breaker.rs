@@ -39,14 +39,19 @@ impl Breaker {
         self.open_until_ms.compare_exchange(until, now + self.cooldown_ms, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
-    pub fn record_success(&self) {
-        if self.open_until_ms.load(Ordering::Relaxed) != 0 {
-            self.open_until_ms.store(0, Ordering::Release);
-        }
+    /// True if this success closed the circuit.
+    pub fn record_success(&self) -> bool {
+        // A load first: the common case (closed) writes nothing to the shared cache line.
+        self.open_until_ms.load(Ordering::Relaxed) != 0 && self.open_until_ms.swap(0, Ordering::AcqRel) != 0
     }
 
-    pub fn record_failure(&self) {
-        self.open_until_ms.store(now_ms() + self.cooldown_ms, Ordering::Release);
+    /// True if this failure opened a closed circuit (a trip; a failed probe only reopens it).
+    /// With no cool-down the breaker never opens.
+    pub fn record_failure(&self) -> bool {
+        if self.cooldown_ms == 0 {
+            return false;
+        }
+        self.open_until_ms.swap(now_ms() + self.cooldown_ms, Ordering::AcqRel) == 0
     }
 
     pub fn is_open(&self) -> bool {
@@ -98,7 +103,26 @@ mod tests {
     #[test]
     fn zero_cooldown_never_blocks() {
         let b = Breaker::new(0);
-        b.record_failure();
+        assert!(!b.record_failure(), "never opens, so never trips");
         assert!(b.allow());
+        assert!(!b.record_success());
+    }
+
+    #[test]
+    fn only_closed_to_open_is_a_trip_and_only_open_to_closed_a_close() {
+        let b = Breaker::new(20);
+        assert!(!b.record_success(), "already closed");
+        assert!(b.record_failure(), "closed -> open");
+        assert!(!b.record_failure(), "open -> open");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow());
+        assert!(!b.record_failure(), "a failed probe reopens: not another trip");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow());
+        assert!(b.record_success(), "open -> closed");
+        assert!(!b.record_success());
+        b.record_failure();
+        b.reset();
+        assert!(b.record_failure(), "after a reset, the next failure trips again");
     }
 }

@@ -2,9 +2,8 @@
 //! connect and read timeouts, and goes through the circuit breaker; every multi-key write is a
 //! single Lua script, so a hung server costs one timeout, not one per command.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -16,6 +15,7 @@ use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
 use crate::local::{Entry, Local};
+use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 use crate::tracking::Listener;
@@ -25,23 +25,6 @@ pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(includ
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 pub(crate) static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
-
-#[derive(Default)]
-struct Stats {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    undecodable: AtomicU64,
-    bad_mac: AtomicU64,
-    fills: AtomicU64,
-    fills_refused: AtomicU64,
-    user_hits: AtomicU64,
-    user_misses: AtomicU64,
-    user_fills: AtomicU64,
-    user_fills_refused: AtomicU64,
-    revoked: AtomicU64,
-    errors: AtomicU64,
-    short_circuits: AtomicU64,
-}
 
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
 type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
@@ -53,10 +36,6 @@ type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>, Option<DecodedUserRo
 /// `(user row or None, generation or None)`, as `lookup_user` returns it to Python.
 type UserLookupReply = (Option<DecodedUserRow>, Option<Py<PyBytes>>);
 
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
 /// Client for the token records of one key prefix on one Redis primary.
 #[pyclass(name = "TokenCache", module = "knox_redis._knox_redis", frozen)]
 pub struct TokenCache {
@@ -66,7 +45,7 @@ pub struct TokenCache {
     lease_ms: u64,
     /// The signing key first, then the fallbacks that still verify during a rotation.
     record_keys: Vec<RecordKey>,
-    stats: Stats,
+    metrics: ClientMetrics,
     /// `LOCAL_CACHE_SIZE`: lookup replies kept in this process, and the thread keeping them
     /// coherent.
     local: Option<Arc<Local>>,
@@ -113,7 +92,11 @@ impl TokenCache {
         let row = match UserRow::decode(signed, &self.record_keys, user_key) {
             Ok(row) => row,
             Err(rejected) => {
-                bump(if rejected == Rejected::BadMac { &self.stats.bad_mac } else { &self.stats.undecodable });
+                PROCESS.bump(if rejected == Rejected::BadMac {
+                    Counter::LookupBadMac
+                } else {
+                    Counter::LookupUndecodable
+                });
                 return Ok(None);
             }
         };
@@ -173,9 +156,17 @@ impl TokenCache {
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
         if use_breaker && !self.breaker.allow() {
-            bump(&self.stats.short_circuits);
+            PROCESS.bump(Counter::ErrorCircuitOpen);
             return Err(Error::CircuitOpen);
         }
+        // One observation per call that goes to Redis: connecting and the retry included.
+        let started = Instant::now();
+        let result = self.attempt(op);
+        PROCESS.observe(started.elapsed());
+        result
+    }
+
+    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
         let mut retried = false;
         loop {
             let mut checkout = match self.pool.checkout() {
@@ -202,9 +193,12 @@ impl TokenCache {
     }
 
     fn failed(&self, err: &redis::RedisError) -> Error {
-        bump(&self.stats.errors);
+        let kind = ErrorKind::of(err);
+        PROCESS.error(kind);
         if is_connectivity(err) {
-            self.breaker.record_failure();
+            if self.breaker.record_failure() {
+                PROCESS.tripped(kind);
+            }
         } else {
             // Redis answered: it is reachable, whatever it said.
             self.breaker.record_success();
@@ -446,7 +440,7 @@ impl TokenCache {
                 .chain(record_fallback_secrets.iter().map(Vec::as_slice))
                 .map(|secret| RecordKey::derive(secret, &namespace))
                 .collect(),
-            stats: Stats::default(),
+            metrics: ClientMetrics::new(),
         })
     }
 
@@ -481,22 +475,25 @@ impl TokenCache {
         let (user_key, raw_row, row_generation) =
             (values.next().flatten(), values.next().flatten(), values.next().flatten());
         let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
+        let raw_missing = raw.is_none();
         let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, &id) {
             Ok(record) => Some(record),
             Err(Rejected::Undecodable) => {
-                bump(&self.stats.undecodable);
+                PROCESS.bump(Counter::LookupUndecodable);
                 None
             }
             Err(Rejected::BadMac) => {
-                bump(&self.stats.bad_mac);
+                PROCESS.bump(Counter::LookupBadMac);
                 None
             }
         });
         let Some(record) = record else {
-            bump(&self.stats.misses);
+            if raw_missing {
+                PROCESS.bump(Counter::LookupMiss);
+            }
             return Ok((None, generation, None, None));
         };
-        bump(&self.stats.hits);
+        PROCESS.bump(Counter::LookupHit);
         let (mut row, mut row_generation_py) = (None, None);
         // The row counts only under the user key the verified record names: the script named
         // it from bytes it could not authenticate.
@@ -511,7 +508,7 @@ impl TokenCache {
                 Some(stored) => self.user_row_to_py(py, &stored, &name)?,
                 None => None,
             };
-            bump(if row.is_some() { &self.stats.user_hits } else { &self.stats.user_misses });
+            PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
             row_generation_py = row_generation.map(|g| PyBytes::new(py, &g).unbind());
         }
         let user_pk = user_pk_to_py(py, record.user_pk)?;
@@ -593,7 +590,7 @@ impl TokenCache {
                     .invoke(conn)
             })
         })?;
-        bump(if stored == 1 { &self.stats.fills } else { &self.stats.fills_refused });
+        PROCESS.bump(if stored == 1 { Counter::Fill } else { Counter::FillRefused });
         Ok(stored == 1)
     }
 
@@ -628,7 +625,7 @@ impl TokenCache {
                     .invoke(conn)
             })
         })?;
-        bump(if stored == 1 { &self.stats.user_fills } else { &self.stats.user_fills_refused });
+        PROCESS.bump(if stored == 1 { Counter::UserRowFill } else { Counter::UserRowFillRefused });
         Ok(stored == 1)
     }
 
@@ -699,7 +696,7 @@ impl TokenCache {
         // Before (no reply fetched from now on is kept) and after (none fetched meanwhile is).
         let touched: Vec<&String> = token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).collect();
         self.forget_locally(&touched);
-        let (removed, tombstone): (i64, String) = py.detach(|| {
+        let revoked: Result<(i64, String)> = py.detach(|| {
             self.call_with(use_breaker, |conn| {
                 let mut invocation = REVOKE.prepare_invoke();
                 invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys).key(&row_keys);
@@ -707,9 +704,18 @@ impl TokenCache {
                 invocation.arg(&ids).arg(&id_fields).arg(&legacy_members);
                 invocation.invoke(conn)
             })
-        })?;
+        });
         self.forget_locally(&touched);
-        self.stats.revoked.fetch_add(removed.max(0) as u64, Ordering::Relaxed);
+        let (removed, tombstone) = match revoked {
+            Ok(revoked) => revoked,
+            Err(err) => {
+                PROCESS.bump(Counter::RevocationFailure);
+                return Err(err.into());
+            }
+        };
+        PROCESS.bump(Counter::Revocation);
+        PROCESS.add(Counter::RevokedTokens, n as u64);
+        PROCESS.add(Counter::RevokedRecords, removed.max(0) as u64);
         Ok((removed, tombstone))
     }
 
@@ -801,32 +807,15 @@ impl TokenCache {
         Ok(self.user_key_name(&user_pk_from_py(user_pk)?))
     }
 
-    /// Counters since this client was created.
+    /// This process's counters since this client was created (`knox_redis.stats()` has them
+    /// all, since the process started).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = &self.stats;
         let dict = PyDict::new(py);
-        for (name, counter) in [
-            ("hits", &s.hits),
-            ("misses", &s.misses),
-            ("undecodable", &s.undecodable),
-            ("bad_mac", &s.bad_mac),
-            ("fills", &s.fills),
-            ("fills_refused", &s.fills_refused),
-            ("user_hits", &s.user_hits),
-            ("user_misses", &s.user_misses),
-            ("user_fills", &s.user_fills),
-            ("user_fills_refused", &s.user_fills_refused),
-            ("revoked", &s.revoked),
-            ("errors", &s.errors),
-            ("short_circuits", &s.short_circuits),
-        ] {
-            dict.set_item(name, counter.load(Ordering::Relaxed))?;
+        for (name, value) in self.metrics.since_created() {
+            dict.set_item(name, value)?;
         }
         dict.set_item("idle_connections", self.pool.idle_count())?;
         if let Some(local) = &self.local {
-            dict.set_item("local_hits", local.hits.load(Ordering::Relaxed))?;
-            dict.set_item("local_evictions", local.evictions.load(Ordering::Relaxed))?;
-            dict.set_item("local_invalidations", local.invalidations.load(Ordering::Relaxed))?;
             dict.set_item("local_entries", local.len())?;
             dict.set_item("local_live", u8::from(local.is_live()))?;
         }

@@ -5,6 +5,7 @@ mod client;
 mod errors;
 mod hashing;
 mod local;
+mod metrics;
 mod pool;
 mod record;
 #[cfg(test)]
@@ -28,10 +29,13 @@ mod _knox_redis {
     use crate::errors::{CacheError, CacheUnavailable};
     #[pymodule_export]
     use crate::hash_token;
+    #[pymodule_export]
+    use crate::metrics::{count_expired, last_trip_kind, process_metrics, reset_metrics};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
+        crate::metrics::init();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }
 }

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::metrics::{Counter, PROCESS};
+
 /// How long a heartbeat vouches for the listener: the worst-case delay before this process
 /// stops serving an entry that another process revoked.
 pub const LIVENESS: Duration = Duration::from_secs(1);
@@ -61,9 +63,6 @@ pub struct Local {
     /// Nanoseconds since `epoch` until which entries may be served (set by the listener).
     live_until: AtomicU64,
     state: Mutex<State>,
-    pub hits: AtomicU64,
-    pub evictions: AtomicU64,
-    pub invalidations: AtomicU64,
 }
 
 impl Local {
@@ -74,9 +73,6 @@ impl Local {
             epoch: Instant::now(),
             live_until: AtomicU64::new(0),
             state: Mutex::new(State::default()),
-            hits: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
         }
     }
 
@@ -115,7 +111,7 @@ impl Local {
         let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
         let entry = self.state.lock().entries.get(&slot).cloned();
         if entry.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            PROCESS.bump(Counter::LocalHit);
         }
         entry
     }
@@ -150,7 +146,7 @@ impl Local {
             let Some(oldest) = state.order.pop_front() else { break };
             if let Some(gone) = state.entries.remove(&oldest) {
                 unlink(&mut state, &oldest, &gone);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+                PROCESS.bump(Counter::LocalEviction);
             }
         }
         for key in [&entry.token_key, &entry.user_key] {
@@ -168,7 +164,7 @@ impl Local {
         if !self.ours() {
             return;
         }
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        PROCESS.bump(Counter::LocalInvalidation);
         let mut state = self.state.lock();
         log(&mut state, Some(key.to_owned()));
         for slot in state.by_key.remove(key).unwrap_or_default() {
@@ -302,6 +298,5 @@ mod tests {
         assert_eq!(local.len(), 2);
         assert!(local.get("a", "id", false).is_none());
         assert!(local.get("c", "id", false).is_some());
-        assert_eq!(local.evictions.load(Ordering::Relaxed), 1);
     }
 }

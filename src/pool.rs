@@ -7,6 +7,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
+use crate::metrics::{Counter, PROCESS};
+
 pub struct PoolConfig {
     pub info: ConnectionInfo,
     pub connect_timeout: Duration,
@@ -41,6 +43,7 @@ impl Connector {
         // The connect helper bounds the handshake, then clears socket timeouts: set them again.
         conn.set_read_timeout(Some(self.io_timeout))?;
         conn.set_write_timeout(Some(self.io_timeout))?;
+        PROCESS.bump(Counter::ConnectionOpened);
         Ok(conn)
     }
 }

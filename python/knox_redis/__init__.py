@@ -2,13 +2,14 @@
 
 For writes that bypass Django signals (raw SQL, ``QuerySet.update``, another service):
 ``invalidate_token``, ``invalidate_user_tokens`` and, with USER_CACHE, ``invalidate_user``.
+This process's counters: ``stats()``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["__version__", "invalidate_token", "invalidate_user", "invalidate_user_tokens"]
+__all__ = ["__version__", "invalidate_token", "invalidate_user", "invalidate_user_tokens", "stats"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +18,16 @@ def __getattr__(name: str) -> Any:
 
         return __version__
     raise AttributeError(name)
+
+
+def stats() -> dict[str, Any]:
+    """This process's counters since it started (or was forked), by the names the README's
+    "Metrics" table lists: lookups by outcome, fills, revocations, Redis errors by kind, the
+    circuit breaker, connections, and the latency histogram of Redis calls. Never connects to
+    Redis."""
+    from knox_redis import cache
+
+    return cache.metrics()
 
 
 def invalidate_token(token: Any) -> None:

@@ -4,7 +4,17 @@ from typing import Any, final
 
 from typing_extensions import Self
 
-__all__ = ["CacheError", "CacheUnavailable", "TokenCache", "__version__", "hash_token"]
+__all__ = [
+    "CacheError",
+    "CacheUnavailable",
+    "TokenCache",
+    "__version__",
+    "count_expired",
+    "hash_token",
+    "last_trip_kind",
+    "process_metrics",
+    "reset_metrics",
+]
 
 __version__: str
 
@@ -16,6 +26,15 @@ class CacheUnavailable(CacheError):
 
 def hash_token(token: str) -> str:
     """SHA-512 hex digest of a token: what knox.crypto.hash_token returns by default."""
+
+# src/metrics.rs: this process's counters (one set per process, whatever the client).
+def process_metrics() -> dict[str, Any]:
+    """Counters by name (int), plus "call_duration_seconds_bucket" ({le: cumulative count},
+    le "0.0001" ... "+Inf"), "call_duration_seconds_sum" (float) and "..._count" (int)."""
+
+def count_expired() -> None: ...
+def last_trip_kind() -> str | None: ...
+def reset_metrics() -> None: ...
 
 # What a user row holds per column (with a one-character tag saying how to rebuild it).
 _Primitive = None | bool | int | float | str | bytes

@@ -131,6 +131,8 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
             return None
         now = timezone.now()
         expired = record.expiry is not None and record.expiry < now
+        if expired:
+            cache.count_expired()
         if not expired and not cache.fresh(record, now):
             return None  # due for a re-read from the database (MAX_CACHE_TTL)
         token_model = get_token_model()

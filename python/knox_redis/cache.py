@@ -167,6 +167,7 @@ def _forget_client_after_fork() -> None:
     _client_lock = threading.Lock()
     _client = None
     pending_revocations.after_fork_in_child()
+    _knox_redis.reset_metrics()  # the child counts its own calls, from zero
 
 
 if hasattr(os, "register_at_fork"):
@@ -187,6 +188,22 @@ def _warn(operation: str, exc: BaseException) -> None:
         logger.warning("knox_redis: %s failed, using the database: %s", operation, exc)
     else:
         logger.debug("knox_redis: %s failed: %s", operation, exc)
+
+
+# --- metrics (knox_redis.stats(), knox_redis.metrics) ----------------------------------
+
+# A hit whose record says the token expired: auth.py decides that, the native side counts it.
+count_expired = _knox_redis.count_expired
+
+
+def metrics() -> dict[str, Any]:
+    """This process's counters (README, "Metrics"), and the gauges of its client (none built
+    yet: zero). Never builds a client nor talks to Redis."""
+    values: dict[str, Any] = _knox_redis.process_metrics()
+    client = _client
+    values["breaker_open"] = int(client is not None and client.breaker_open)
+    values["connections_idle"] = client.stats()["idle_connections"] if client is not None else 0
+    return values
 
 
 # --- time -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from django.utils import timezone
 from knox.models import get_token_model
 from knox.signals import token_expired
 
+import knox_redis
 from knox_redis import cache
 from knox_redis.settings import knox_redis_settings
 
@@ -89,7 +90,8 @@ class Command(BaseCommand):
         memory = _info(cache.redis_command("INFO", "memory"))
         persistence = _info(cache.redis_command("INFO", "persistence"))
         result = {
-            "process_counters": dict(cache.get_client().stats()),
+            # This command's own process: a server's workers are scraped (knox_redis.metrics).
+            "process_counters": knox_redis.stats(),
             "prefix": knox_redis_settings.REDIS_KEY_PREFIX,
             "keys": keys,
             "estimated_bytes": round(sampled_bytes / sampled * keys) if sampled else 0,
@@ -106,7 +108,8 @@ class Command(BaseCommand):
         lines = [
             f"keys under {result['prefix']}:*  {keys} ({size})",
             f"{policy}, RDB save {rdb!r}, AOF {aof}",
-            f"this process: {result['process_counters']}",
+            "this process: "
+            + ", ".join(f"{k} {v}" for k, v in result["process_counters"].items() if not isinstance(v, dict)),
         ]
         self.say(options, "\n".join(lines))
         return result
