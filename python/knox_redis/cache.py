@@ -153,6 +153,7 @@ def _bytes(secret: str | bytes) -> bytes:
 def reset_client() -> None:
     global _client
     pending_revocations.clear()
+    _breaker_log.reported_open = False  # the next client starts closed
     with _client_lock:
         if _client is not None:
             _client.reset()
@@ -168,6 +169,7 @@ def _forget_client_after_fork() -> None:
     _client = None
     pending_revocations.after_fork_in_child()
     _knox_redis.reset_metrics()  # the child counts its own calls, from zero
+    _breaker_log.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -183,11 +185,61 @@ WARNING_INTERVAL = 10.0
 def _warn(operation: str, exc: BaseException) -> None:
     """Log a Redis failure at most once per WARNING_INTERVAL per operation."""
     now = time.monotonic()
+    if _breaker_log.check(operation, exc):
+        _last_warning[operation] = now  # the line saying the breaker opened said this too
+        return
     if now - _last_warning.get(operation, -WARNING_INTERVAL) >= WARNING_INTERVAL:
         _last_warning[operation] = now
         logger.warning("knox_redis: %s failed, using the database: %s", operation, exc)
     else:
         logger.debug("knox_redis: %s failed: %s", operation, exc)
+
+
+class BreakerLog:
+    """Logs each state change of the native circuit breaker once: opened (with the kind of
+    error that opened it) and closed again. Checked after failures, and after successes only
+    while it is reported open: a healthy process never asks."""
+
+    def __init__(self) -> None:
+        self.reported_open = False
+        self._opened_at = 0.0
+        self._lock = threading.Lock()
+
+    def check(self, operation: str = "a call", exc: BaseException | None = None) -> bool:
+        """Log a change since the last check; True if this logged the breaker opening."""
+        client = _client
+        if client is None or not self._lock.acquire(blocking=False):
+            return False  # another thread is reporting this very change
+        try:
+            is_open = client.breaker_open
+            if is_open and not self.reported_open:
+                self.reported_open, self._opened_at = True, time.monotonic()
+                logger.warning(
+                    "knox_redis: circuit breaker open after a Redis %s error (%s failed: %s): this process "
+                    "authenticates from the database and probes Redis every %ss",
+                    _knox_redis.last_trip_kind() or "connection",
+                    operation,
+                    exc,
+                    knox_redis_settings.CIRCUIT_BREAKER_COOLDOWN,
+                )
+                return True
+            if not is_open and self.reported_open:
+                self.reported_open = False
+                logger.warning(
+                    "knox_redis: Redis answers again, circuit breaker closed after %.1fs",
+                    time.monotonic() - self._opened_at,
+                )
+            return False
+        finally:
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        # The parent's lock may have been held by one of its threads; its breaker is not ours.
+        self._lock = threading.Lock()
+        self.reported_open = False
+
+
+_breaker_log = BreakerLog()
 
 
 # --- metrics (knox_redis.stats(), knox_redis.metrics) ----------------------------------
@@ -238,6 +290,8 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
     except (CacheError, ImproperlyConfigured) as exc:
         _warn("lookup", exc)
         return None
+    if _breaker_log.reported_open:
+        _breaker_log.check()  # a success: did it close the breaker?
     return Lookup(_record(raw), generation, _user_row(raw_row), user_generation)
 
 
@@ -659,6 +713,7 @@ def revoke(
     try:
         tombstone = _send_revocations(batch, int(knox_redis_settings.REVOCATION_TOMBSTONE_TTL * 1000), fail_fast)
     except (CacheError, ImproperlyConfigured) as exc:
+        _breaker_log.check("revocation", exc)
         if quiet:
             _warn("revocation", exc)
         else:

@@ -54,7 +54,8 @@ def revoke_before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) 
         # the delete commits, so a refresh can't slip in between.
         if not cache.expired_in_database(instance, using):
             raise
-        cache.logger.info("knox_redis: deleting expired token %s without Redis", instance.token_key)
+        # Never a token_key in a log line: it is the token's first 15 characters.
+        cache.logger.info("knox_redis: deleting an expired token without Redis")
 
 
 def revoke_before_update(sender: Any, instance: Any, using: str, update_fields: Any = None, **kwargs: Any) -> None:
