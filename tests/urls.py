@@ -3,7 +3,7 @@ from django.urls import path
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 
-from knox_redis import views
+from knox_redis import metrics, views
 
 
 @api_view(["GET"])
@@ -17,4 +17,5 @@ urlpatterns = [
     path("api/logout/", views.LogoutView.as_view(), name="knox_logout"),
     path("api/logoutall/", views.LogoutAllView.as_view(), name="knox_logoutall"),
     path("api/whoami/", whoami, name="whoami"),
+    path("metrics", metrics.view, name="metrics"),
 ]

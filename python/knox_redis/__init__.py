@@ -2,7 +2,7 @@
 
 For writes that bypass Django signals (raw SQL, ``QuerySet.update``, another service):
 ``invalidate_token``, ``invalidate_user_tokens`` and, with USER_CACHE, ``invalidate_user``.
-This process's counters: ``stats()``.
+This process's counters: ``stats()``; for Prometheus: ``knox_redis.metrics``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from knox_redis._knox_redis import __version__
 
         return __version__
+    if name == "metrics":  # `knox_redis.metrics.view` without importing the submodule first
+        import importlib
+
+        return importlib.import_module("knox_redis.metrics")
     raise AttributeError(name)
 
 

@@ -99,6 +99,10 @@ def get_client() -> _knox_redis.TokenCache:
             if _client is None:
                 target = redis_target()
                 _client = _new_client(target)
+                if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                    from knox_redis import metrics as prometheus_metrics
+
+                    prometheus_metrics.publish_in_background()
             client = _client
     return client
 
