@@ -84,6 +84,16 @@ def test_stats_has_the_documented_names_and_types(transactional_db):
     json.dumps(stats, allow_nan=False)  # what `manage.py knox_redis --json stats` prints
 
 
+def test_the_readme_documents_every_name():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    for name in COUNTERS | GAUGES | {"call_duration_seconds"}:
+        assert f"`{name}" in section, name
+    for name, *_ in metrics.FAMILIES:
+        assert name in section, name
+    assert "knox_redis_call_duration_seconds" in section
+
+
 def test_stats_never_builds_a_client_nor_connects(transactional_db):
     cache.reset_client()
     with counting() as moved:
