@@ -33,6 +33,13 @@ from tests.helpers import accepted, record_field
 from tests.servers import free_port
 
 COUNTERS = {
+    "user_rows_hit",
+    "user_rows_miss",
+    "user_row_fills",
+    "user_row_fills_refused",
+    "local_hits",
+    "local_evictions",
+    "local_invalidations",
     "lookups_hit",
     "lookups_miss",
     "lookups_garbage",

@@ -148,6 +148,41 @@ FAMILIES = (
         "Processes whose circuit breaker is open now (their requests skip Redis).",
         "breaker_open",
     ),
+    Family(
+        "knox_redis_user_rows",
+        "counter",
+        (
+            "USER_CACHE: hits whose user row came back usable (hit: the user built with no query) or "
+            "not (miss: read from the database, then cached)."
+        ),
+        ("outcome",),
+        ((("hit",), "user_rows_hit"), (("miss",), "user_rows_miss")),
+    ),
+    Family(
+        "knox_redis_user_row_fills",
+        "counter",
+        "USER_CACHE: attempts to cache a user row: stored, or refused (the user changed since the lookup).",
+        ("result",),
+        ((("stored",), "user_row_fills"), (("refused",), "user_row_fills_refused")),
+    ),
+    _one(
+        "knox_redis_local_hits",
+        "counter",
+        "LOCAL_CACHE_SIZE: lookups served from the in-process cache, with no network call.",
+        "local_hits",
+    ),
+    _one(
+        "knox_redis_local_evictions",
+        "counter",
+        "LOCAL_CACHE_SIZE: entries dropped from the in-process cache to make room.",
+        "local_evictions",
+    ),
+    _one(
+        "knox_redis_local_invalidations",
+        "counter",
+        "LOCAL_CACHE_SIZE: invalidations applied to the in-process cache (Redis' pushes and own revocations).",
+        "local_invalidations",
+    ),
     _one("knox_redis_connections_opened", "counter", "Connections to Redis opened.", "connections_opened"),
     _one("knox_redis_connections_idle", "gauge", "Idle pooled connections to Redis.", "connections_idle"),
 )
