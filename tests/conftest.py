@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from knox_redis import cache
 from tests import installed
-from tests.servers import RedisServer, TcpProxy
+from tests.servers import RedisServer, TcpProxy, redis_server_binary, redis_server_version
 
 _server: RedisServer | None = None
 
@@ -29,7 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     _server = RedisServer().start()
     settings.CACHES["redis"]["LOCATION"] = _server.url
-    print(f"knox_redis tests: redis-server on port {_server.port}, database {settings.DATABASES['default']['ENGINE']}")
+    print(
+        f"knox_redis tests: redis-server {redis_server_version()} on port {_server.port}, "
+        f"database {settings.DATABASES['default']['ENGINE']}"
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -38,12 +41,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from tests.servers import redis_server_binary
-
     return [
         (
             f"knox_redis: database {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
-            f"redis-server {redis_server_binary()} on port {_server.port if _server else '?'}"
+            f"redis-server {redis_server_version()} ({redis_server_binary()}) "
+            f"on port {_server.port if _server else '?'}"
         ),
         installed.check(),
     ]

