@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from io import StringIO
 from pathlib import Path
@@ -14,8 +16,9 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from knox.models import AuthToken
 
-from knox_redis import cache
+from knox_redis import cache, checks as knox_redis_checks
 from knox_redis.checks import check_authentication_classes, check_redis_server, check_token_length, check_token_prefix
+from knox_redis.settings import DEFAULTS, knox_redis_settings
 from tests.conftest import auth_header, basic_header
 from tests.servers import RedisServer, free_port
 
@@ -99,7 +102,8 @@ def test_knox_own_logoutall_view_revokes_through_signals(make_token, user):
     assert cache.get_client().stats()["hits"] == 2
 
 
-# `check --deploy` only: the Redis the native client uses, probed with CONFIG GET.
+# `check --deploy` only: the Redis the native client uses, asked whether it lets knox_redis run
+# every command it sends (knox_redis.E004), and how it is configured (CONFIG GET).
 
 
 def test_redis_checks_run_only_with_deploy():
@@ -108,28 +112,38 @@ def test_redis_checks_run_only_with_deploy():
 
 
 @pytest.fixture
-def probe(settings):
-    """Start a redis-server with these arguments, point knox_redis at it, run the deploy check."""
-    servers = []
+def servers():
+    """start(*args): a redis-server with these arguments, stopped after the test."""
+    started: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        started.append(RedisServer(extra_args=args).start())
+        return started[-1]
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def probe(settings, servers):
+    """Point knox_redis at a URL (or at a new redis-server with these arguments), run the deploy check."""
 
     def probe(*args: str, url: str | None = None) -> list[checks.CheckMessage]:
         if url is None:
-            server = RedisServer(extra_args=args).start()
-            servers.append(server)
-            url = server.url
+            url = servers(*args).url
         settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": url}
         started = time.monotonic()
         messages = check_redis_server()
         assert time.monotonic() - started < 2
         return messages
 
-    yield probe
-    for server in servers:
-        server.stop()
+    return probe
 
 
-def test_the_test_redis_passes(probe, redis_server):
-    assert probe(url=redis_server.url) == []  # no maxmemory, no persistence
+def test_the_test_redis_passes(probe, redis_server, redis_conn):
+    assert probe(url=redis_server.url) == []  # no maxmemory, no persistence, every command allowed
+    assert redis_conn.keys("*") == []  # the probe script wrote nothing that stayed
 
 
 def test_unreachable_redis_is_a_warning(probe, settings):
@@ -171,64 +185,196 @@ def test_persistence_is_a_warning(probe):
     assert "appendonly no" in warning.hint
 
 
-def test_config_refused_is_a_warning_naming_config(probe):
-    server = RedisServer(extra_args=("--user", "probe", "on", ">pw", "~knox:*", "-@all", "+ping")).start()
-    try:
-        (warning,) = probe(url=f"redis://probe:pw@127.0.0.1:{server.port}/0")
-    finally:
-        server.stop()
+# The README's least-privilege ACL line, read from README.md so that the two can't drift.
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SOURCE = README.parent
+
+
+def readme_acl() -> list[str]:
+    """The rules of the README's line, after `ACL SETUSER knox on >password`."""
+    (line,) = re.findall(r"^ACL SETUSER knox on >password (.+)$", README.read_text(), re.MULTILINE)
+    return line.split()
+
+
+def acl_user(*rules: str) -> tuple[str, ...]:
+    """redis-server arguments for user knox (password knoxpw) with these rules."""
+    return ("--user", "knox", "on", ">knoxpw", *rules)
+
+
+def without(rule: str) -> list[str]:
+    rules = readme_acl()
+    assert rule in rules
+    return [r for r in rules if r != rule]
+
+
+def knox_url(server: RedisServer, db: int = 0) -> str:
+    return f"redis://knox:knoxpw@127.0.0.1:{server.port}/{db}"
+
+
+def replica_of(servers, primary: RedisServer) -> RedisServer:
+    replica = servers("--replicaof", "127.0.0.1", str(primary.port))
+    deadline = time.monotonic() + 10
+    while redis_py.Redis(port=primary.port).info("replication")["connected_slaves"] < 1:
+        assert time.monotonic() < deadline, "the replica did not connect"
+        time.sleep(0.02)
+    return replica
+
+
+def test_config_refused_is_a_warning_naming_config(probe, servers):
+    server = servers(*acl_user(*readme_acl()))
+    (warning,) = probe(url=knox_url(server))
     assert warning.id == "knox_redis.W003"
     assert "CONFIG" in warning.msg
     assert "knox_redis.W003" in warning.hint
 
 
-# The least-privilege ACL line of the README: login, hit, logout and logoutall through it.
-
-ACL = (
-    "~knox:* resetchannels -@all +ping +select +evalsha +script|load "
-    "+hmget +hset +hdel +hgetall +pexpire +pttl +time +del +type +srem +smembers"
+# Each command a user may not run, in turn: one knox_redis.E004 naming it, with the ACL fix.
+# (SELECT: each connection sends it for a database other than 0, so nothing else can be asked.)
+@pytest.mark.parametrize(
+    ("rule", "command"),
+    [
+        ("+evalsha", "EVALSHA"),
+        ("+script|load", "SCRIPT LOAD"),
+        ("+info", "INFO"),
+        ("+ping", "PING"),
+        ("+hgetall", "HGETALL"),  # inside the scripts
+        ("+time", "TIME"),
+        ("+hset", "HSET"),
+        ("+select", "SELECT"),
+    ],
 )
-OPERATOR = "+info +scan +memory|usage +unlink"
+def test_a_refused_command_is_an_error_naming_it(probe, servers, rule, command):
+    server = servers(*acl_user(*without(rule)))
+    messages = probe(url=knox_url(server, db=3))
+    errors = [m for m in messages if m.id == "knox_redis.E004"]
+    assert len(errors) == 1, messages
+    (error,) = errors
+    assert isinstance(error, checks.Error)
+    assert f"refuses {command} to user 'knox'" in error.msg
+    assert f"ACL SETUSER knox {rule}" in error.hint
+    expected = [] if command == "SELECT" else ["knox_redis.W003"]  # SELECT: nothing else answers
+    assert [m.id for m in messages if m is not error] == expected
+    with pytest.raises(SystemCheckError, match=r"knox_redis\.E004"):
+        call_command("check", deploy=True, stdout=StringIO(), stderr=StringIO())
 
 
-def test_readme_acl_line_is_enough(settings, user):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert f"ACL SETUSER knox on >password {ACL}" in readme
-    server = RedisServer(extra_args=("--user", "knox", "on", ">knoxpw", *ACL.split())).start()
-    try:
-        # Database 3: SELECT on every new connection. A fresh server: the scripts are loaded
-        # through the ACL user (EVALSHA, NOSCRIPT, SCRIPT LOAD).
-        settings.REST_KNOX_REDIS = {
-            **settings.REST_KNOX_REDIS,
-            "REDIS_URL": f"redis://knox:knoxpw@127.0.0.1:{server.port}/3",
-        }
-        from django.test import Client
+def test_keys_outside_the_acl_pattern_are_an_error(probe, servers, settings):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "myapp"}
+    server = servers(*acl_user(*readme_acl()))  # ~knox:*, the default prefix's keys
+    (error, _) = probe(url=knox_url(server))
+    assert error.id == "knox_redis.E004"
+    assert "use the keys knox_redis's scripts use, under 'myapp:*' (EVALSHA refused)" in error.msg
+    assert "ACL SETUSER knox ~myapp:*" in error.hint
 
-        client = Client()
-        tokens = [client.post("/api/login/", **basic_header("alice", "pw")).json()["token"] for _ in range(3)]
-        for token in tokens:
-            for _ in range(2):
-                assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
-        native = cache.get_client()
-        assert native.stats()["hits"] == 6
-        native.ping()
-        assert client.post("/api/logout/", **auth_header(tokens[0])).status_code == 204
-        assert client.get("/api/whoami/", **auth_header(tokens[0])).status_code == 401
-        # A row deleted behind Django's back: only Redis remembers the token, and logoutall
-        # finds it in the user's index (HGETALL inside the revocation script).
-        AuthToken.objects.filter(token_key=tokens[2][:15])._raw_delete(AuthToken.objects.db)
-        assert client.get("/api/whoami/", **auth_header(tokens[2])).status_code == 200
-        assert client.post("/api/logoutall/", **auth_header(tokens[1])).status_code == 204
-        for token in tokens:
-            assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
-        stats = native.stats()
-        assert stats["errors"] == 0, stats
-        assert stats["revoked"] > 0, stats
-        assert redis_py.Redis(port=server.port, db=3).dbsize() > 0  # it did write there
-        # The deploy check can't read CONFIG through this user: a warning, not a failure.
-        assert [m.id for m in check_redis_server()] == ["knox_redis.W003"]
-    finally:
-        server.stop()
+
+def test_a_renamed_command_is_an_error(probe):
+    (error,) = probe("--rename-command", "EVALSHA", "")
+    assert error.id == "knox_redis.E004"
+    assert "does not know EVALSHA" in error.msg
+    assert "rename-command" in error.hint
+
+
+def test_wait_is_probed_only_with_connected_replicas(probe, servers):
+    server = servers(*acl_user(*without("+wait")))
+    assert [m.id for m in probe(url=knox_url(server))] == ["knox_redis.W003"]
+    replica_of(servers, server)
+    (error, _) = probe(url=knox_url(server))
+    assert error.id == "knox_redis.E004"
+    assert "refuses WAIT" in error.msg
+    assert "replicas" in error.msg
+    assert "+wait" in error.hint
+    # Every command allowed: WAIT 0 0 answers at once.
+    primary = servers()
+    replica_of(servers, primary)
+    assert probe(url=primary.url) == []
+
+
+def test_client_tracking_is_probed_only_with_a_local_cache(probe, servers, monkeypatch):
+    server = servers(*acl_user(*readme_acl()))
+    assert [m.id for m in probe(url=knox_url(server))] == ["knox_redis.W003"]
+    # LOCAL_CACHE_SIZE is not a setting yet: the check reads it as 0 until it is.
+    monkeypatch.setattr(knox_redis_settings, "LOCAL_CACHE_SIZE", 1000, raising=False)
+    (error, _) = probe(url=knox_url(server))
+    assert error.id == "knox_redis.E004"
+    assert "refuses CLIENT TRACKING" in error.msg
+    assert "ACL SETUSER knox +client|tracking" in error.hint
+    assert probe() == []  # every command allowed
+
+
+def test_every_command_knox_redis_sends_is_in_the_readme_acl_line():
+    """Every Redis command in src/ and python/ (scripts included: a script runs its commands
+    with its caller's permissions) is allowed by the README's line, and nothing else is."""
+    lua = set()
+    for path in (SOURCE / "src" / "lua").glob("*.lua"):
+        lua |= set(re.findall(r"(?:redis\.p?call|tolerant)\(\s*'([A-Z]+)'", path.read_text()))
+    # The check's probe script calls exactly what the product's scripts call.
+    assert set(re.findall(r"try\('([A-Z]+)'", knox_redis_checks.PROBE_SCRIPT)) == lua
+    sent = {command.lower() for command in lua}
+    rust = "".join(p.read_text() for p in (SOURCE / "src").glob("*.rs") if p.name != "script_tests.rs")
+    sent |= {command.lower() for command in re.findall(r'cmd\("([A-Z]+)"\)', rust)}
+    assert "Script::new" in rust
+    sent |= {"evalsha", "script|load"}  # redis::Script: EVALSHA, SCRIPT LOAD after NOSCRIPT (never EVAL)
+    sent |= {"select"}  # on each new connection, for a database other than 0 (AUTH needs no rule)
+    containers = {"CLIENT", "CONFIG", "MEMORY", "SCRIPT", "OBJECT", "FUNCTION", "COMMAND", "ACL"}
+    for path in (SOURCE / "python" / "knox_redis").rglob("*.py"):
+        text = path.read_text()
+        for name, sub in re.findall(r'redis_command\(\s*"([A-Z]+)"(?:,\s*"([A-Z]+)")?', text):
+            sent.add(f"{name}|{sub}".lower() if name in containers else name.lower())
+        sent |= set(re.findall(r'\bask\(\s*"([a-z|]+)"', text))  # the deploy check's probes
+    sent |= {needed.acl for needed in knox_redis_checks.CONDITIONAL_COMMANDS}
+    # Left out on purpose: CONFIG GET (it reads secrets such as requirepass; W003 and `stats` do
+    # without it), and CLIENT TRACKING until LOCAL_CACHE_SIZE exists.
+    left_out = {"config|get"} | ({"client|tracking"} if "LOCAL_CACHE_SIZE" not in DEFAULTS else set())
+    assert left_out <= sent
+    rules = readme_acl()
+    allowed = {rule[1:] for rule in rules if rule.startswith("+")}
+    assert allowed == sent - left_out, (sorted(allowed - sent), sorted(sent - left_out - allowed))
+    assert [rule for rule in rules if not rule.startswith("+")] == ["~knox:*", "resetchannels", "-@all"]
+
+
+def test_readme_acl_line_is_enough(settings, user, servers):
+    """A user made of exactly the README's line: every deploy check passes (CONFIG GET is
+    refused: W003), and login, hits, logout, logoutall, stats and purge work through it."""
+    server = servers(*acl_user(*readme_acl()))
+    replica_of(servers, server)  # so that the check probes WAIT too
+    # Database 3: SELECT on every new connection. A fresh server: the scripts are loaded
+    # through the ACL user (EVALSHA, NOSCRIPT, SCRIPT LOAD).
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": knox_url(server, db=3)}
+    out, err = StringIO(), StringIO()
+    call_command("check", deploy=True, stdout=out, stderr=err)  # no error: it would raise
+    assert set(re.findall(r"knox_redis\.[EW]\d+", out.getvalue() + err.getvalue())) == {"knox_redis.W003"}
+    cache.reset_client()  # counters from zero: the check's NOSCRIPT and CONFIG GET count as errors
+    from django.test import Client
+
+    client = Client()
+    tokens = [client.post("/api/login/", **basic_header("alice", "pw")).json()["token"] for _ in range(3)]
+    for token in tokens:
+        for _ in range(2):
+            assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    native = cache.get_client()
+    assert native.stats()["hits"] == 6
+    native.ping()
+    assert client.post("/api/logout/", **auth_header(tokens[0])).status_code == 204
+    assert client.get("/api/whoami/", **auth_header(tokens[0])).status_code == 401
+    # A row deleted behind Django's back: only Redis remembers the token, and logoutall
+    # finds it in the user's index (HGETALL inside the revocation script).
+    AuthToken.objects.filter(token_key=tokens[2][:15])._raw_delete(AuthToken.objects.db)
+    assert client.get("/api/whoami/", **auth_header(tokens[2])).status_code == 200
+    assert client.post("/api/logoutall/", **auth_header(tokens[1])).status_code == 204
+    for token in tokens:
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+    stats = native.stats()
+    assert stats["errors"] == 0, stats
+    assert stats["revoked"] > 0, stats
+    db3 = redis_py.Redis(port=server.port, db=3)
+    assert db3.dbsize() > 0  # it did write there
+    db3.set("knox:token:x", "garbage")
+    for action in ("ping", "stats", "purge"):
+        out = StringIO()
+        call_command("knox_redis", "--json", action, *(["--noinput"] if action == "purge" else []), stdout=out)
+        assert json.loads(out.getvalue()), action
+    assert db3.dbsize() == 0
 
 
 def test_noeviction_when_memory_is_full(settings, make_token):
@@ -261,46 +407,20 @@ def test_noeviction_when_memory_is_full(settings, make_token):
         server.stop()
 
 
-def test_readme_acl_line_with_the_operator_commands_runs_the_management_command(settings):
-    import json
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert f"`{OPERATOR}`" in readme
-    server = RedisServer(extra_args=("--user", "ops", "on", ">opspw", *ACL.split(), *OPERATOR.split())).start()
-    try:
-        settings.REST_KNOX_REDIS = {
-            **settings.REST_KNOX_REDIS,
-            "REDIS_URL": f"redis://ops:opspw@127.0.0.1:{server.port}/3",
-        }
-        redis_py.Redis(port=server.port, db=3).set("knox:token:x", "garbage")
-        for action in ("ping", "stats", "purge"):
-            out = StringIO()
-            call_command("knox_redis", "--json", action, *(["--noinput"] if action == "purge" else []), stdout=out)
-            assert json.loads(out.getvalue()), action
-        assert redis_py.Redis(port=server.port, db=3).dbsize() == 0
-    finally:
-        server.stop()
-
-
-def test_a_user_index_redis_refuses_to_read_fails_the_revocation(settings, user):
+def test_a_user_index_redis_refuses_to_read_fails_the_revocation(settings, user, servers):
     """An ACL without +hgetall: logoutall can't read the user's index, so tokens only Redis
-    remembers could stay cached. The revocation is refused (503), never silently partial."""
-    narrow = ACL.replace(" +hgetall", "")
-    server = RedisServer(extra_args=("--user", "knox", "on", ">knoxpw", *narrow.split())).start()
-    try:
-        settings.REST_KNOX_REDIS = {
-            **settings.REST_KNOX_REDIS,
-            "REDIS_URL": f"redis://knox:knoxpw@127.0.0.1:{server.port}/0",
-        }
-        from django.test import Client
+    remembers could stay cached. The revocation is refused (503), never silently partial; the
+    deploy check says so beforehand."""
+    server = servers(*acl_user(*without("+hgetall")))
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": knox_url(server)}
+    from django.test import Client
 
-        client = Client()
-        token = client.post("/api/login/", **basic_header("alice", "pw")).json()["token"]
-        assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
-        assert client.post("/api/logoutall/", **auth_header(token)).status_code == 503
-        assert AuthToken.objects.filter(token_key=token[:15]).exists()  # rolled back: still valid
-    finally:
-        server.stop()
+    client = Client()
+    token = client.post("/api/login/", **basic_header("alice", "pw")).json()["token"]
+    assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
+    assert client.post("/api/logoutall/", **auth_header(token)).status_code == 503
+    assert AuthToken.objects.filter(token_key=token[:15]).exists()  # rolled back: still valid
+    assert [m.id for m in check_redis_server()] == ["knox_redis.E004", "knox_redis.W003"]
 
 
 def test_wrong_credentials_are_unreachable_not_config_refused(probe):

@@ -1,8 +1,12 @@
 """System checks: a misconfigured REST_KNOX_REDIS fails at startup, not on the first request; the
-Redis-probing ones run only with `manage.py check --deploy`."""
+ones that ask Redis (whether it lets knox_redis run every command it sends, and how it is
+configured) run only with `manage.py check --deploy`."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.core import checks
@@ -106,8 +110,10 @@ def check_authentication_classes(app_configs: Any = None, **kwargs: Any) -> list
 @checks.register(checks.Tags.caches, deploy=True)
 def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """`manage.py check --deploy` only: asks the Redis the native client uses, through the
-    native client itself (same target, TLS, credentials and timeouts), whether its
-    configuration weakens a guarantee."""
+    native client itself (same target, TLS, credentials and timeouts), whether it lets
+    knox_redis run every command it sends, and whether its configuration weakens a guarantee.
+    One pass per check run: a PING, two INFOs, one to three script calls, then WAIT and
+    CLIENT TRACKING only when a configured mode needs them, and CONFIG GET."""
     from knox_redis import cache
     from knox_redis.settings import redis_target
 
@@ -116,25 +122,11 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         cache.get_client()
     except ImproperlyConfigured:
         return []  # knox_redis.E001
-    where = target.unix_path or f"{target.host}:{target.port}"
-    unreachable: BaseException | None = None
+    server = _Server(where=target.unix_path or f"{target.host}:{target.port}", user=target.username or "default")
     try:
-        cache.redis_command("PING")
-    except cache.CacheError as exc:
-        # Not reachable, or the credentials refused; else PING itself was refused by an ACL,
-        # and CONFIG GET below tells.
-        if isinstance(exc, cache.CacheUnavailable) or _credentials_refused(exc):
-            unreachable = exc
-    if unreachable is not None:
-        return [
-            checks.Warning(
-                f"knox_redis could not reach its Redis at {where}: {unreachable}. "
-                "Every request will authenticate from the database, and logouts will answer 503.",
-                hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
-                "and that this host can reach the server.",
-                id="knox_redis.W002",
-            )
-        ]
+        messages = _command_messages(server)
+    except cache.CacheError as exc:  # unreachable, the credentials refused, or SELECT refused
+        return [_unreachable(server, exc)] if _unreachable_error(exc) else [_select_refused(server, target.db, exc)]
     try:
         config: dict[str, Any] = {}
         for name in ("maxmemory", "maxmemory-policy", "save", "appendonly"):
@@ -142,15 +134,253 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             config.update(zip(reply[::2], reply[1::2], strict=True))
     except cache.CacheError as exc:
         return [
+            *messages,
             checks.Warning(
-                f"knox_redis could not check the configuration of its Redis at {where}: CONFIG GET was "
+                f"knox_redis could not check the configuration of its Redis at {server.where}: CONFIG GET was "
                 f"refused ({exc}). Its maxmemory-policy and persistence are unverified.",
                 hint="Check them by hand (see the README, System checks), or run `check --deploy` with a "
                 "user allowed '+config|get'; then add 'knox_redis.W003' to SILENCED_SYSTEM_CHECKS.",
                 id="knox_redis.W003",
-            )
+            ),
         ]
-    return _redis_config_messages(config, where)
+    return [*messages, *_redis_config_messages(config, server.where)]
+
+
+# --- the commands knox_redis sends, probed by check --deploy ----------------------------
+
+
+@dataclass
+class _Server:
+    where: str
+    user: str
+    version: str = "?"
+    replicas: int = 0  # connected_slaves
+
+
+def _setting(name: str, default: Any) -> Any:
+    from knox_redis.settings import knox_redis_settings
+
+    # A setting of a mode still being built reads as its default until it exists.
+    return getattr(knox_redis_settings, name, default)
+
+
+@dataclass(frozen=True)
+class _Needed:
+    """A command a configured mode sends: how to probe it harmlessly, and what fails without it."""
+
+    acl: str  # its name in an ACL rule: 'wait', 'client|tracking'
+    probe: tuple[str, ...]
+    purpose: str
+    when: Callable[[_Server], bool]
+
+
+# Probed after INFO and the scripts, only when `when` says the configuration sends them.
+# (CLIENT TRACKING: LOCAL_CACHE_SIZE does not exist yet, so it reads 0 until it does.)
+CONDITIONAL_COMMANDS = (
+    _Needed(
+        "wait",
+        ("WAIT", "0", "0"),  # zero replicas: answers at once
+        "the server has connected replicas, and with replicas knox_redis waits for them to take each "
+        "revocation (WAIT), so that a failover can't lose it",
+        when=lambda server: server.replicas > 0,
+    ),
+    _Needed(
+        "client|tracking",
+        ("CLIENT", "TRACKING", "off"),  # this connection tracks nothing: a no-op
+        "LOCAL_CACHE_SIZE keeps records in the process and drops them when Redis reports a write "
+        "through CLIENT TRACKING",
+        when=lambda server: _setting("LOCAL_CACHE_SIZE", 0) > 0,
+    ),
+)
+
+# A script of the check's own: every command knox_redis's Lua scripts (src/lua/*.lua) call,
+# on key names they use, each in redis.pcall; it returns each failure as a command and its
+# error. A script's commands run with its caller's permissions, so an ACL that allows EVALSHA
+# but not, say, HGETALL fails logoutall (503) and nothing else: this finds it before a user
+# does. It leaves nothing behind: the one field it writes, in a key no token has (a token_key
+# has 15 characters), it deletes again. tests/test_checks.py keeps its command list equal to
+# the product scripts'.
+PROBE_SCRIPT = """\
+local token, index, field = KEYS[1], KEYS[2], ARGV[1]
+local failed = {}
+local function try(command, ...)
+  local reply = redis.pcall(command, ...)
+  if type(reply) == 'table' and reply['err'] then
+    failed[#failed + 1] = command
+    failed[#failed + 1] = reply['err']
+  end
+end
+try('HSET', token, field, '1')
+try('PEXPIRE', token, 60000)
+try('PTTL', token)
+try('HMGET', token, field)
+try('HDEL', token, field)
+try('DEL', token)
+try('TYPE', index)
+try('HGETALL', index)
+try('SMEMBERS', index)
+try('SREM', index, field)
+try('TIME')
+return failed
+"""
+PROBE_SHA = hashlib.sha1(PROBE_SCRIPT.encode()).hexdigest()  # Redis names scripts by their SHA-1
+PROBE_NAME = "knox_redis.check"
+
+SCRIPT_FAILURE = "every request would authenticate from the database, and every logout answer 503"
+
+
+def _command_messages(server: _Server) -> list[checks.CheckMessage]:
+    """An Error for each command the configured modes need that Redis refuses (an ACL) or
+    doesn't know (rename-command, a server without it). Raises CacheError when Redis can't be
+    used at all (unreachable, credentials or SELECT refused)."""
+    from knox_redis import cache
+
+    refused: list[checks.CheckMessage] = []
+
+    def ask(acl: str, purpose: str, *args: str | bytes) -> Any:
+        """The reply; the error if Redis ran the command and answered one (NOSCRIPT, WAIT on a
+        replica...); None if it refused the command, which is then reported."""
+        try:
+            return cache.redis_command(*args)
+        except cache.CacheError as exc:
+            if isinstance(exc, cache.CacheUnavailable) or _connection_refused(exc):
+                raise
+            kind = _refusal(exc)
+            if kind is None:
+                return exc
+            refused.append(_keys_refused(server, [acl]) if kind == "key" else _refused(server, acl, purpose, kind, exc))
+            return None
+
+    ask("ping", "PING is how `manage.py knox_redis ping` and these checks reach Redis", "PING")
+    info = ask(
+        "info",
+        "INFO tells knox_redis the server's version and replicas (`manage.py knox_redis ping` and `stats`, "
+        "these checks)",
+        "INFO",
+        "server",
+    )
+    if isinstance(info, bytes | str):
+        server.version = _info(info).get("redis_version", "?")
+        replication = _info(cache.redis_command("INFO", "replication"))
+        server.replicas = int(replication.get("connected_slaves", "0") or 0)
+
+    # EVALSHA of a script the server may not have: NOSCRIPT means it may run it.
+    evalsha = "every lookup, fill and revocation is a Lua script run with EVALSHA: " + SCRIPT_FAILURE
+    native = cache.get_client()
+    run = ("EVALSHA", PROBE_SHA, "2", native.token_key(PROBE_NAME), native.user_key(PROBE_NAME), PROBE_NAME)
+    failed = ask("evalsha", evalsha, *run)
+    if isinstance(failed, cache.CacheError) and "NOSCRIPT" in str(failed).upper():
+        load = (
+            "the scripts are loaded with SCRIPT LOAD whenever the server lacks them (their first use, after "
+            "a restart or SCRIPT FLUSH): until then " + SCRIPT_FAILURE
+        )
+        if ask("script|load", load, "SCRIPT", "LOAD", PROBE_SCRIPT) is not None:
+            failed = ask("evalsha", evalsha, *run)
+    if isinstance(failed, list):
+        refused += _script_messages(server, failed)
+
+    for needed in CONDITIONAL_COMMANDS:
+        if needed.when(server):
+            ask(needed.acl, needed.purpose, *needed.probe)
+    return refused
+
+
+def _script_messages(server: _Server, failed: list[Any]) -> list[checks.CheckMessage]:
+    messages: list[checks.CheckMessage] = []
+    keys_refused = []
+    for raw_command, raw_error in zip(failed[::2], failed[1::2], strict=True):
+        command, error = _decoded(raw_command), _decoded(raw_error)
+        kind = _refusal(error)
+        if kind == "key":
+            keys_refused.append(command)
+        elif kind is not None:
+            purpose = (
+                f"knox_redis's Lua scripts call {command}, and a script's commands run with its caller's "
+                "permissions: each script that calls it fails (a lookup or a fill: the request authenticates "
+                "from the database; a revocation: the logout answers 503)"
+            )
+            messages.append(_refused(server, command.lower(), purpose, kind, error))
+    if keys_refused:
+        messages.append(_keys_refused(server, keys_refused))
+    return messages
+
+
+def _keys_refused(server: _Server, commands: list[str]) -> checks.CheckMessage:
+    from knox_redis import cache
+
+    pattern = cache.key_pattern()
+    return checks.Error(
+        f"The Redis at {server.where} (Redis {server.version}) does not let user {server.user!r} use the keys "
+        f"knox_redis's scripts use, under {pattern!r} ({', '.join(c.upper() for c in commands)} refused): "
+        f"{SCRIPT_FAILURE}.",
+        hint=f"Allow the prefix's keys: ACL SETUSER {server.user} ~{pattern} (see the README, Operations).",
+        id="knox_redis.E004",
+    )
+
+
+def _refused(server: _Server, acl: str, purpose: str, kind: str, error: object) -> checks.CheckMessage:
+    command = acl.replace("|", " ").upper()
+    if kind == "unknown":
+        return checks.Error(
+            f"The Redis at {server.where} (Redis {server.version}) does not know {command} ({error}): {purpose}.",
+            hint=f"Use a Redis 6.2 or later that has {command} under its own name (no rename-command for it).",
+            id="knox_redis.E004",
+        )
+    return checks.Error(
+        f"The Redis at {server.where} (Redis {server.version}) refuses {command} to user {server.user!r} "
+        f"({error}): {purpose}.",
+        hint=f"Allow it: ACL SETUSER {server.user} +{acl} (the README's least-privilege line, in Operations, "
+        "has every command knox_redis sends).",
+        id="knox_redis.E004",
+    )
+
+
+def _refusal(error: object) -> str | None:
+    """'command' or 'key' when an ACL refused, 'unknown' when the server doesn't know the
+    command; None for any other error. Redis words it differently inside scripts and across
+    versions (6.2, 7.x)."""
+    text = str(error).lower()
+    if "unknown command" in text or "unknown redis command" in text:
+        return "unknown"
+    if "noperm" in text or "no permissions" in text or "can't run" in text or "can't access" in text:
+        return "key" if "access" in text and "key" in text else "command"
+    return None
+
+
+def _connection_refused(exc: BaseException) -> bool:
+    """The connection itself failed: the credentials, or the SELECT each new one sends."""
+    text = str(exc).lower()
+    return _credentials_refused(exc) or "switch database" in text
+
+
+def _unreachable_error(exc: BaseException) -> bool:
+    from knox_redis import cache
+
+    return isinstance(exc, cache.CacheUnavailable) or _credentials_refused(exc)
+
+
+def _unreachable(server: _Server, exc: BaseException) -> checks.CheckMessage:
+    return checks.Warning(
+        f"knox_redis could not reach its Redis at {server.where}: {exc}. "
+        "Every request will authenticate from the database, and logouts will answer 503.",
+        hint="Check the cache's LOCATION (or REST_KNOX_REDIS['REDIS_URL']), its credentials, "
+        "and that this host can reach the server.",
+        id="knox_redis.W002",
+    )
+
+
+def _select_refused(server: _Server, db: int, exc: BaseException) -> checks.CheckMessage:
+    kind = _refusal(exc)
+    if kind is None:  # another reason (a database number the server doesn't have)
+        return _unreachable(server, exc)
+    purpose = f"knox_redis uses database {db}, selected on every new connection: " + SCRIPT_FAILURE
+    return _refused(server, "select", purpose, kind, exc)
+
+
+def _info(raw: Any) -> dict[str, str]:
+    text = _decoded(raw)
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+    return {key: value.strip() for key, value in pairs}
 
 
 def _credentials_refused(exc: BaseException) -> bool:
