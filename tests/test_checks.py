@@ -259,6 +259,34 @@ def test_a_refused_command_is_an_error_naming_it(probe, servers, rule, command):
         call_command("check", deploy=True, stdout=StringIO(), stderr=StringIO())
 
 
+# Refusals as redis-server 6.2 and 7.0 word them (read off both), at the top level and inside a
+# script's redis.pcall; anything else means the command ran.
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        ("unexpected redis reply: NoPerm: this user has no permissions to run the 'info' command", "command"),
+        ("NoPerm: this user has no permissions to run the 'info' command or its subcommand", "command"),
+        ("NoPerm: this user has no permissions to run the 'client|tracking' command", "command"),
+        ("NOPERM this user has no permissions to access one of the keys used as arguments", "key"),
+        ("ERR The user executing the script can't run this command or subcommand", "command"),
+        ("@user_script: 3: The user executing the script can't run this command or subcommand", "command"),
+        ("ERR The user executing the script can't access at least one of the keys mentioned", "key"),
+        ("ResponseError: unknown command 'WAIT', with args beginning with: '0' '0' ", "unknown"),
+        ("ResponseError: unknown command `WAIT`, with args beginning with: `0`, `0`, ", "unknown"),
+        ("ERR Unknown Redis command called from script", "unknown"),
+        ("@user_script: 3: Unknown Redis command called from Lua script", "unknown"),
+        ("ERR unknown subcommand 'TRACKING'. Try CLIENT HELP.", "unknown"),
+        ("ERR Unknown subcommand or wrong number of arguments for 'TRACKING'. Try CLIENT HELP.", "unknown"),
+        ("NoScript: No matching script. Please use EVAL.", None),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", None),
+        ("OOM command not allowed when used memory > 'maxmemory'.", None),
+        ("ERR WAIT cannot be used with replica instances.", None),
+    ],
+)
+def test_refusals_are_told_from_other_errors(error, kind):
+    assert knox_redis_checks._refusal(error) == kind
+
+
 def test_keys_outside_the_acl_pattern_are_an_error(probe, servers, settings):
     settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_KEY_PREFIX": "myapp"}
     server = servers(*acl_user(*readme_acl()))  # ~knox:*, the default prefix's keys

@@ -340,7 +340,7 @@ def _refusal(error: object) -> str | None:
     command; None for any other error. Redis words it differently inside scripts and across
     versions (6.2, 7.x)."""
     text = str(error).lower()
-    if "unknown command" in text or "unknown redis command" in text:
+    if any(marker in text for marker in ("unknown command", "unknown redis command", "unknown subcommand")):
         return "unknown"
     if "noperm" in text or "no permissions" in text or "can't run" in text or "can't access" in text:
         return "key" if "access" in text and "key" in text else "command"
