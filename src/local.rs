@@ -46,10 +46,14 @@ struct Slot {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Slot, Entry>,
+    /// Each entry with the stamp of its place in `order`.
+    entries: HashMap<Slot, (u64, Entry)>,
     /// Redis key name -> the slots whose entry depends on it.
     by_key: HashMap<String, Vec<Slot>>,
-    order: VecDeque<Slot>,
+    /// Insertion order for eviction; a position whose stamp no longer matches its entry's (the
+    /// entry was invalidated, or stored again) is stale and skipped.
+    order: VecDeque<(u64, Slot)>,
+    stamps: u64,
     /// Invalidations so far (also the next ticket).
     seq: u64,
     /// The most recent invalidations: (seq, key name); None for a flush.
@@ -109,7 +113,7 @@ impl Local {
             return None;
         }
         let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
-        let entry = self.state.lock().entries.get(&slot).cloned();
+        let entry = self.state.lock().entries.get(&slot).map(|(_, entry)| entry.clone());
         if entry.is_some() {
             PROCESS.bump(Counter::LocalHit);
         }
@@ -133,7 +137,8 @@ impl Local {
             if !covered {
                 return;
             }
-            let touched = state.log.iter().filter(|(seq, _)| *seq > ticket).any(|(_, key)| match key {
+            // Newest first: only the invalidations since the ticket matter.
+            let touched = state.log.iter().rev().take_while(|(seq, _)| *seq > ticket).any(|(_, key)| match key {
                 None => true,
                 Some(key) => *key == entry.token_key || *key == entry.user_key,
             });
@@ -142,21 +147,27 @@ impl Local {
             }
         }
         let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
+        // Replacing (two requests for one token missed together): unindex the previous entry
+        // *before* indexing this one, which shares its keys.
+        if let Some((_, previous)) = state.entries.remove(&slot) {
+            unlink(&mut state, &slot, &previous);
+        }
         while state.entries.len() >= self.capacity {
-            let Some(oldest) = state.order.pop_front() else { break };
-            if let Some(gone) = state.entries.remove(&oldest) {
-                unlink(&mut state, &oldest, &gone);
-                PROCESS.bump(Counter::LocalEviction);
+            let Some((stamp, oldest)) = state.order.pop_front() else { break };
+            if state.entries.get(&oldest).is_some_and(|(current, _)| *current == stamp) {
+                if let Some((_, gone)) = state.entries.remove(&oldest) {
+                    unlink(&mut state, &oldest, &gone);
+                    PROCESS.bump(Counter::LocalEviction);
+                }
             }
         }
         for key in [&entry.token_key, &entry.user_key] {
             state.by_key.entry(key.clone()).or_default().push(slot.clone());
         }
-        if let Some(previous) = state.entries.insert(slot.clone(), entry) {
-            unlink(&mut state, &slot, &previous);
-        } else {
-            state.order.push_back(slot);
-        }
+        state.stamps += 1;
+        let stamp = state.stamps;
+        state.entries.insert(slot.clone(), (stamp, entry));
+        state.order.push_back((stamp, slot));
     }
 
     /// Redis says `key` changed (or this process is about to change it): drop what depends on it.
@@ -168,7 +179,7 @@ impl Local {
         let mut state = self.state.lock();
         log(&mut state, Some(key.to_owned()));
         for slot in state.by_key.remove(key).unwrap_or_default() {
-            if let Some(gone) = state.entries.remove(&slot) {
+            if let Some((_, gone)) = state.entries.remove(&slot) {
                 unlink(&mut state, &slot, &gone);
             }
         }
@@ -215,7 +226,7 @@ fn unlink(state: &mut State, slot: &Slot, entry: &Entry) {
     }
     if state.order.len() > 2 * state.entries.len() + 64 {
         let entries = &state.entries;
-        state.order.retain(|s| entries.contains_key(s));
+        state.order.retain(|(stamp, s)| entries.get(s).is_some_and(|(current, _)| current == stamp));
     }
 }
 
@@ -287,6 +298,42 @@ mod tests {
         // A heartbeat sent long ago vouches for nothing now.
         local.heartbeat(Instant::now().checked_sub(LIVENESS * 2).unwrap());
         assert!(!local.is_live());
+    }
+
+    #[test]
+    fn a_second_store_of_the_same_token_stays_invalidatable() {
+        // Two requests for one token missed together; both store. (A review found the second
+        // store unindexed the slot it had just indexed: no invalidation reached it.)
+        let local = live(10);
+        let (a, b) = (local.ticket().unwrap(), local.ticket().unwrap());
+        local.store(a, "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.store(b, "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.invalidate("k:token:tk");
+        assert!(local.get("tk", "id", false).is_none(), "revoked entry still served");
+        local.store(local.ticket().unwrap(), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.invalidate("k:user:1:ix");
+        assert!(local.get("tk", "id", false).is_none(), "revoked entry still served");
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_after_a_store_again() {
+        let local = live(2);
+        let put = |tk: &str| {
+            local.store(
+                local.ticket().unwrap(),
+                tk,
+                "id",
+                false,
+                entry(&format!("k:token:{tk}"), &format!("k:user:{tk}:ix")),
+            );
+        };
+        put("a");
+        put("b");
+        local.invalidate("k:token:a");
+        put("a"); // now the newest
+        put("c"); // evicts b, the oldest
+        assert!(local.get("a", "id", false).is_some());
+        assert!(local.get("b", "id", false).is_none());
     }
 
     #[test]

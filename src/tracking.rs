@@ -1,14 +1,18 @@
 //! The listener that keeps the in-process cache (local.rs) coherent: a thread this client owns
-//! (`knox_redis-tracking`), never holding the GIL, stoppable, one per process.
+//! (`knox_redis-trk`), never holding the GIL, stoppable, one per process.
 //!
 //! It opens two connections. The listener turns on Redis' server-assisted client-side caching
 //! in broadcasting mode for the key prefix, redirected to itself (`CLIENT TRACKING ON REDIRECT
 //! <own id> BCAST PREFIX {prefix}:`), and subscribes to `__redis__:invalidate`: from then on
 //! Redis sends it the name of every key under the prefix that anyone changes (or a null
 //! for FLUSHDB/FLUSHALL). The other connection publishes a heartbeat to a channel the listener
-//! also subscribes to, every `HEARTBEAT`. Redis delivers messages to one connection in order,
-//! so when the heartbeat sent at `t` comes back, every change Redis made before `t` has been
-//! seen: entries may be served until `t + LIVENESS`. A dead or slow path (Redis down, a
+//! also subscribes to (`{prefix}:heartbeat:{pid}:{random}`), every `HEARTBEAT`. Redis sends a
+//! write's invalidations (in broadcasting mode, at the end of its event-loop iteration) before
+//! the reply to the write's caller, and delivers messages to one connection in order: so when
+//! the heartbeat sent at `t` comes back, the invalidation of every write whose caller had its
+//! reply before `t` has arrived (one from the same iteration as the heartbeat's PUBLISH may
+//! come just after it, but that write hadn't returned at `t`). Entries may be served until
+//! `t + LIVENESS`: a revocation that returned at `R` stops local hits everywhere by `R + 1 s`. A dead or slow path (Redis down, a
 //! partition, a stalled thread) therefore stops local hits within `LIVENESS`, and any error
 //! drops both connections, flushes the cache and reconnects with back-off.
 //!
@@ -29,7 +33,8 @@ use crate::pool::Connector;
 
 /// How often the heartbeat goes out: well inside `LIVENESS`, so one lost beat costs nothing.
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
-pub const THREAD_NAME: &str = "knox_redis-tracking";
+/// At most 15 bytes: what Linux shows of a thread's name.
+pub const THREAD_NAME: &str = "knox_redis-trk";
 const INVALIDATE: &str = "__redis__:invalidate";
 
 pub struct Listener {
@@ -48,7 +53,8 @@ impl Listener {
         Ok(Listener { stop, thread: Mutex::new(Some(thread)), owner_pid: std::process::id() })
     }
 
-    /// Ask the thread to stop; with `wait`, join it (it notices within one `HEARTBEAT`).
+    /// Ask the thread to stop; with `wait`, join it: it notices within one `HEARTBEAT` once it is
+    /// reading, or when the call it is in returns (each bounded by the connect or socket timeout).
     pub fn stop(&self, wait: bool) {
         self.stop.store(true, Ordering::Release);
         // In a forked child the thread doesn't exist, and its handle's lock may be held.
@@ -98,7 +104,7 @@ fn session(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool
         .arg("PREFIX")
         .arg(format!("{prefix}:"))
         .query::<()>(&mut listener)?;
-    let channel = heartbeat_channel();
+    let channel = heartbeat_channel(prefix);
     let mut pubsub = listener.as_pubsub();
     pubsub.subscribe(&[INVALIDATE, channel.as_str()])?;
     // Whatever was cached before this session can't be vouched for.
@@ -145,8 +151,10 @@ fn listen(
             match msg.get_payload::<Value>()? {
                 Value::Array(keys) | Value::Set(keys) => {
                     for key in keys {
-                        if let Value::BulkString(key) = key {
-                            local.invalidate(&String::from_utf8_lossy(&key));
+                        match key {
+                            Value::BulkString(key) => local.invalidate(&String::from_utf8_lossy(&key)),
+                            // Not a key name: don't guess which entries it meant.
+                            _ => local.flush(),
                         }
                     }
                 }
@@ -168,8 +176,9 @@ fn listen(
     }
 }
 
-fn heartbeat_channel() -> String {
+/// Under the key prefix, so that one ACL channel rule (`&{prefix}:*`) covers it.
+fn heartbeat_channel(prefix: &str) -> String {
     let mut random = [0u8; 8];
     let _ = getrandom::fill(&mut random);
-    format!("__knox_redis:heartbeat:{}:{}", std::process::id(), hex::encode(random))
+    format!("{prefix}:heartbeat:{}:{}", std::process::id(), hex::encode(random))
 }

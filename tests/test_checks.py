@@ -18,7 +18,6 @@ from knox.models import AuthToken
 
 from knox_redis import cache, checks as knox_redis_checks
 from knox_redis.checks import check_authentication_classes, check_redis_server, check_token_length, check_token_prefix
-from knox_redis.settings import DEFAULTS, knox_redis_settings
 from tests.conftest import auth_header, basic_header
 from tests.servers import RedisServer, free_port
 
@@ -318,16 +317,28 @@ def test_wait_is_probed_only_with_connected_replicas(probe, servers):
     assert probe(url=primary.url) == []
 
 
-def test_client_tracking_is_probed_only_with_a_local_cache(probe, servers, monkeypatch):
-    server = servers(*acl_user(*readme_acl()))
+@pytest.mark.parametrize(("rule", "command"), [("+client|tracking", "CLIENT TRACKING"), ("+publish", "PUBLISH")])
+def test_the_local_caches_commands_are_probed_only_with_it(probe, servers, settings, rule, command):
+    server = servers(*acl_user(*without(rule)))
     assert [m.id for m in probe(url=knox_url(server))] == ["knox_redis.W003"]
-    # LOCAL_CACHE_SIZE is not a setting yet: the check reads it as 0 until it is.
-    monkeypatch.setattr(knox_redis_settings, "LOCAL_CACHE_SIZE", 1000, raising=False)
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 1000}
     (error, _) = probe(url=knox_url(server))
     assert error.id == "knox_redis.E004"
-    assert "refuses CLIENT TRACKING" in error.msg
-    assert "ACL SETUSER knox +client|tracking" in error.hint
+    assert f"refuses {command}" in error.msg
+    assert f"ACL SETUSER knox {rule}" in error.hint
     assert probe() == []  # every command allowed
+
+
+def test_the_readme_user_runs_the_local_cache(servers, settings):
+    """The listener needs CLIENT ID and TRACKING, SUBSCRIBE and PUBLISH, and two channels."""
+    from knox_redis import cache
+
+    server = servers(*acl_user(*readme_acl()))
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": knox_url(server), "LOCAL_CACHE_SIZE": 100}
+    deadline = time.monotonic() + 5
+    while not cache.get_client().local_cache_live:
+        assert time.monotonic() < deadline, "the tracking listener never went live"
+        time.sleep(0.01)
 
 
 def test_every_command_knox_redis_sends_is_in_the_readme_acl_line():
@@ -340,7 +351,10 @@ def test_every_command_knox_redis_sends_is_in_the_readme_acl_line():
     assert set(re.findall(r"try\('([A-Z]+)'", knox_redis_checks.PROBE_SCRIPT)) == lua
     sent = {command.lower() for command in lua}
     rust = "".join(p.read_text() for p in (SOURCE / "src").glob("*.rs") if p.name != "script_tests.rs")
-    sent |= {command.lower() for command in re.findall(r'cmd\("([A-Z]+)"\)', rust)}
+    sent |= {command.lower() for command in re.findall(r'cmd\("([A-Z]+)"\)(?!\s*\.arg\("[A-Z]+"\))', rust)}
+    # Container commands with their subcommand (CLIENT ID, CLIENT TRACKING: LOCAL_CACHE_SIZE).
+    sent |= {f"{name}|{sub}".lower() for name, sub in re.findall(r'cmd\("([A-Z]+)"\)\s*\.arg\("([A-Z]+)"\)', rust)}
+    sent |= {"subscribe"} if ".subscribe(" in rust else set()  # the tracking listener's PubSub
     assert "Script::new" in rust
     sent |= {"evalsha", "script|load"}  # redis::Script: EVALSHA, SCRIPT LOAD after NOSCRIPT (never EVAL)
     sent |= {"select"}  # on each new connection, for a database other than 0 (AUTH needs no rule)
@@ -352,13 +366,21 @@ def test_every_command_knox_redis_sends_is_in_the_readme_acl_line():
         sent |= set(re.findall(r'\bask\(\s*"([a-z|]+)"', text))  # the deploy check's probes
     sent |= {needed.acl for needed in knox_redis_checks.CONDITIONAL_COMMANDS}
     # Left out on purpose: CONFIG GET (it reads secrets such as requirepass; W003 and `stats` do
-    # without it), and CLIENT TRACKING until LOCAL_CACHE_SIZE exists.
-    left_out = {"config|get"} | ({"client|tracking"} if "LOCAL_CACHE_SIZE" not in DEFAULTS else set())
+    # without it).
+    left_out = {"config|get"}
     assert left_out <= sent
     rules = readme_acl()
     allowed = {rule[1:] for rule in rules if rule.startswith("+")}
     assert allowed == sent - left_out, (sorted(allowed - sent), sorted(sent - left_out - allowed))
-    assert [rule for rule in rules if not rule.startswith("+")] == ["~knox:*", "resetchannels", "-@all"]
+    # Keys under the prefix; channels: LOCAL_CACHE_SIZE's heartbeat (under the prefix) and
+    # CLIENT TRACKING's invalidations.
+    assert [rule for rule in rules if not rule.startswith("+")] == [
+        "~knox:*",
+        "resetchannels",
+        "&knox:*",
+        "&__redis__:invalidate",
+        "-@all",
+    ]
 
 
 def test_readme_acl_line_is_enough(settings, user, servers):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 
 import pytest
@@ -178,3 +179,63 @@ def test_a_revocation_by_another_process_stops_the_token_there(local_cache, make
     assert "error" not in result, result
     assert result["delay"] < 1.0
     print(f"revocation seen by the other process after {result['delay'] * 1000:.2f} ms")
+
+
+# --- holes a review found (each failed before its fix) ------------------------------------
+
+
+def test_two_requests_that_missed_together_leave_a_revocable_entry(settings, make_token, redis_conn):
+    """Two threads miss the same token at once (both tickets taken before either stores); the
+    revocation that follows must still reach the entry they kept."""
+    # A SOCKET_TIMEOUT that a 150 ms CLIENT PAUSE doesn't reach.
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 100, "SOCKET_TIMEOUT": 2.0}
+    wait_until(lambda: cache.get_client().local_cache_live)
+    token = make_token(write_through=True)
+    settled()
+    row = AuthToken.objects.get()
+    redis_conn.execute_command("CLIENT", "PAUSE", 150, "ALL")  # both lookups in flight together
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.lookup(row.token_key, row.digest))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r is not None and r.record is not None for r in results)
+    assert stats()["local_entries"] == 1
+    row.delete()
+    assert not accepted(token)
+    settled()
+    assert not accepted(token)
+
+
+def test_repeat_hits_with_user_cache_make_no_network_call(settings, make_token, redis_conn):
+    """A lookup that reads a user row writes nothing unless it creates a generation: any write
+    would be pushed as an invalidation of the user's key, dropping the entry it just kept (here
+    the user key's TTL, from MAX_CACHE_TTL, is below the lease: a lookup used to extend it)."""
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "LOCAL_CACHE_SIZE": 100,
+        "USER_CACHE": True,
+        "USER_CACHE_TTL": 10,
+        "MAX_CACHE_TTL": 20,
+    }
+    wait_until(lambda: cache.get_client().local_cache_live)
+    token = make_token(write_through=True)
+    for _ in range(3):  # the token's record, the user row's fill, then kept
+        assert accepted(token)
+        settled()
+    before = evalsha_calls(redis_conn)
+    for _ in range(5):
+        assert accepted(token)
+    assert evalsha_calls(redis_conn) == before
+
+
+def test_a_lapsed_key_reaches_the_listener(local_cache, make_token, redis_conn):
+    token = make_token(write_through=True)
+    settled()
+    assert accepted(token)
+    assert stats()["local_entries"] == 1
+    redis_conn.pexpire(f"knox:token:{token[:15]}", 50)
+    wait_until(lambda: stats()["local_entries"] == 0, timeout=3)

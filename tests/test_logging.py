@@ -16,7 +16,7 @@ from knox_redis import cache
 from tests.conftest import auth_header, basic_header
 from tests.helpers import whoami
 from tests.servers import RedisServer, TcpProxy, free_port
-from tests.test_checks import ACL
+from tests.test_checks import readme_acl
 
 OPENED = "circuit breaker open"
 CLOSED = "circuit breaker closed"
@@ -69,7 +69,7 @@ def test_no_log_record_carries_a_token_its_key_its_digest_or_a_password(
     settings, caplog, transactional_db, django_user_model
 ):
     redis_password, wrong_password, user_password = (f"{name}-{secrets.token_hex(8)}" for name in "rwu")
-    server = RedisServer(extra_args=("--user", "knox", "on", f">{redis_password}", *ACL.split())).start()
+    server = RedisServer(extra_args=("--user", "knox", "on", f">{redis_password}", *readme_acl())).start()
     proxy = TcpProxy(server.port)
     caplog.set_level(logging.DEBUG)
     for name in ("knox_redis", "django", "django.request"):

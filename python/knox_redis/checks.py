@@ -191,6 +191,21 @@ CONDITIONAL_COMMANDS = (
         "through CLIENT TRACKING",
         when=lambda server: _setting("LOCAL_CACHE_SIZE", 0) > 0,
     ),
+    _Needed(
+        "client|id",
+        ("CLIENT", "ID"),
+        "LOCAL_CACHE_SIZE's listener redirects CLIENT TRACKING's invalidations to itself by its id",
+        when=lambda server: _setting("LOCAL_CACHE_SIZE", 0) > 0,
+    ),
+    _Needed(
+        "publish",
+        # Nobody listens on this channel: 0 receivers. (SUBSCRIBE, which the listener also
+        # needs, can't be probed on a pooled connection; the README's line allows it.)
+        ("PUBLISH", "{prefix}:heartbeat:check", "0"),
+        "LOCAL_CACHE_SIZE's listener proves it is live with a heartbeat published through Redis every 100 ms "
+        "(on channels under the key prefix, and `__redis__:invalidate`, which need `&` rules)",
+        when=lambda server: _setting("LOCAL_CACHE_SIZE", 0) > 0,
+    ),
 )
 
 # A script of the check's own: every command knox_redis's Lua scripts (src/lua/*.lua) call,
@@ -214,6 +229,7 @@ try('HSET', token, field, '1')
 try('PEXPIRE', token, 60000)
 try('PTTL', token)
 try('HMGET', token, field)
+try('HGET', token, field)
 try('HDEL', token, field)
 try('DEL', token)
 try('TYPE', index)
@@ -279,10 +295,17 @@ def _command_messages(server: _Server) -> list[checks.CheckMessage]:
     if isinstance(failed, list):
         refused += _script_messages(server, failed)
 
+    prefix = knox_redis_settings_prefix()
     for needed in CONDITIONAL_COMMANDS:
         if needed.when(server):
-            ask(needed.acl, needed.purpose, *needed.probe)
+            ask(needed.acl, needed.purpose, *(arg.format(prefix=prefix) for arg in needed.probe))
     return refused
+
+
+def knox_redis_settings_prefix() -> str:
+    from knox_redis.settings import knox_redis_settings
+
+    return knox_redis_settings.REDIS_KEY_PREFIX
 
 
 def _script_messages(server: _Server, failed: list[Any]) -> list[checks.CheckMessage]:

@@ -50,9 +50,12 @@ local function read(key, field, generation_field, candidate, create)
   if not generation and create then
     generation = candidate
     redis.call('HSET', key, generation_field, generation)
-  end
-  if create and redis.call('PTTL', key) < lease then
-    -- Also gives a TTL to a key someone left without one: every key of ours ends up with one.
+    -- The lease the fill must land within (a longer TTL is kept).
+    if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease) end
+  elseif create and redis.call('PTTL', key) == -1 then
+    -- A key someone left without a TTL gets one: every key of ours ends up with one. (Nothing
+    -- else is written when nothing is created: every write is pushed to every in-process
+    -- cache, LOCAL_CACHE_SIZE, as an invalidation of this key.)
     redis.call('PEXPIRE', key, lease)
   end
   return entry, generation
