@@ -89,16 +89,10 @@ impl TokenCache {
     }
 
     fn signed_row_to_py(&self, py: Python<'_>, signed: &[u8], user_key: &str) -> PyResult<Option<DecodedUserRow>> {
-        let row = match UserRow::decode(signed, &self.record_keys, user_key) {
-            Ok(row) => row,
-            Err(rejected) => {
-                PROCESS.bump(if rejected == Rejected::BadMac {
-                    Counter::LookupBadMac
-                } else {
-                    Counter::LookupUndecodable
-                });
-                return Ok(None);
-            }
+        // A row that fails is a user-row miss (the caller counts it), never a token lookup's
+        // outcome: `lookups_*` count each token lookup once.
+        let Ok(row) = UserRow::decode(signed, &self.record_keys, user_key) else {
+            return Ok(None);
         };
         let values = row
             .values
@@ -762,6 +756,18 @@ impl TokenCache {
             })
         })?;
         reply_to_py(py, reply)
+    }
+
+    /// For `check --deploy` (`LOCAL_CACHE_SIZE`): may this user subscribe to these channels?
+    /// Tried on a connection of its own, closed at once (a subscribed connection can't go back
+    /// to the pool). Raises `CacheError` with Redis' refusal.
+    fn probe_subscribe(&self, py: Python<'_>, channels: Vec<String>) -> PyResult<()> {
+        let connector = self.pool.connector();
+        py.detach(|| {
+            let mut conn = connector.connect().map_err(|e| Error::from_redis(&e))?;
+            redis::cmd("SUBSCRIBE").arg(&channels).query::<redis::Value>(&mut conn).map_err(|e| Error::from_redis(&e))
+        })?;
+        Ok(())
     }
 
     /// Round trip to Redis (through the breaker); raises `CacheUnavailable` if it can't.

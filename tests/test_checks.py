@@ -302,19 +302,13 @@ def test_a_renamed_command_is_an_error(probe):
     assert "rename-command" in error.hint
 
 
-def test_wait_is_probed_only_with_connected_replicas(probe, servers):
-    server = servers(*acl_user(*without("+wait")))
-    assert [m.id for m in probe(url=knox_url(server))] == ["knox_redis.W003"]
+def test_wait_is_never_probed(probe, servers):
+    """Nothing knox_redis does sends WAIT (replicas aren't supported yet): a user without it,
+    on a server with a replica, passes."""
+    server = servers(*acl_user(*readme_acl()))
+    assert "+wait" not in readme_acl()
     replica_of(servers, server)
-    (error, _) = probe(url=knox_url(server))
-    assert error.id == "knox_redis.E004"
-    assert "refuses WAIT" in error.msg
-    assert "replicas" in error.msg
-    assert "+wait" in error.hint
-    # Every command allowed: WAIT 0 0 answers at once.
-    primary = servers()
-    replica_of(servers, primary)
-    assert probe(url=primary.url) == []
+    assert [m.id for m in probe(url=knox_url(server))] == ["knox_redis.W003"]
 
 
 @pytest.mark.parametrize(("rule", "command"), [("+client|tracking", "CLIENT TRACKING"), ("+publish", "PUBLISH")])
@@ -327,6 +321,22 @@ def test_the_local_caches_commands_are_probed_only_with_it(probe, servers, setti
     assert f"refuses {command}" in error.msg
     assert f"ACL SETUSER knox {rule}" in error.hint
     assert probe() == []  # every command allowed
+
+
+def test_a_refused_heartbeat_channel_names_the_channel_rule(probe, servers, settings):
+    server = servers(*acl_user(*without("&knox:*")))  # +publish and +subscribe kept
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 1000}
+    errors = [m for m in probe(url=knox_url(server)) if m.id == "knox_redis.E004"]
+    assert errors
+    assert all("&knox:*" in e.hint and "+publish" not in e.hint for e in errors), [e.hint for e in errors]
+
+
+def test_a_user_without_the_invalidation_channel_is_an_error(probe, servers, settings):
+    server = servers(*acl_user(*without("&__redis__:invalidate")))
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 1000}
+    (error, _) = probe(url=knox_url(server))
+    assert error.id == "knox_redis.E004"
+    assert "&__redis__:invalidate" in error.hint
 
 
 def test_the_readme_user_runs_the_local_cache(servers, settings):

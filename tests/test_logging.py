@@ -13,6 +13,7 @@ from django.test import Client
 from knox.models import AuthToken
 
 from knox_redis import cache
+from knox_redis.checks import check_settings
 from tests.conftest import auth_header, basic_header
 from tests.helpers import whoami
 from tests.servers import RedisServer, TcpProxy, free_port
@@ -118,3 +119,23 @@ def test_no_log_record_carries_a_token_its_key_its_digest_or_a_password(
     texts = [caplog.text] + [f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records]
     leaks = {secret for secret in secrets_ for text in texts if secret in text}
     assert not leaks, leaks
+
+
+def test_no_message_carries_the_password_of_a_redis_url_knox_redis_refuses(settings, caplog, make_token, client):
+    """A URL that parses but that knox_redis refuses (here: TLS without verification) is
+    reported in logs, in E001 and by the management command: never with its password."""
+    password = f"pw-{secrets.token_hex(8)}"
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_URL": f"rediss://knox:{password}@127.0.0.1:6380/0?ssl_cert_reqs=none",
+    }
+    token = make_token()
+    cache._last_warning.clear()
+    with caplog.at_level(logging.DEBUG, logger="knox_redis"):
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 200  # fails open
+        client.post("/api/logout/", **auth_header(token))  # refused: Redis can't be told
+    assert not [r.getMessage() for r in caplog.records if password in r.getMessage()]
+    (error,) = check_settings()
+    assert error.id == "knox_redis.E001"
+    assert password not in error.msg
+    assert "knox:***@" in error.msg

@@ -58,7 +58,7 @@ COUNTERS = {
     "breaker_trips",
     "connections_opened",
 }
-GAUGES = {"breaker_open", "connections_idle"}
+GAUGES = {"breaker_open", "connections_idle", "local_cache_live"}
 HISTOGRAM = {"call_duration_seconds_bucket", "call_duration_seconds_sum", "call_duration_seconds_count"}
 BUCKETS = ["0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "+Inf"]
 CALLS = "call_duration_seconds_count"
@@ -421,3 +421,52 @@ def test_a_forked_child_counts_from_zero_in_a_file_of_its_own(multiproc_dir, mak
     samples = scrape()  # the child is gone (without running exit handlers): its counts stay
     assert samples[("knox_redis_lookups_total", (("outcome", "hit"),))] == own["lookups_hit"] + 2
     assert samples[("knox_redis_connections_idle", ())] == own["connections_idle"]
+
+
+def test_a_bad_user_row_is_a_user_row_miss_not_a_garbage_token_lookup(settings, make_token, user):
+    """A token hit whose USER_CACHE row fails its MAC counts one lookup (a hit) and one user
+    row miss: `lookups_*` partition token lookups, and `lookups_bad_mac` means a record."""
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    token = make_token(write_through=True)
+    assert accepted(token)
+    assert accepted(token)
+    key = cache.get_client().user_key(user.pk)
+    row = bytearray(cache.redis_command("HGET", key, "u"))
+    row[-1] ^= 1
+    cache.redis_command("HSET", key, "u", bytes(row))
+    before = knox_redis.stats()
+    assert accepted(token)
+    after = knox_redis.stats()
+    moved = {k: after[k] - before[k] for k in COUNTERS if after[k] != before[k]}
+    assert moved.get("lookups_hit") == 1
+    assert "lookups_garbage" not in moved
+    assert "lookups_bad_mac" not in moved
+    assert moved.get("user_rows_miss") == 1
+
+
+def test_a_failed_write_does_not_stop_publishing(tmp_path, monkeypatch, make_token):
+    """A full disk for a moment: the publisher retries, and the file is written again."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "PUBLISH_INTERVAL", 0.05)
+    real_write = metrics._write
+    failures = {"left": 1}
+
+    def flaky(path, record):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        real_write(path, record)
+
+    monkeypatch.setattr(metrics, "_write", flaky)
+    try:
+        token = make_token(write_through=True)
+        assert accepted(token)  # builds the client and the publisher: its first write fails
+        deadline = time.monotonic() + 3
+        while not list(tmp_path.glob(f"knox_redis_{os.getpid()}_*.json")):
+            assert time.monotonic() < deadline, "the publisher never wrote again"
+            time.sleep(0.05)
+        assert metrics._publisher._thread.is_alive()
+    finally:
+        if metrics._publisher is not None:
+            metrics._publisher.stop()
+            metrics._publisher = None

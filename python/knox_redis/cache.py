@@ -259,6 +259,7 @@ def metrics() -> dict[str, Any]:
     client = _client
     values["breaker_open"] = int(client is not None and client.breaker_open)
     values["connections_idle"] = client.stats()["idle_connections"] if client is not None else 0
+    values["local_cache_live"] = int(client is not None and client.local_cache_live)
     return values
 
 

@@ -112,8 +112,8 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     """`manage.py check --deploy` only: asks the Redis the native client uses, through the
     native client itself (same target, TLS, credentials and timeouts), whether it lets
     knox_redis run every command it sends, and whether its configuration weakens a guarantee.
-    One pass per check run: a PING, two INFOs, one to three script calls, then WAIT and
-    CLIENT TRACKING only when a configured mode needs them, and CONFIG GET."""
+    One pass per check run: a PING, two INFOs, one to three script calls, then the commands
+    and channels only a configured mode needs (LOCAL_CACHE_SIZE), and CONFIG GET."""
     from knox_redis import cache
     from knox_redis.settings import redis_target
 
@@ -177,13 +177,6 @@ class _Needed:
 # Probed after INFO and the scripts, only when `when` says the configuration sends them.
 # (CLIENT TRACKING: LOCAL_CACHE_SIZE does not exist yet, so it reads 0 until it does.)
 CONDITIONAL_COMMANDS = (
-    _Needed(
-        "wait",
-        ("WAIT", "0", "0"),  # zero replicas: answers at once
-        "the server has connected replicas, and with replicas knox_redis waits for them to take each "
-        "revocation (WAIT), so that a failover can't lose it",
-        when=lambda server: server.replicas > 0,
-    ),
     _Needed(
         "client|tracking",
         ("CLIENT", "TRACKING", "off"),  # this connection tracks nothing: a no-op
@@ -254,7 +247,7 @@ def _command_messages(server: _Server) -> list[checks.CheckMessage]:
     refused: list[checks.CheckMessage] = []
 
     def ask(acl: str, purpose: str, *args: str | bytes) -> Any:
-        """The reply; the error if Redis ran the command and answered one (NOSCRIPT, WAIT on a
+        """The reply; the error if Redis ran the command and answered one (NOSCRIPT, a READONLY
         replica...); None if it refused the command, which is then reported."""
         try:
             return cache.redis_command(*args)
@@ -264,7 +257,12 @@ def _command_messages(server: _Server) -> list[checks.CheckMessage]:
             kind = _refusal(exc)
             if kind is None:
                 return exc
-            refused.append(_keys_refused(server, [acl]) if kind == "key" else _refused(server, acl, purpose, kind, exc))
+            if kind == "key":
+                refused.append(_keys_refused(server, [acl]))
+            elif kind == "channel":  # PUBLISH to the heartbeat channel, under the prefix
+                refused.append(_channel_refused(server, f"{knox_redis_settings_prefix()}:*", purpose, exc))
+            else:
+                refused.append(_refused(server, acl, purpose, kind, exc))
             return None
 
     ask("ping", "PING is how `manage.py knox_redis ping` and these checks reach Redis", "PING")
@@ -299,7 +297,43 @@ def _command_messages(server: _Server) -> list[checks.CheckMessage]:
     for needed in CONDITIONAL_COMMANDS:
         if needed.when(server):
             ask(needed.acl, needed.purpose, *(arg.format(prefix=prefix) for arg in needed.probe))
+    if _setting("LOCAL_CACHE_SIZE", 0) > 0:
+        refused += _subscribe_messages(server, prefix)
     return refused
+
+
+def _subscribe_messages(server: _Server, prefix: str) -> list[checks.CheckMessage]:
+    """LOCAL_CACHE_SIZE's listener subscribes to CLIENT TRACKING's invalidations and to its own
+    heartbeat: tried on a connection of its own (never a pooled one)."""
+    from knox_redis import cache
+
+    purpose = (
+        "LOCAL_CACHE_SIZE's listener subscribes to __redis__:invalidate (what CLIENT TRACKING sends) and "
+        f"to its heartbeat under {prefix}:; without them it never goes live and every request asks Redis"
+    )
+    for channel in ("__redis__:invalidate", f"{prefix}:heartbeat:check"):
+        try:
+            cache.get_client().probe_subscribe([channel])
+        except cache.CacheError as exc:
+            if isinstance(exc, cache.CacheUnavailable) or _connection_refused(exc):
+                raise
+            kind = _refusal(exc)
+            if kind == "channel":
+                pattern = channel if channel.startswith("__redis__") else f"{prefix}:*"
+                return [_channel_refused(server, pattern, purpose, exc)]
+            if kind is not None:
+                return [_refused(server, "subscribe", purpose, kind, exc)]
+    return []
+
+
+def _channel_refused(server: _Server, pattern: str, purpose: str, error: object) -> checks.CheckMessage:
+    return checks.Error(
+        f"The Redis at {server.where} (Redis {server.version}) refuses channel {pattern!r} to user "
+        f"{server.user!r} ({error}): {purpose}.",
+        hint=f"Allow it: ACL SETUSER {server.user} &{pattern} (the README's least-privilege line has "
+        "every channel knox_redis uses).",
+        id="knox_redis.E004",
+    )
 
 
 def knox_redis_settings_prefix() -> str:
@@ -359,13 +393,15 @@ def _refused(server: _Server, acl: str, purpose: str, kind: str, error: object) 
 
 
 def _refusal(error: object) -> str | None:
-    """'command' or 'key' when an ACL refused, 'unknown' when the server doesn't know the
+    """'command', 'key' or 'channel' when an ACL refused, 'unknown' when the server doesn't know the
     command; None for any other error. Redis words it differently inside scripts and across
     versions (6.2, 7.x)."""
     text = str(error).lower()
     if any(marker in text for marker in ("unknown command", "unknown redis command", "unknown subcommand")):
         return "unknown"
     if "noperm" in text or "no permissions" in text or "can't run" in text or "can't access" in text:
+        if "channel" in text:
+            return "channel"
         return "key" if "access" in text and "key" in text else "command"
     return None
 
@@ -423,8 +459,9 @@ def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.Ch
             checks.Warning(
                 f"The Redis at {where} has maxmemory {config['maxmemory']} with maxmemory-policy noeviction: "
                 "once memory is full it refuses the writes that cache a token, so every token not cached yet "
-                "is read from the database on each request, each time a Redis error that opens the circuit "
-                "breaker (revocations still succeed, past maxmemory).",
+                "is read from the database on each request, each time with an OOM error reply from Redis "
+                '(counted as errors_total{kind="reply"}; the circuit breaker stays closed: Redis answers) '
+                "(revocations still succeed, past maxmemory).",
                 hint="Set maxmemory-policy allkeys-lru (volatile-lru if the Redis also holds keys without "
                 "a TTL): every knox_redis key has a TTL, and LRU keeps the keys a revocation just wrote "
                 "longest. Avoid volatile-ttl: it evicts the short-lived keys of revoked tokens first.",

@@ -60,7 +60,7 @@ PUBLISH_INTERVAL = 1.0
 FILE_PREFIX = "knox_redis_"
 HISTOGRAM = "call_duration_seconds"
 # Values that describe a process now, not events: a process that exited has none.
-GAUGES = frozenset({"breaker_open", "connections_idle"})
+GAUGES = frozenset({"breaker_open", "connections_idle", "local_cache_live"})
 
 
 class Family(NamedTuple):
@@ -185,6 +185,15 @@ FAMILIES = (
     ),
     _one("knox_redis_connections_opened", "counter", "Connections to Redis opened.", "connections_opened"),
     _one("knox_redis_connections_idle", "gauge", "Idle pooled connections to Redis.", "connections_idle"),
+    _one(
+        "knox_redis_local_cache_live",
+        "gauge",
+        (
+            "LOCAL_CACHE_SIZE: processes whose in-process cache is serving (its listener heard a heartbeat "
+            "within the last second); below the number of workers: some serve from Redis only."
+        ),
+        "local_cache_live",
+    ),
 )
 _HISTOGRAM_HELP = (
     "Duration of Redis calls (scripts and commands), connecting and a retry included, "
@@ -370,18 +379,30 @@ class Publisher:
             self._thread.join(timeout=5)
 
     def _at_exit(self) -> None:
-        # The last counts, and the mark that this process's gauges no longer count.
+        # The last counts, and the mark that this process's gauges no longer count. The thread
+        # stops first, so it can't write "live" over it afterwards.
+        self._stop.set()
         try:
             self.publish(live=False)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (exiting: say why, never raise)
             logger.warning("knox_redis: can't publish metrics to %s at exit: %s", self.path, exc)
 
     def _run(self) -> None:
-        try:
-            while not self._stop.wait(PUBLISH_INTERVAL):
+        """Publish every PUBLISH_INTERVAL until stopped. A failed write (a full disk, a
+        remounted directory) is logged once, retried with back-off up to a minute, and its
+        recovery logged once: a worker's file must not freeze for the rest of its life."""
+        delay, failing = PUBLISH_INTERVAL, False
+        while not self._stop.wait(delay):
+            try:
                 self.publish()
-        except OSError as exc:
-            logger.warning("knox_redis: can't publish metrics to %s, stopped: %s", self.path, exc)
+            except Exception as exc:  # noqa: BLE001  (this thread must outlive any one failure)
+                if not failing:
+                    logger.warning("knox_redis: can't publish metrics to %s, retrying: %s", self.path, exc)
+                failing, delay = True, min(delay * 2, 60.0)
+                continue
+            if failing:
+                logger.warning("knox_redis: publishing metrics to %s again", self.path)
+            failing, delay = False, PUBLISH_INTERVAL
 
     def publish(self, *, live: bool = True) -> None:
         if os.getpid() != self.pid:

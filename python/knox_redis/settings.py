@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -163,6 +163,25 @@ def redis_target() -> RedisTarget:
     return parse_redis_url(location[0].strip(), options=cache.get("OPTIONS") or {})
 
 
+def redacted(url: str) -> str:
+    """The URL with its password (in the userinfo or a `password=` query) replaced by ***:
+    what messages and logs may show."""
+    try:
+        parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        in_query = any(k.lower() == "password" for k, _ in pairs)
+        if parts.password is None and not in_query:
+            return url
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        return "<a Redis URL that does not parse>"
+
+
 def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     """Parse like redis-py (which both cache backends use), including ?db= and unix:// paths."""
     from redis.connection import parse_url
@@ -170,7 +189,7 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     try:
         kwargs = parse_url(url)
     except ValueError as exc:
-        raise ImproperlyConfigured(f"Invalid Redis URL {url!r}: {exc}") from exc
+        raise ImproperlyConfigured(f"Invalid Redis URL {redacted(url)!r}: {exc}") from exc
     scheme = urlsplit(url).scheme
     password = options.get("PASSWORD") or options.get("password") or kwargs.get("password")
     db = kwargs.get("db", options.get("db", 0))
@@ -179,12 +198,12 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     tls_options = {**(options.get("CONNECTION_POOL_KWARGS") or {}), **options, **kwargs}
     if str(tls_options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional", "0", "1"):
         raise ImproperlyConfigured(
-            f"{url!r}: knox_redis always verifies the Redis server's certificate "
+            f"{redacted(url)!r}: knox_redis always verifies the Redis server's certificate "
             "(ssl_cert_reqs must be 'required'); trust a private CA with ssl_ca_certs."
         )
     if tls_options.get("ssl_certfile") or tls_options.get("ssl_keyfile"):
         raise ImproperlyConfigured(
-            f"{url!r}: TLS client certificates (ssl_certfile, ssl_keyfile) are not supported by "
+            f"{redacted(url)!r}: TLS client certificates (ssl_certfile, ssl_keyfile) are not supported by "
             "knox_redis yet; it would connect without them."
         )
     try:
@@ -192,7 +211,7 @@ def parse_redis_url(url: str, *, options: dict[str, Any]) -> RedisTarget:
     except (TypeError, ValueError):
         db = -1
     if not 0 <= db < 2**31:
-        raise ImproperlyConfigured(f"{url!r}: knox_redis can't use database number {db!r}.")
+        raise ImproperlyConfigured(f"{redacted(url)!r}: knox_redis can't use database number {db!r}.")
     target = RedisTarget(
         host=kwargs.get("host"),
         port=int(kwargs.get("port") or 6379),
