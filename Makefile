@@ -112,6 +112,7 @@ bench: $(BIN)/maturin
 	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3"  # the [bench] extra
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/revocation_delay.py
+	$(BIN)/python bench/logoutall.py
 	$(BIN)/python bench/bench.py
 	$(BIN)/python -m tests.previous_release
 	$(BIN)/python bench/memory.py
