@@ -265,12 +265,19 @@ def main() -> None:
     parser.add_argument("--threads", default="1,4")
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     args = parser.parse_args()
+    with django_and_redis(args.db) as (engine, _server):
+        report(args, build_scenarios(), engine)
+
+
+@contextmanager
+def django_and_redis(db: str) -> Iterator[tuple[str, RedisServer]]:
+    """Django configured for the benchmarks, on a database (bench.py's choice) and a
+    redis-server of their own; both gone afterwards. Yields the database's name and the server."""
     server = RedisServer().start()
-    database = open_database(args.db)
+    database = open_database(db)
     try:
         configure(database.settings, server.url)
-        scenarios = build_scenarios()
-        report(args, scenarios, database.engine)
+        yield database.engine, server
     finally:
         from django.db import connections
 

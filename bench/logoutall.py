@@ -24,10 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from calls import configure  # noqa: E402
-
-from bench import open_database  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
+from calls import django_and_redis  # noqa: E402
 
 SIZES = (1, 10, 1000)
 
@@ -81,19 +78,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     args = parser.parse_args()
-    server = RedisServer().start()
-    database = open_database(args.db)
-    try:
-        configure(database.settings, server.url)
+    with django_and_redis(args.db) as (engine, server):
         import redis as redis_py
 
-        run(args, database.engine, redis_py.Redis(port=server.port))
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        database.cleanup()
-        server.stop()
+        run(args, engine, redis_py.Redis(port=server.port))
 
 
 def run(args: argparse.Namespace, engine: str, redis: Any) -> None:

@@ -27,10 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from calls import USERS, configure  # noqa: E402
-
-from bench import open_database  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
+from calls import USERS, django_and_redis  # noqa: E402
 
 SETTINGS = {"CACHE_ALIAS": "default", "USER_CACHE": True, "USER_CACHE_TTL": 3600, "LOCAL_CACHE_SIZE": 4 * USERS}
 
@@ -81,20 +78,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     args = parser.parse_args()
-    server = RedisServer().start()
-    database = open_database(args.db)
-    try:
-        configure(database.settings, server.url)
+    with django_and_redis(args.db) as (engine, _server):
         from django.conf import settings
 
         settings.REST_KNOX_REDIS = SETTINGS
-        run(args, database.engine)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        database.cleanup()
-        server.stop()
+        run(args, engine)
 
 
 def run(args: argparse.Namespace, engine: str) -> None:

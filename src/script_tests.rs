@@ -51,18 +51,16 @@ const SEED: &str = "5eed5eed5eed5eed";
 /// A record as fill stores it: its own 8-byte generation, then the (here opaque) body.
 const RECORD: &str = "NEWGEN01record";
 
+/// lookup.lua on the token `KEY`/`ID`; `prefix` non-empty reads the record's user row too.
+fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, prefix: &str) -> T {
+    let mut invocation = LOOKUP.prepare_invoke();
+    invocation.key(KEY).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(FRESH).arg(60_000);
+    invocation.arg(u8::from(create)).arg(prefix).arg(SEED);
+    invocation.invoke(conn).unwrap()
+}
+
 fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String>) {
-    LOOKUP
-        .key(KEY)
-        .arg(format!("r:{ID}"))
-        .arg(format!("g:{ID}"))
-        .arg(FRESH)
-        .arg(60_000)
-        .arg(u8::from(create))
-        .arg("")
-        .arg("")
-        .invoke(conn)
-        .unwrap()
+    lookup_script(conn, create, "")
 }
 
 fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> i64 {
@@ -249,17 +247,7 @@ fn record_for(pk: crate::record::UserPk) -> Vec<u8> {
 type UserReply = (Option<Vec<u8>>, Option<String>, Option<String>, Option<String>, Option<String>);
 
 fn lookup_with_user(conn: &mut Connection) -> UserReply {
-    LOOKUP
-        .key(KEY)
-        .arg(format!("r:{ID}"))
-        .arg(format!("g:{ID}"))
-        .arg(FRESH)
-        .arg(60_000)
-        .arg(0)
-        .arg("knox")
-        .arg(SEED)
-        .invoke(conn)
-        .unwrap()
+    lookup_script(conn, false, "knox")
 }
 
 fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> i64 {
