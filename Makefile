@@ -113,6 +113,8 @@ bench: $(BIN)/maturin
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/revocation_delay.py
 	$(BIN)/python bench/logoutall.py
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)  # bench/http_ratio.py
+	$(BIN)/python bench/http_ratio.py
 	$(BIN)/python bench/bench.py
 	$(BIN)/python -m tests.previous_release
 	$(BIN)/python bench/memory.py
