@@ -795,6 +795,13 @@ impl TokenCache {
         self.local.as_ref().is_some_and(|local| local.is_live())
     }
 
+    /// Why the in-process cache's listener is not live, if its last session failed (None
+    /// without one, or once a heartbeat came back).
+    #[getter]
+    fn local_cache_error(&self) -> Option<String> {
+        self.local.as_ref().and_then(|local| local.last_error())
+    }
+
     #[getter]
     fn breaker_open(&self) -> bool {
         self.breaker.is_open()

@@ -67,6 +67,8 @@ pub struct Local {
     /// Nanoseconds since `epoch` until which entries may be served (set by the listener).
     live_until: AtomicU64,
     state: Mutex<State>,
+    /// Why the listener's last session ended, if it failed (cleared by a heartbeat).
+    last_error: Mutex<Option<String>>,
 }
 
 impl Local {
@@ -77,6 +79,7 @@ impl Local {
             epoch: Instant::now(),
             live_until: AtomicU64::new(0),
             state: Mutex::new(State::default()),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -96,6 +99,25 @@ impl Local {
     /// then has reached it, so entries may be served until `sent + LIVENESS`.
     pub fn heartbeat(&self, sent: Instant) {
         self.live_until.fetch_max(self.nanos(sent + LIVENESS), Ordering::AcqRel);
+        if self.ours() {
+            self.last_error.lock().take();
+        }
+    }
+
+    /// The listener's session failed (Redis refused a command, the connection broke...).
+    pub fn failed(&self, error: String) {
+        if self.ours() {
+            *self.last_error.lock() = Some(error);
+        }
+    }
+
+    /// Why the listener is not live, if its last session failed.
+    pub fn last_error(&self) -> Option<String> {
+        if self.ours() {
+            self.last_error.lock().clone()
+        } else {
+            None
+        }
     }
 
     /// The listener lost its connection: serve nothing, keep nothing.

@@ -76,7 +76,10 @@ fn run(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool) {
     let mut backoff = Duration::from_millis(50);
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        let _ = session(connector, prefix, local, stop);
+        if let Err(err) = session(connector, prefix, local, stop) {
+            // For the Python side to log (rate-limited): this thread never takes the GIL.
+            local.failed(err.to_string());
+        }
         local.dead();
         if started.elapsed() > LIVENESS {
             backoff = Duration::from_millis(50); // it had worked for a while: retry soon

@@ -239,3 +239,33 @@ def test_a_lapsed_key_reaches_the_listener(local_cache, make_token, redis_conn):
     assert stats()["local_entries"] == 1
     redis_conn.pexpire(f"knox:token:{token[:15]}", 50)
     wait_until(lambda: stats()["local_entries"] == 0, timeout=3)
+
+
+def test_a_listener_that_cant_go_live_says_why(settings, make_token, caplog):
+    """An ACL without CLIENT TRACKING: the in-process cache never serves, and the log says why
+    (once per WARNING_INTERVAL), never with the password."""
+    from tests.servers import RedisServer
+    from tests.test_checks import readme_acl
+
+    rules = [rule for rule in readme_acl() if rule != "+client|tracking"]
+    server = RedisServer(extra_args=("--user", "knox", "on", ">knox-pw-7d1", *rules)).start()
+    try:
+        settings.REST_KNOX_REDIS = {
+            **settings.REST_KNOX_REDIS,
+            "REDIS_URL": f"redis://knox:knox-pw-7d1@127.0.0.1:{server.port}/0",
+            "LOCAL_CACHE_SIZE": 100,
+        }
+        token = make_token()
+        cache._last_warning.clear()
+        wait_until(lambda: cache.get_client().local_cache_error is not None)
+        with caplog.at_level("WARNING", logger="knox_redis"):
+            assert accepted(token)  # from Redis and the database: the cache isn't needed to answer
+            assert accepted(token)
+        warnings = [r.getMessage() for r in caplog.records if "listener" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert "tracking" in warnings[0].lower() or "noperm" in warnings[0].lower(), warnings
+        assert "knox-pw-7d1" not in warnings[0]
+        assert not cache.get_client().local_cache_live
+    finally:
+        cache.reset_client()
+        server.stop()

@@ -289,7 +289,8 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
     if len(pending_revocations) and not pending_revocations.drain(fail_fast=True):
         return None  # a revocation Redis hasn't taken yet: no cached record can be trusted
     try:
-        raw, generation, raw_row, user_generation = get_client().lookup(
+        client = get_client()
+        raw, generation, raw_row, user_generation = client.lookup(
             token_key, digest, create, knox_redis_settings.USER_CACHE
         )
     except (CacheError, ImproperlyConfigured) as exc:
@@ -297,6 +298,9 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
         return None
     if _breaker_log.reported_open:
         _breaker_log.check()  # a success: did it close the breaker?
+    listener_error = client.local_cache_error  # LOCAL_CACHE_SIZE's listener can't go live
+    if listener_error is not None:
+        _warn("the in-process cache's listener", CacheError(f"{listener_error} (requests ask Redis meanwhile)"))
     return Lookup(_record(raw), generation, _user_row(raw_row), user_generation)
 
 
