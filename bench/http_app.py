@@ -69,26 +69,34 @@ def _urlpatterns() -> list[Any]:
 
 
 class CeilingAuthentication:
-    """Builds the user and the token from a dict loaded once per worker: no I/O per request."""
+    """Builds the user and the token from a dict loaded once per worker: no I/O per request.
+    The user is the one a knox_redis hit returns: every column but the password and
+    last_login (which USER_CACHE defers)."""
 
     _rows: dict[str, tuple[Any, ...]] | None = None
+    _columns: tuple[str, ...] = ()
 
     def authenticate(self, request: Any) -> tuple[Any, Any] | None:
         from django.contrib.auth import get_user_model
         from knox.models import AuthToken
 
+        user_model = get_user_model()
         if CeilingAuthentication._rows is None:
+            columns = [
+                f.attname for f in user_model._meta.concrete_fields if f.attname not in ("password", "last_login")
+            ]
+            CeilingAuthentication._columns = columns
             CeilingAuthentication._rows = {
-                row.token_key: (row.user_id, row.user.username, row.digest, row.created, row.expiry)
+                row.token_key: ([row.user.__dict__[c] for c in columns], row.digest, row.created, row.expiry)
                 for row in AuthToken.objects.select_related("user")
             }
         token = request.META["HTTP_AUTHORIZATION"].split()[1]
-        pk, username, digest, created, expiry = CeilingAuthentication._rows[token[:15]]
-        user = get_user_model().from_db("default", ["id", "username", "is_active"], [pk, username, True])
+        values, digest, created, expiry = CeilingAuthentication._rows[token[:15]]
+        user = user_model.from_db("default", list(CeilingAuthentication._columns), values)
         auth_token = AuthToken.from_db(
             "default",
             ["digest", "token_key", "user_id", "created", "expiry"],
-            [digest, token[:15], pk, created, expiry],
+            [digest, token[:15], user.pk, created, expiry],
         )
         auth_token.user = user
         return user, auth_token

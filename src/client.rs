@@ -130,6 +130,59 @@ impl TokenCache {
         })
     }
 
+    /// A lookup reply as Python sees it, and the key of the user its verified record names.
+    fn decode_reply(
+        &self,
+        py: Python<'_>,
+        reply: &[Option<Vec<u8>>],
+        token_key: &str,
+        id: &str,
+        with_user: bool,
+    ) -> PyResult<(LookupReply, Option<String>, Option<bool>)> {
+        let mut values = reply.iter().cloned();
+        let (raw, generation) = (values.next().flatten(), values.next().flatten());
+        let (user_key, raw_row, row_generation) =
+            (values.next().flatten(), values.next().flatten(), values.next().flatten());
+        let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
+        let raw_missing = raw.is_none();
+        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, id) {
+            Ok(record) => Some(record),
+            Err(Rejected::Undecodable) => {
+                PROCESS.bump(Counter::LookupUndecodable);
+                None
+            }
+            Err(Rejected::BadMac) => {
+                PROCESS.bump(Counter::LookupBadMac);
+                None
+            }
+        });
+        let Some(record) = record else {
+            if raw_missing {
+                PROCESS.bump(Counter::LookupMiss);
+            }
+            return Ok(((None, generation, None, None), None, None));
+        };
+        PROCESS.bump(Counter::LookupHit);
+        let (mut row, mut row_generation_py, mut row_found) = (None, None, None);
+        // The row counts only under the user key the verified record names: the script named
+        // it from bytes it could not authenticate.
+        let expected = self.user_key_name(&record.user_pk);
+        if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
+            let name = user_pk_text(&record.user_pk);
+            row = match raw_row {
+                Some(stored) => self.user_row_to_py(py, &stored, &name)?,
+                None => None,
+            };
+            PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
+            row_generation_py = row_generation.map(|g| PyBytes::new(py, &g).unbind());
+            row_found = Some(row.is_some());
+        }
+        let user_pk = user_pk_to_py(py, record.user_pk)?;
+        let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
+        let record = Some(tuple.into_pyobject(py)?.into_any().unbind());
+        Ok(((record, generation, row, row_generation_py), Some(expected), row_found))
+    }
+
     /// This process is about to change (or has changed) these keys: its own cached replies
     /// that depend on them go now, not when Redis' push arrives.
     fn forget_locally(&self, keys: &[&String]) {
@@ -444,7 +497,11 @@ impl TokenCache {
     /// `token_key` and digest. Generations are opaque bytes; with `create`, a missing one is
     /// created. With `with_user` (`USER_CACHE`), the same round trip reads the row of the user
     /// the record names (see `decode_user_row`) and creates that row's generation if missing.
-    #[pyo3(signature = (token_key, digest, create = false, with_user = false))]
+    ///
+    /// With `build`, the reply is `build(*that tuple)` instead; with `LOCAL_CACHE_SIZE`, what
+    /// it returned for a found record is kept with the entry and a repeat hit returns that
+    /// same object without decoding or verifying again (so it must be immutable).
+    #[pyo3(signature = (token_key, digest, create = false, with_user = false, build = None))]
     fn lookup(
         &self,
         py: Python<'_>,
@@ -452,62 +509,38 @@ impl TokenCache {
         digest: &str,
         create: bool,
         with_user: bool,
-    ) -> PyResult<LookupReply> {
-        let key = self.token_key_name(token_key);
+        build: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         let id = id_of(digest)?.to_owned();
         // LOCAL_CACHE_SIZE: a reply kept in this process (never for a lookup that may create
         // a generation: that one must reach Redis).
         let local = self.local.as_deref().filter(|_| !create);
         let cached = local.and_then(|local| local.get(token_key, &id, with_user));
+        if let (Some(Entry { built: Some(built), row_found, .. }), Some(_)) = (&cached, build) {
+            PROCESS.bump(Counter::LookupHit);
+            if let Some(found) = row_found {
+                PROCESS.bump(if *found { Counter::UserRowHit } else { Counter::UserRowMiss });
+            }
+            return Ok(built.clone_ref(py));
+        }
         let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
+        let key = self.token_key_name(token_key);
         let reply = match cached {
             Some(entry) => entry.reply,
             None => Arc::new(self.lookup_in_redis(py, &key, &id, create, with_user)?),
         };
-        let mut values = reply.iter().cloned();
-        let (raw, generation) = (values.next().flatten(), values.next().flatten());
-        let (user_key, raw_row, row_generation) =
-            (values.next().flatten(), values.next().flatten(), values.next().flatten());
-        let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
-        let raw_missing = raw.is_none();
-        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, &id) {
-            Ok(record) => Some(record),
-            Err(Rejected::Undecodable) => {
-                PROCESS.bump(Counter::LookupUndecodable);
-                None
-            }
-            Err(Rejected::BadMac) => {
-                PROCESS.bump(Counter::LookupBadMac);
-                None
-            }
-        });
-        let Some(record) = record else {
-            if raw_missing {
-                PROCESS.bump(Counter::LookupMiss);
-            }
-            return Ok((None, generation, None, None));
+        let (decoded, user_key, row_found) = self.decode_reply(py, &reply, token_key, &id, with_user)?;
+        let result = match build {
+            Some(build) => build.call1(decoded)?.unbind(),
+            None => decoded.into_pyobject(py)?.into_any().unbind(),
         };
-        PROCESS.bump(Counter::LookupHit);
-        let (mut row, mut row_generation_py) = (None, None);
-        // The row counts only under the user key the verified record names: the script named
-        // it from bytes it could not authenticate.
-        let expected = self.user_key_name(&record.user_pk);
-        if let (Some(local), Some(ticket)) = (local, ticket) {
-            let entry = Entry { reply: Arc::clone(&reply), token_key: key, user_key: expected.clone() };
+        // Only found records are kept (a verified record names its user's key).
+        if let (Some(local), Some(ticket), Some(user_key)) = (local, ticket, user_key) {
+            let kept = build.map(|_| Arc::new(result.clone_ref(py)));
+            let entry = Entry { reply, token_key: key, user_key, built: kept, row_found };
             local.store(ticket, token_key, &id, with_user, entry);
         }
-        if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
-            let name = user_pk_text(&record.user_pk);
-            row = match raw_row {
-                Some(stored) => self.user_row_to_py(py, &stored, &name)?,
-                None => None,
-            };
-            PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
-            row_generation_py = row_generation.map(|g| PyBytes::new(py, &g).unbind());
-        }
-        let user_pk = user_pk_to_py(py, record.user_pk)?;
-        let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
-        Ok((Some(tuple.into_pyobject(py)?.into_any().unbind()), generation, row, row_generation_py))
+        Ok(result)
     }
 
     /// A user row alone (`USER_CACHE`, a re-read after commit): `(row or None, generation or

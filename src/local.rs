@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use pyo3::{Py, PyAny};
 
 use crate::metrics::{Counter, PROCESS};
 
@@ -29,12 +30,18 @@ pub const LIVENESS: Duration = Duration::from_secs(1);
 /// Invalidations remembered for stores in flight; a store whose ticket is older is refused.
 const LOG_LEN: usize = 4096;
 
-/// A lookup reply as it came from Redis (still to be verified), with the keys it depends on.
+/// A lookup reply as it came from Redis, with the keys it depends on.
 #[derive(Clone)]
 pub struct Entry {
+    /// As Redis sent it (verified again by a repeat hit that has nothing `built`).
     pub reply: Arc<Vec<Option<Vec<u8>>>>,
     pub token_key: String,
     pub user_key: String,
+    /// What the caller built from the verified reply (the Python `Lookup`: immutable), served
+    /// as it is by a repeat hit; it goes with the entry, so it is never older than the reply.
+    pub built: Option<Arc<Py<PyAny>>>,
+    /// Whether the reply held a usable user row (`USER_CACHE`), for a repeat hit's counters.
+    pub row_found: Option<bool>,
 }
 
 #[derive(Clone, Hash, PartialEq, Eq)]
@@ -257,7 +264,13 @@ mod tests {
     use super::*;
 
     fn entry(token_key: &str, user_key: &str) -> Entry {
-        Entry { reply: Arc::new(vec![Some(b"r".to_vec())]), token_key: token_key.into(), user_key: user_key.into() }
+        Entry {
+            reply: Arc::new(vec![Some(b"r".to_vec())]),
+            token_key: token_key.into(),
+            user_key: user_key.into(),
+            built: None,
+            row_found: None,
+        }
     }
 
     fn live(capacity: usize) -> Local {

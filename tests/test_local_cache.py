@@ -269,3 +269,28 @@ def test_a_listener_that_cant_go_live_says_why(settings, make_token, caplog):
     finally:
         cache.reset_client()
         server.stop()
+
+
+def test_a_repeat_hit_shares_what_redis_said_never_the_instances(settings, local_cache, make_token, user):
+    """A repeat hit serves the Lookup built for the first (no decoding, no converters again),
+    but every request gets a user and a token of its own."""
+    from tests.helpers import authenticate
+
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    wait_until(lambda: cache.get_client().local_cache_live)
+    token = make_token(write_through=True)
+    assert accepted(token)  # the user's row cached
+    settled()
+    first_user, first_token = authenticate(token)
+    first_user.first_name, first_user.is_active = "mutated", False
+    first_token.expiry = None
+    second_user, second_token = authenticate(token)
+    assert second_user is not first_user
+    assert second_token is not first_token
+    assert second_user.first_name == user.first_name
+    assert second_user.is_active
+    assert second_token.expiry is not None
+    assert second_token.user is second_user
+    digest = cache.sha512_hex(token)
+    assert cache.lookup(token[:15], digest) is cache.lookup(token[:15], digest)
+    assert stats()["local_hits"] >= 3

@@ -36,7 +36,7 @@ def round_trip(instance):
     decoded = cache.decode_user_row(instance.pk, data)
     assert decoded is not None
     _fresh_until, values_back = decoded
-    return data, fetched, users.build_user(model, values_back, "default")
+    return data, fetched, users.build_user(model, values_back, "default", prepared={})
 
 
 def test_the_stock_user_round_trips_with_its_password_deferred(user, django_assert_num_queries):

@@ -1,6 +1,7 @@
 """Type stub of the native module (src/). Checked against the built module by `make lint` (stubtest)."""
 
-from typing import Any, final
+from collections.abc import Callable
+from typing import Any, TypeVar, final, overload
 
 from typing_extensions import Self
 
@@ -17,6 +18,8 @@ __all__ = [
 ]
 
 __version__: str
+
+_T = TypeVar("_T")
 
 class CacheError(Exception):
     """Base class of every error raised by the native knox_redis client."""
@@ -70,9 +73,19 @@ class TokenCache:
         record_fallback_secrets: list[bytes] = ...,
         local_cache_size: int = 0,
     ) -> Self: ...
+    @overload
     def lookup(
-        self, token_key: str, digest: str, create: bool = False, with_user: bool = False
+        self, token_key: str, digest: str, create: bool = False, with_user: bool = False, build: None = None
     ) -> tuple[_CachedRecord | None, bytes | None, _UserRow | None, bytes | None]: ...
+    @overload
+    def lookup(
+        self,
+        token_key: str,
+        digest: str,
+        create: bool,
+        with_user: bool,
+        build: Callable[[_CachedRecord | None, bytes | None, _UserRow | None, bytes | None], _T],
+    ) -> _T: ...
     def lookup_user(self, user_pk: int | str, create: bool = False) -> tuple[_UserRow | None, bytes | None]: ...
     def fill(
         self,

@@ -29,12 +29,11 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from knox import auth as knox_auth
 from knox.crypto import hash_token as knox_hash_token
-from knox.models import get_token_model
 from knox.settings import CONSTANTS, knox_settings
 from knox.signals import token_expired
 from rest_framework import exceptions
 
-from knox_redis import cache, users
+from knox_redis import cache, instances, users
 from knox_redis.settings import knox_redis_settings
 from knox_redis.signals import refreshing
 
@@ -42,6 +41,8 @@ from knox_redis.signals import refreshing
 # enough that hashing it costs nothing.
 MAX_TOKEN_LENGTH = 1024
 INVALID_TOKEN = _("Invalid token.")
+# What a record holds of the token's row.
+TOKEN_COLUMNS = ("digest", "token_key", "user_id", "created", "expiry")
 
 
 class CachedExpiryOutdated(Exception):
@@ -135,18 +136,17 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
             cache.count_expired()
         if not expired and not cache.fresh(record, now):
             return None  # due for a re-read from the database (MAX_CACHE_TTL)
-        token_model = get_token_model()
-        user = _load_user(token_model, found, now)
+        token_model, user_model = users.token_models()
+        user = _load_user(user_model, found, now)
         if user is None:
             return None
         # As if loaded from the database: any field a custom TOKEN_MODEL adds is deferred, so
         # reading it loads the real value instead of a default.
-        auth_token = token_model.from_db(
-            router.db_for_read(token_model),
-            ["digest", "token_key", "user_id", "created", "expiry"],
-            [digest, token_key, user.pk, record.created, record.expiry],
+        build_token = instances.builder(token_model, TOKEN_COLUMNS)
+        auth_token = build_token(
+            router.db_for_read(token_model), (digest, token_key, user.pk, record.created, record.expiry)
         )
-        auth_token.user = user
+        instances.set_related(auth_token, "user", user)
 
         if expired:
             return self._expire(auth_token, now)
@@ -186,20 +186,20 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         return True
 
 
-def _load_user(token_model: Any, found: cache.Lookup, now: Any) -> Any:
+def _load_user(user_model: Any, found: cache.Lookup, now: Any) -> Any:
     """The user the record names: built from its cached row (USER_CACHE: no query), else read
     by primary key (one query). None sends the request down knox's database path."""
-    user_model = token_model._meta.get_field("user").related_model
     using = router.db_for_read(user_model)
+    row = found.user_row
+    if row is not None and knox_redis_settings.USER_CACHE and cache.fresh_user_row(row, now):
+        try:
+            return users.build_user(user_model, row.values, using, prepared=row.prepared)
+        except (ValidationError, ValueError, TypeError, OverflowError) as exc:
+            cache.logger.debug("knox_redis: cached user row not used: %s", exc)  # re-read below
     try:
         pk = user_model._meta.pk.to_python(found.record.user_pk)  # type: ignore[union-attr]
         if not knox_redis_settings.USER_CACHE:
             return users.load_user(user_model, pk, using)
-        if found.user_row is not None and cache.fresh_user_row(found.user_row, now):
-            try:
-                return users.build_user(user_model, found.user_row.values, using)
-            except (ValidationError, ValueError, TypeError, OverflowError) as exc:
-                cache.logger.debug("knox_redis: cached user row not used: %s", exc)  # re-read below
         fetched = users.fetch_user(user_model, pk, using)
     except (ValidationError, ValueError, TypeError, OverflowError):
         return None

@@ -18,8 +18,8 @@ from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
-from functools import partial
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -53,8 +53,11 @@ class RevocationUnavailable(APIException):
     default_code = "revocation_unavailable"
 
 
-@dataclass(frozen=True)
-class CachedToken:
+# Immutable (a hit's Lookup may serve many requests: LOCAL_CACHE_SIZE), and tuples: built on
+# every lookup, where a frozen dataclass's __init__ would cost more than the rest of it.
+
+
+class CachedToken(NamedTuple):
     """A token's record, authenticated: found under its token_key and digest, MAC verified."""
 
     user_pk: int | str
@@ -63,18 +66,19 @@ class CachedToken:
     fresh_until: datetime
 
 
-@dataclass(frozen=True)
-class CachedUserRow:
+class CachedUserRow(NamedTuple):
     """A user's row (USER_CACHE), authenticated: MAC verified for the user the record names.
     `values` are the columns as the database driver returned them, as `(tag, primitive)`
     pairs (users.py turns them back into a user)."""
 
     fresh_until: datetime
-    values: list[tuple[str, Any]]
+    values: tuple[tuple[str, Any], ...]
+    # The row converted for a query (users.build_user), kept for the repeat hits that
+    # LOCAL_CACHE_SIZE serves from this same object.
+    prepared: dict[Any, Any]
 
 
-@dataclass(frozen=True)
-class Lookup:
+class Lookup(NamedTuple):
     """What Redis knows about a token: its record, if any, and the generation a fill needs
     (None until a request that the database authenticated has created one); with USER_CACHE
     and a record, the row of the user it names, and the generation a fill of that row needs."""
@@ -290,9 +294,8 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
         return None  # a revocation Redis hasn't taken yet: no cached record can be trusted
     try:
         client = get_client()
-        raw, generation, raw_row, user_generation = client.lookup(
-            token_key, digest, create, knox_redis_settings.USER_CACHE
-        )
+        # With LOCAL_CACHE_SIZE, a repeat hit returns the Lookup built for the first one.
+        found: Lookup = client.lookup(token_key, digest, create, knox_redis_settings.USER_CACHE, _build_lookup)
     except (CacheError, ImproperlyConfigured) as exc:
         _warn("lookup", exc)
         return None
@@ -301,6 +304,11 @@ def lookup(token_key: str, digest: str, *, create: bool = False) -> Lookup | Non
     listener_error = client.local_cache_error  # LOCAL_CACHE_SIZE's listener can't go live
     if listener_error is not None:
         _warn("the in-process cache's listener", CacheError(f"{listener_error} (requests ask Redis meanwhile)"))
+    return found
+
+
+def _build_lookup(raw: Any, generation: bytes | None, raw_row: Any, user_generation: bytes | None) -> Lookup:
+    """The Lookup of the native client's reply (immutable: an in-process cache shares it)."""
     return Lookup(_record(raw), generation, _user_row(raw_row), user_generation)
 
 
@@ -331,7 +339,7 @@ def _user_row(raw: Any) -> CachedUserRow | None:
         return None
     fresh_until_us, values = raw
     try:
-        return CachedUserRow(from_us(fresh_until_us), values)
+        return CachedUserRow(from_us(fresh_until_us), tuple(values), {})
     except (OverflowError, ValueError) as exc:
         _warn("decode", exc)
         return None
@@ -343,12 +351,17 @@ def fresh(record: CachedToken, now: datetime) -> bool:
     Not once its re-read deadline has passed, nor while that deadline lies further ahead
     than MAX_CACHE_TTL allows now: it was set under a longer setting, or by a writer whose
     clock runs fast, and a lowered MAX_CACHE_TTL must bound records cached before it."""
-    return now < record.fresh_until <= now + timedelta(seconds=knox_redis_settings.MAX_CACHE_TTL)
+    return now < record.fresh_until <= now + _seconds(knox_redis_settings.MAX_CACHE_TTL)
 
 
 def fresh_user_row(row: CachedUserRow, now: datetime) -> bool:
     """May a hit build the user from this row? As `fresh`, with USER_CACHE_TTL."""
-    return now < row.fresh_until <= now + timedelta(seconds=knox_redis_settings.USER_CACHE_TTL)
+    return now < row.fresh_until <= now + _seconds(knox_redis_settings.USER_CACHE_TTL)
+
+
+@lru_cache(maxsize=16)
+def _seconds(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
 
 
 def store(token: Any, found: Lookup) -> None:

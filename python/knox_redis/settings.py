@@ -77,12 +77,20 @@ class KnoxRedisSettings:
     def __getattr__(self, name: str) -> Any:
         if name not in DEFAULTS:
             raise AttributeError(f"Invalid REST_KNOX_REDIS setting: {name!r}")
-        if self._values is None:
-            self._values = load()
-        return self._values[name]
+        values = self._values
+        if values is None:
+            values = self._values = load()
+        # Kept as an attribute: every request reads a few settings, and a plain attribute
+        # costs nothing (as DRF's APISettings does). Unless a reload ran meanwhile.
+        self.__dict__[name] = values[name]
+        if self._values is not values:
+            self.__dict__.pop(name, None)
+        return values[name]
 
     def reload(self) -> None:
         self._values = None
+        for name in DEFAULTS:
+            self.__dict__.pop(name, None)
 
 
 def load() -> dict[str, Any]:
@@ -229,7 +237,9 @@ knox_redis_settings = KnoxRedisSettings()
 
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
-    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY", "SECRET_KEY_FALLBACKS"):
+    # USE_TZ and TIME_ZONE too: an in-process cache (LOCAL_CACHE_SIZE) keeps records as
+    # datetimes of the settings they were read under.
+    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY", "SECRET_KEY_FALLBACKS", "USE_TZ", "TIME_ZONE"):
         knox_redis_settings.reload()
         from knox_redis import cache
 

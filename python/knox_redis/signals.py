@@ -19,7 +19,7 @@ from typing import Any
 
 from django.db.models import Model
 
-from knox_redis import cache
+from knox_redis import cache, users
 from knox_redis.settings import knox_redis_settings
 
 # The digest whose expiry knox's renew_token is saving in this context: that save only
@@ -135,16 +135,12 @@ def _user_rows_of(instance: Any) -> list[Any]:
 
 
 def _cached_columns() -> frozenset[str]:
-    from knox_redis.users import cached_fields
-
     model = _user_model()
-    return frozenset(name for field in cached_fields(model) for name in (field.name, field.attname))
+    return frozenset(name for field in users.cached_fields(model) for name in (field.name, field.attname))
 
 
 def _user_model() -> Any:
-    from knox.models import get_token_model
-
-    return get_token_model()._meta.get_field("user").related_model
+    return users.token_models()[1]
 
 
 def _revoke_user_rows(pks: list[Any], using: str, *, after_commit: bool = True) -> str:

@@ -27,6 +27,9 @@ from django.core.exceptions import EmptyResultSet, ValidationError
 from django.db import connections
 from django.db.models import Field, Model
 from django.db.models.sql.compiler import SQLCompiler
+from knox.settings import knox_settings
+
+from knox_redis import instances
 
 # Never cached: the rebuilt user defers them.
 UNCACHED = frozenset({"password", "last_login"})
@@ -38,6 +41,19 @@ class UncacheableValue(TypeError):
 
 class OtherSchema(ValueError):
     """A cached row written for other columns (the model changed: a deploy, a migration)."""
+
+
+def token_models() -> tuple[type[Model], type[Model]]:
+    """knox's token model (its TOKEN_MODEL setting) and the user model its `user` field names."""
+    return _token_models(knox_settings.TOKEN_MODEL)
+
+
+@lru_cache(maxsize=8)
+def _token_models(_label: str) -> tuple[type[Model], type[Model]]:
+    from knox.models import get_token_model  # needs the app registry
+
+    token_model = get_token_model()
+    return token_model, token_model._meta.get_field("user").related_model  # type: ignore[return-value]
 
 
 def cached_fields(model: type[Model]) -> list[Field]:
@@ -59,6 +75,7 @@ class RowQuery:
     def __init__(self, model: type[Model], using: str, fields: tuple[Field, ...]) -> None:
         self.model, self.using, self.fields = model, using, fields
         self.attnames = [f.attname for f in fields]
+        self.builder = instances.builder(model, tuple(self.attnames))
         self.pk_field = model._meta.pk
         self.sql, self.params, self.pk_index = self._compile()
         # The first value of every cached row: a row cached for other columns (another
@@ -120,17 +137,17 @@ class RowQuery:
                 raise UncacheableValue(f"{self.model.__name__}.{field.name}: {exc}") from None
         return values
 
-    def build_cached(self, values: Sequence[tuple[str, Any]]) -> Model:
-        """The instance, as a query on this database builds it from the row these cached
-        values came from. Raises OtherSchema for a row cached for other columns."""
+    def convert_cached(self, values: Sequence[tuple[str, Any]]) -> list[Any]:
+        """The row as a query on this database hands it to `from_db` (converters applied),
+        from the cached values of the row. Raises OtherSchema for a row cached for other
+        columns."""
         if not values or tuple(values[0]) != self.fingerprint:
             raise OtherSchema("a user row cached for another version of the model")
-        # from_primitive, inlined (this runs on every hit); a tag this release doesn't know is
-        # another release's row.
-        return self.build([value if not tag else _DECODERS.get(tag, _unknown)(value) for tag, value in values[1:]])
+        # from_primitive, inlined; a tag this release doesn't know is another release's row.
+        return self.convert([value if not tag else _DECODERS.get(tag, _unknown)(value) for tag, value in values[1:]])
 
-    def build(self, raw: Sequence[Any]) -> Model:
-        """The instance, as a query on this database builds it from the row `raw`."""
+    def convert(self, raw: Sequence[Any]) -> list[Any]:
+        """The row `raw` (as the driver returned it) with the converters applied."""
         if len(raw) != len(self.fields):
             raise ValueError("a user row with another number of columns (the model changed)")
         connection = connections[self.using]
@@ -138,7 +155,11 @@ class RowQuery:
         for index, (functions, column) in self._converters(connection).items():
             for convert in functions:
                 row[index] = convert(row[index], column, connection)
-        return self.model.from_db(self.using, self.attnames, row)
+        return row
+
+    def build(self, raw: Sequence[Any]) -> Model:
+        """The instance, as a query on this database builds it from the row `raw`."""
+        return self.builder(self.using, self.convert(raw))
 
 
 @lru_cache(maxsize=64)
@@ -177,10 +198,40 @@ def fetch_user(model: type[Model], pk: Any, using: str) -> FetchedUser | None:
     return FetchedUser(query.build(raw), values, problem)
 
 
-def build_user(model: type[Model], values: Sequence[tuple[str, Any]], using: str) -> Model:
+def build_user(model: type[Model], values: Sequence[tuple[str, Any]], using: str, prepared: dict[Any, Any]) -> Model:
     """The user, as a query on `using` builds it from the row these cached values came from.
-    Raises OtherSchema for a row cached for other columns."""
-    return row_query(model, using).build_cached(values)
+    Raises OtherSchema for a row cached for other columns.
+
+    `prepared` goes with the cached row (LOCAL_CACHE_SIZE serves one row to many requests):
+    it keeps the converted row, so a repeat hit skips decoding and converters. Only when every
+    value is immutable: each request gets its own instance, and no request's change to a
+    mutable value (a JSONField's dict) may reach another's."""
+    query = row_query(model, using)
+    row = prepared.get(query)
+    if row is None:
+        row = query.convert_cached(values)
+        if all(type(value) in IMMUTABLE_TYPES for value in row):
+            prepared[query] = tuple(row)
+    return query.builder(using, row)
+
+
+# Values a converted row may share between requests.
+IMMUTABLE_TYPES = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        str,
+        bytes,
+        decimal.Decimal,
+        uuid.UUID,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+    }
+)
 
 
 # --- tagged primitives ------------------------------------------------------------------
@@ -286,7 +337,7 @@ def fields_that_cant_round_trip(user: Model, using: str = "default") -> list[Fie
         if back != value or type(back) is not type(value):
             problems.append(FieldProblem(field, f"{value!r} comes back as {back!r}"))
     if not problems:
-        rebuilt = build_user(model, query.cached_values(raw), using)
+        rebuilt = build_user(model, query.cached_values(raw), using, prepared={})
         for field in cached_fields(model):
             if getattr(rebuilt, field.attname) != getattr(direct, field.attname):
                 problems.append(FieldProblem(field, "rebuilt differently from a query"))
