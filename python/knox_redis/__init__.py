@@ -68,11 +68,10 @@ def invalidate_user(user: Any, *, using: str | None = None) -> None:
 
     Raises knox_redis.cache.RevocationUnavailable if Redis can't be reached.
     """
-    from django.contrib.auth import get_user_model
     from django.db import router
 
-    from knox_redis import cache
+    from knox_redis import cache, users
 
     pks = [getattr(user, "pk", user)]
-    using = using or router.db_for_write(get_user_model())
+    using = using or router.db_for_write(users.token_models()[1])
     cache.finish_user_revocation(pks, cache.revoke([], user_rows=pks, using=using, after_commit=False), using)

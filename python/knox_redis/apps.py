@@ -8,11 +8,11 @@ class KnoxRedisConfig(AppConfig):
     def ready(self) -> None:
         from django.apps import apps
         from django.db.models.signals import post_save, pre_delete, pre_save
-        from knox.models import get_token_model
 
         from knox_redis import checks, signals  # noqa: F401  (checks register themselves)
+        from knox_redis.users import token_models
 
-        token_model = get_token_model()
+        token_model, user_model = token_models()
         # The token model and its proxies: a delete through a proxy sends the proxy as sender,
         # and with no receiver for it Django would fast-delete without any signal.
         for model in apps.get_models():
@@ -23,7 +23,6 @@ class KnoxRedisConfig(AppConfig):
                 post_save.connect(signals.after_save, sender=model, dispatch_uid=f"{uid}.saved")
 
         # The user's row (USER_CACHE): every model whose save or delete changes it.
-        user_model = token_model._meta.get_field("user").related_model
         tables = {user_model._meta.concrete_model, *user_model._meta.get_parent_list()}
         for model in apps.get_models():
             if tables & {model._meta.concrete_model, *model._meta.get_parent_list()}:

@@ -374,15 +374,37 @@ def store(token: Any, found: Lookup) -> None:
     that. So does the first request for a token, which has no generation yet.
     """
     write_db = router.db_for_write(type(token), instance=token)
-    read_db = token._state.db or write_db
+    _fill_or_refill(
+        write_db,
+        token._state.db or write_db,
+        found.generation,
+        fill=lambda generation: _fill(_values(token), generation),
+        refill=lambda: _refill(token.token_key, token.digest, write_db),
+    )
+
+
+def _fill_or_refill(write_db: str, read_db: str, generation: bytes | None, *, fill: Any, refill: Any) -> None:
+    """What `store` and `store_user` decide: fill from the row this request read when it is
+    committed data from the write database, read after `generation` was; else `refill` (read
+    it again from the write database under a new lookup, after commit); never under manual
+    transaction management."""
     # The write database first: the refill reads it, and must not see its uncommitted rows.
     states = {db: _when_committed(db) for db in (write_db, read_db)}
     if "never" in states.values():
         return
-    if set(states.values()) == {"now"} and found.generation is not None and read_db == write_db:
-        _fill(_values(token), found.generation)
+    if set(states.values()) == {"now"} and generation is not None and read_db == write_db:
+        fill(generation)
     else:
-        _refill(token.token_key, token.digest, write_db)  # defers itself until commit
+        refill()  # defers itself until commit
+
+
+def _deferred_until_commit(dbs: tuple[str, str], again: Any) -> bool:
+    """While any of `dbs` is in a transaction, run `again` after its commit (True)."""
+    for db in dict.fromkeys(dbs):
+        if transaction.get_connection(db).in_atomic_block:
+            transaction.on_commit(again, using=db, robust=True)
+            return True
+    return False
 
 
 def store_refreshed(token: Any, generation: bytes | None, *, fresh_until: datetime) -> None:
@@ -415,10 +437,9 @@ def _when_committed(using: str) -> str:
 def _refill(token_key: str, digest: str, using: str) -> None:
     """Re-read the row from the write database under a fresh generation, and cache it; while
     that database (or the one this request read from) is in a transaction, after commit."""
-    for db in dict.fromkeys((using, router.db_for_read(get_token_model()))):
-        if transaction.get_connection(db).in_atomic_block:
-            transaction.on_commit(partial(_refill, token_key, digest, using), using=db, robust=True)
-            return
+    again = partial(_refill, token_key, digest, using)
+    if _deferred_until_commit((using, router.db_for_read(get_token_model())), again):
+        return
     found = lookup(token_key, digest, create=True)
     if found is None or found.generation is None:
         return
@@ -434,22 +455,21 @@ def store_user(model: Any, pk: Any, fetched: FetchedUser, found: Lookup, read_db
         _warn("user row", UncacheableValue(fetched.problem))
         return
     write_db = router.db_for_write(model)
-    states = {db: _when_committed(db) for db in (write_db, read_db)}
-    if "never" in states.values():
-        return
-    if set(states.values()) == {"now"} and found.user_generation is not None and read_db == write_db:
-        _fill_user(pk, fetched.values, found.user_generation)
-    else:
-        _refill_user(model, pk, write_db)
+    values = fetched.values
+    _fill_or_refill(
+        write_db,
+        read_db,
+        found.user_generation,
+        fill=lambda generation: _fill_user(pk, values, generation),
+        refill=lambda: _refill_user(model, pk, write_db),
+    )
 
 
 def _refill_user(model: Any, pk: Any, using: str) -> None:
     """Read the user row again from the write database under a fresh generation, and cache
     it; after commit if that database (or the one requests read from) is in a transaction."""
-    for db in dict.fromkeys((using, router.db_for_read(model))):
-        if transaction.get_connection(db).in_atomic_block:
-            transaction.on_commit(partial(_refill_user, model, pk, using), using=db, robust=True)
-            return
+    if _deferred_until_commit((using, router.db_for_read(model)), partial(_refill_user, model, pk, using)):
+        return
     if len(pending_revocations) and not pending_revocations.drain(fail_fast=True):
         return
     try:

@@ -490,15 +490,14 @@ def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.Ch
 def check_user_cache(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """USER_CACHE keeps the user's columns as the database driver returns them: a column type
     the row can't be trusted to hold (an array, a custom db_type) is an error naming it."""
-    from django.contrib.auth import get_user_model
-
     from knox_redis.settings import knox_redis_settings
+    from knox_redis.users import token_models
 
     try:
         enabled = knox_redis_settings.USER_CACHE
     except ImproperlyConfigured:
         return []  # E001 reports it
-    return user_cache_errors(get_user_model()) if enabled else []
+    return user_cache_errors(token_models()[1]) if enabled else []
 
 
 def user_cache_errors(user_model: Any) -> list[checks.CheckMessage]:

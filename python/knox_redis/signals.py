@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import lru_cache
 from typing import Any
 
 from django.db.models import Model
@@ -135,7 +136,11 @@ def _user_rows_of(instance: Any) -> list[Any]:
 
 
 def _cached_columns() -> frozenset[str]:
-    model = _user_model()
+    return _columns_of(_user_model())
+
+
+@lru_cache(maxsize=8)
+def _columns_of(model: type[Model]) -> frozenset[str]:
     return frozenset(name for field in users.cached_fields(model) for name in (field.name, field.attname))
 
 
