@@ -500,7 +500,8 @@ impl TokenCache {
     ///
     /// With `build`, the reply is `build(*that tuple)` instead; with `LOCAL_CACHE_SIZE`, what
     /// it returned for a found record is kept with the entry and a repeat hit returns that
-    /// same object without decoding or verifying again (so it must be immutable).
+    /// same object without decoding or verifying again (so it must be immutable), whichever
+    /// `build` the repeat call passes: one builder per client.
     #[pyo3(signature = (token_key, digest, create = false, with_user = false, build = None))]
     fn lookup(
         &self,

@@ -169,3 +169,49 @@ def test_a_hit_returns_the_user_and_token_a_query_returns(make_token, user):
     assert got_token == AuthToken.objects.get(token_key=token[:15])
     assert got_token._state.adding is False
     assert got_user._state.adding is False
+
+
+CREATED = datetime(2026, 1, 1, tzinfo=timezone.utc)
+EXPIRY = datetime(2026, 1, 2, tzinfo=timezone.utc)
+
+
+def project_wide_receiver(sender, **kwargs):
+    pass
+
+
+@pytest.mark.parametrize("redefined", ["created", "user"])
+@pytest.mark.parametrize("receiver", [False, True])
+@isolate_apps("tests.testapp")
+def test_a_token_model_that_redefines_a_knox_field_is_built_as_a_query_builds_it(redefined, receiver):
+    """Redefining an inherited field moves it last in the model's field order, which is the
+    order from_db takes values in (the way a receiver anywhere in the project sends hits)."""
+    from django.conf import settings
+    from knox.models import AbstractAuthToken
+
+    attrs = {"__module__": __name__, "Meta": type("Meta", (), {"app_label": "testapp"})}
+    if redefined == "created":
+        attrs["created"] = models.DateTimeField(auto_now_add=True, db_index=True)
+    else:
+        attrs["user"] = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="tokens", on_delete=models.CASCADE)
+    model = type(f"Redefined{redefined.title()}Token", (AbstractAuthToken,), attrs)
+    assert [f.attname for f in model._meta.concrete_fields] != list(TOKEN_COLUMNS)
+    user = User(pk=7, username="alice")
+    user._state.adding, user._state.db = False, "default"
+    if receiver:
+        post_init.connect(project_wide_receiver)
+    try:
+        token = instances.builder(model, TOKEN_COLUMNS)("default", ("d" * 128, "abcdefgh", user.pk, CREATED, EXPIRY))
+        instances.set_related(token, "user", user)
+    finally:
+        post_init.disconnect(project_wide_receiver)
+    assert (token.created, token.expiry, token.user_id) == (CREATED, EXPIRY, 7)
+    assert token.user is user
+
+
+def test_set_related_on_a_column_holding_another_key_sets_it_as_the_descriptor_does():
+    token = instances.builder(AuthToken, TOKEN_COLUMNS)("default", ("d" * 128, "abcdefgh", 8, WHEN, None))
+    user = User(pk=7, username="alice")
+    user._state.adding, user._state.db = False, "default"
+    instances.set_related(token, "user", user)
+    assert token.user_id == 7
+    assert token.user is user

@@ -128,3 +128,23 @@ def test_bad_db_is_caught_by_check_and_never_a_500(client, make_token, settings)
     client.raise_request_exception = False
     assert whoami(client, token) == 200  # lookups fail open
     assert client.post("/api/logout/", **auth_header(token)).status_code == 503  # revocations fail closed
+
+
+def test_a_change_while_the_first_read_loads_is_not_lost(settings, monkeypatch):
+    """A setting_changed (another thread's override) that lands while a first read is loading
+    the settings: that read loads again instead of publishing what it loaded before."""
+    from knox_redis import settings as settings_module
+    from knox_redis.settings import knox_redis_settings
+
+    knox_redis_settings.reload()
+    real_load = settings_module.load
+
+    def load_racing_a_change():
+        values = real_load()
+        monkeypatch.setattr(settings_module, "load", real_load)
+        settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "MAX_CACHE_TTL": 7}
+        return values
+
+    monkeypatch.setattr(settings_module, "load", load_racing_a_change)
+    assert knox_redis_settings.MAX_CACHE_TTL == 7
+    assert knox_redis_settings.MAX_CACHE_TTL == 7

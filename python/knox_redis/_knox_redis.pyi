@@ -86,6 +86,16 @@ class TokenCache:
         with_user: bool,
         build: Callable[[_CachedRecord | None, bytes | None, _UserRow | None, bytes | None], _T],
     ) -> _T: ...
+    @overload
+    def lookup(
+        self,
+        token_key: str,
+        digest: str,
+        create: bool = False,
+        with_user: bool = False,
+        *,
+        build: Callable[[_CachedRecord | None, bytes | None, _UserRow | None, bytes | None], _T],
+    ) -> _T: ...
     def lookup_user(self, user_pk: int | str, create: bool = False) -> tuple[_UserRow | None, bytes | None]: ...
     def fill(
         self,

@@ -30,17 +30,22 @@ _PLAIN_ATTRIBUTES = (DeferredAttribute, ForeignKeyDeferredAttribute)
 class Builder:
     """Builds instances of `model` holding the values of `attnames`, as `from_db` does."""
 
-    __slots__ = ("attnames", "model", "plain")
+    __slots__ = ("attnames", "model", "order", "plain")
 
     def __init__(self, model: type[Model], attnames: tuple[str, ...]) -> None:
         self.model, self.attnames = model, attnames
         self.plain = _plain(model, attnames)
+        # from_db takes values in the model's field order (a custom token model that redefines
+        # one of knox's fields moves it last): positions of `attnames` in that order.
+        position = {f.attname: i for i, f in enumerate(model._meta.concrete_fields)}
+        self.order = sorted(range(len(attnames)), key=lambda i: position.get(attnames[i], len(position)))
 
     def __call__(self, using: str, values: Sequence[Any]) -> Model:
         """`model.from_db(using, attnames, values)`: the instance a query on `using` returns."""
         model = self.model
         if not self.plain or _has_receivers(pre_init, model) or _has_receivers(post_init, model):
-            return model.from_db(using, list(self.attnames), list(values))
+            order = self.order
+            return model.from_db(using, [self.attnames[i] for i in order], [values[i] for i in order])
         instance = model.__new__(model)
         state = ModelState()
         state.adding = False
@@ -57,14 +62,19 @@ def builder(model: type[Model], attnames: tuple[str, ...]) -> Builder:
 
 
 def set_related(instance: Model, field_name: str, related: Model) -> None:
-    """`instance.<field_name> = related` for a many-to-one field whose column already holds
-    `related`'s key: the related object cached on the instance, as the descriptor does."""
-    field = instance._meta.get_field(field_name)
-    if router.routers or not field.remote_field.multiple:  # type: ignore[union-attr]
-        # A router may refuse the relation; a one-to-one also caches the reverse side.
+    """`instance.<field_name> = related`: for a many-to-one field whose columns already hold
+    `related`'s key, only the related object cached on the instance, as the descriptor ends."""
+    field: Any = instance._meta.get_field(field_name)
+    data = instance.__dict__
+    if (
+        router.routers  # a router may refuse the relation
+        or not field.remote_field.multiple  # a one-to-one also caches the reverse side
+        or field.to_fields not in ([None], [related._meta.pk.name])  # a to_field: not the key
+        or data.get(field.attname) != related.pk
+    ):
         setattr(instance, field_name, related)
         return
-    field.set_cached_value(instance, related)  # type: ignore[union-attr]
+    field.set_cached_value(instance, related)
 
 
 def _has_receivers(signal: ModelSignal, model: type[Model]) -> bool:

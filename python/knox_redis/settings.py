@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -73,24 +74,30 @@ class RedisTarget:
 class KnoxRedisSettings:
     def __init__(self) -> None:
         self._values: dict[str, Any] | None = None
+        self._generation = 0  # reloads so far
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         if name not in DEFAULTS:
             raise AttributeError(f"Invalid REST_KNOX_REDIS setting: {name!r}")
-        values = self._values
-        if values is None:
-            values = self._values = load()
-        # Kept as an attribute: every request reads a few settings, and a plain attribute
-        # costs nothing (as DRF's APISettings does). Unless a reload ran meanwhile.
-        self.__dict__[name] = values[name]
-        if self._values is not values:
-            self.__dict__.pop(name, None)
-        return values[name]
+        while True:
+            generation, values = self._generation, self._values
+            if values is None:
+                values = load()  # outside the lock: a setting_changed inside reloads
+            with self._lock:
+                if generation == self._generation:  # no reload since: publish
+                    self._values = values
+                    # Kept as an attribute: every request reads a few settings, and a plain
+                    # attribute costs nothing (as DRF's APISettings does).
+                    self.__dict__[name] = values[name]
+                    return values[name]
 
     def reload(self) -> None:
-        self._values = None
-        for name in DEFAULTS:
-            self.__dict__.pop(name, None)
+        with self._lock:
+            self._generation += 1
+            self._values = None
+            for name in DEFAULTS:
+                self.__dict__.pop(name, None)
 
 
 def load() -> dict[str, Any]:
