@@ -109,7 +109,7 @@ lint: $(BIN)/maturin
 # on the release build (what a wheel ships; `make develop` builds a debug one for the tests).
 bench: $(BIN)/maturin
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q --extras test
-	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3"  # the [bench] extra
+	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3" "django-cacheops>=7.2"  # the [bench] extra
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/revocation_delay.py
 	$(BIN)/python bench/logoutall.py

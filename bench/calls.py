@@ -13,6 +13,12 @@ Scenarios:
 - knox: knox.auth.TokenAuthentication (2 queries).
 - DRF TokenAuthentication: rest_framework.authtoken (1 query, a join).
 - simplejwt: JWTAuthentication, an access token per user (1 query: the user), if installed.
+- knox + django-cacheops: knox with cacheops caching both its queries in Redis (0 queries once
+  warm, 2 GETs), if installed. In a process of its own (cacheops patches every QuerySet),
+  on the same database and tokens, a round per request over a pipe. Its Redis lookups are
+  the GETs the redis-server served during the round (INFO commandstats). After the table,
+  one line says whether it accepts the token of a user just deactivated by save() or by
+  QuerySet.update() (see deactivated_accepted).
 - knox_redis (default): knox_redis.auth.TokenAuthentication, every token cached (1 query: the
   user).
 - knox_redis (USER_CACHE): the same with USER_CACHE on, every user's row cached too (0 queries).
@@ -29,14 +35,17 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,23 +70,32 @@ def has_simplejwt() -> bool:
     return True
 
 
-def configure(database: dict[str, Any], redis_url: str) -> None:
+def has_cacheops() -> bool:
+    """Installed? (Importing cacheops needs settings configured: only look for it.)"""
+    return importlib.util.find_spec("cacheops") is not None
+
+
+def django_settings(database: dict[str, Any], redis_url: str) -> dict[str, Any]:
     apps = ["django.contrib.auth", "django.contrib.contenttypes", "rest_framework", "rest_framework.authtoken"]
     apps += ["knox", "knox_redis"]
-    settings.configure(
-        SECRET_KEY="bench-calls-" + "x" * 40,
-        DEBUG=False,
-        USE_TZ=True,
-        INSTALLED_APPS=apps,
-        DATABASES={"default": database},
-        CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_url}},
-        REST_KNOX_REDIS={"CACHE_ALIAS": "default"},
-        REST_KNOX={"TOKEN_TTL": timedelta(hours=10), "AUTO_REFRESH": False},
-        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
-        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
-        SIMPLE_JWT={"ACCESS_TOKEN_LIFETIME": timedelta(hours=10)},
-        LOGGING={"version": 1, "loggers": {"knox_redis": {"level": "ERROR"}}},
-    )
+    return {
+        "SECRET_KEY": "bench-calls-" + "x" * 40,
+        "DEBUG": False,
+        "USE_TZ": True,
+        "INSTALLED_APPS": apps,
+        "DATABASES": {"default": database},
+        "CACHES": {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_url}},
+        "REST_KNOX_REDIS": {"CACHE_ALIAS": "default"},
+        "REST_KNOX": {"TOKEN_TTL": timedelta(hours=10), "AUTO_REFRESH": False},
+        "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
+        "DEFAULT_AUTO_FIELD": "django.db.models.AutoField",
+        "SIMPLE_JWT": {"ACCESS_TOKEN_LIFETIME": timedelta(hours=10)},
+        "LOGGING": {"version": 1, "loggers": {"knox_redis": {"level": "ERROR"}}},
+    }
+
+
+def configure(database: dict[str, Any], redis_url: str) -> None:
+    settings.configure(**django_settings(database, redis_url))
     django.setup()
     from django.core.management import call_command
 
@@ -92,6 +110,8 @@ class Scenario:
     header_prefix: str = "Token"
     # REST_KNOX_REDIS while this scenario runs.
     knox_redis: dict[str, Any] = field(default_factory=dict)
+    # Runs in a process of its own, a round per request, instead of in this one.
+    remote: CacheopsProcess | None = None
 
 
 @dataclass
@@ -197,20 +217,25 @@ def _request(scenario: Scenario, token: str) -> Any:
 
 
 def run_round(scenario: Scenario, calls: int, threads: int) -> Round:
-    with knox_redis_settings_of(scenario):
-        return _run_round(scenario, calls, threads)
-
-
-def _run_round(scenario: Scenario, calls: int, threads: int) -> Round:
-    from django.db import connection, connections
-
+    if scenario.remote is not None:
+        return scenario.remote.run_round(calls, threads)
     from knox_redis import cache
+
+    with knox_redis_settings_of(scenario):
+        return _run_round(scenario, calls, threads, lambda: _lookups(cache))
+
+
+def _run_round(scenario: Scenario, calls: int, threads: int, lookups: Callable[[], int]) -> Round:
+    """One round in this process: `calls` split over `threads`, each warmed first. The Redis
+    lookups are `lookups()` after the round less before it, read once every thread is warm and
+    before any starts, so the warm-up's own lookups don't count."""
+    from django.db import connection, connections
 
     result = Round()
     lock = threading.Lock()
     per_thread = calls // threads
+    warm_barrier = threading.Barrier(threads + 1)
     start_barrier = threading.Barrier(threads + 1)
-    lookups_before = _lookups(cache)
     spans: list[tuple[float, float]] = []  # each thread's own clock: the main thread may wake late
 
     def worker(seed: int) -> None:
@@ -227,6 +252,7 @@ def _run_round(scenario: Scenario, calls: int, threads: int) -> Round:
             for request in requests[:20]:  # warm: this thread's connection, code paths
                 scenario.auth.authenticate(request)
             counted[0] = 0
+            warm_barrier.wait()
             start_barrier.wait()
             first = time.perf_counter()
             for request in requests:
@@ -243,12 +269,14 @@ def _run_round(scenario: Scenario, calls: int, threads: int) -> Round:
     pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
     for thread in pool:
         thread.start()
+    warm_barrier.wait()
+    lookups_before = lookups()
     start_barrier.wait()
     for thread in pool:
         thread.join()
     result.seconds = max(end for _, end in spans) - min(start for start, _ in spans)
     result.calls = per_thread * threads
-    result.redis_lookups = _lookups(cache) - lookups_before - 20 * threads * _uses_redis(scenario)
+    result.redis_lookups = lookups() - lookups_before
     return result
 
 
@@ -258,9 +286,151 @@ def _lookups(cache: Any) -> int:
     return stats["hits"] + stats["misses"] - stats.get("local_hits", 0)
 
 
-def _uses_redis(scenario: Scenario) -> int:
-    """Did the warm-up requests go to Redis? (With an in-process cache they are local hits.)"""
-    return int(scenario.name.startswith("knox_redis") and not scenario.knox_redis.get("LOCAL_CACHE_SIZE"))
+CACHEOPS = "knox + django-cacheops"
+
+
+def cacheops_settings(database: dict[str, Any], redis_url: str, cacheops_redis: str) -> dict[str, Any]:
+    """django_settings with cacheops in front of knox's two queries, as a deployment of knox and
+    cacheops alone would run it (no knox_redis app, whose receivers would add Redis calls to a
+    user's save()). Both queries fetch the token model: the token by its token_key with
+    select_related('user'), then that user's auth_token_set (knox's _cleanup_token, looking for
+    expired tokens). The user model has a profile too ("get", as cacheops' README has it), so
+    that its save() invalidates what cacheops tracks of it; but not a row that came through
+    select_related (its README's CAVEATS, 3), which is how knox's user comes. An hour, so that
+    nothing lapses between rounds."""
+    base = django_settings(database, redis_url)
+    return {
+        **base,
+        "INSTALLED_APPS": [app for app in base["INSTALLED_APPS"] if app != "knox_redis"] + ["cacheops"],
+        "CACHEOPS_REDIS": cacheops_redis,
+        "CACHEOPS": {"auth.user": {"ops": "get", "timeout": 3600}, "knox.authtoken": {"ops": "all", "timeout": 3600}},
+    }
+
+
+class CacheopsProcess:
+    """knox + django-cacheops, in a Python process of its own: once installed, cacheops patches
+    every QuerySet, so in this process it would stand in front of the other scenarios' queries
+    too (plain knox must stay plain). Started once (Django set up on this database, every
+    token's queries cached), it then runs a round per request over a pipe (a JSON line each
+    way), so that its rounds cost no start-up and take their turns among the others'. It
+    authenticates this process's knox tokens: the database keeps only their digests."""
+
+    def __init__(self, server: RedisServer, tokens: list[str]) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--cacheops-process"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        setup = {
+            "database": settings.DATABASES["default"],
+            "redis_url": server.url,
+            # Another db of the same redis-server: its keys apart from knox_redis's.
+            "cacheops_redis": f"redis://127.0.0.1:{server.port}/1",
+            "tokens": tokens,
+        }
+        try:
+            self._ask(setup)  # answered once warm
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the {CACHEOPS} process ended (exit status {self.process.wait()}): its stderr above")
+        return json.loads(answer)
+
+    def run_round(self, calls: int, threads: int) -> Round:
+        return Round(**self._ask({"calls": calls, "threads": threads}))
+
+    def deactivated_accepted(self) -> dict[str, bool]:
+        return self._ask({"deactivate": True})
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()  # its loop ends with its input
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # still in a round this process gave up on
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def cacheops_process(server: RedisServer, tokens: list[str]) -> Iterator[CacheopsProcess | None]:
+    """The knox + django-cacheops process, running until the end; None, with a note, if
+    django-cacheops is not installed."""
+    if not has_cacheops():
+        print(f"{CACHEOPS}: skipped, django-cacheops is not installed (the [bench] extra)\n")
+        yield None
+        return
+    process = CacheopsProcess(server, tokens)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def serve_cacheops_rounds() -> None:
+    """The other end of CacheopsProcess: Django with cacheops on the parent's database (no
+    migrate: the parent made the tables, users and tokens), every token authenticated once,
+    then an answer per request until the parent closes stdin."""
+    answers, sys.stdout = sys.stdout, sys.stderr  # a stray print must not garble the answers
+    setup = json.loads(sys.stdin.readline())
+    settings.configure(**cacheops_settings(setup["database"], setup["redis_url"], setup["cacheops_redis"]))
+    django.setup()
+    from cacheops.redis import redis_client
+    from knox.auth import TokenAuthentication as KnoxAuth
+
+    scenario = Scenario(CACHEOPS, KnoxAuth(), setup["tokens"])
+    for token in scenario.tokens:  # every token's queries cached (a first request each)
+        scenario.auth.authenticate(_request(scenario, token))
+
+    def gets() -> int:
+        """GETs the redis-server has served: cacheops reads a cached query with one GET, and
+        the parent, waiting for this round, sends none."""
+        return redis_client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+
+    print(json.dumps({"ready": True}), file=answers, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("deactivate"):
+            answer: Any = deactivated_accepted(scenario)
+        else:
+            answer = asdict(_run_round(scenario, request["calls"], request["threads"], gets))
+        print(json.dumps(answer), file=answers, flush=True)
+
+
+def deactivated_accepted(scenario: Scenario) -> dict[str, bool]:
+    """Is the token of a user just deactivated still accepted, with its queries cached? Once
+    by save(), which cacheops sees (post_save of a model with a profile) but which invalidates
+    no query that holds the user only through select_related, as knox's does; once by
+    QuerySet.update(), which sends no signal at all. Each time the user is restored by save()."""
+    from rest_framework.exceptions import AuthenticationFailed
+
+    token = scenario.tokens[0]
+
+    def accepted() -> bool:
+        try:
+            return scenario.auth.authenticate(_request(scenario, token)) is not None
+        except AuthenticationFailed:
+            return False
+
+    user, _ = scenario.auth.authenticate(_request(scenario, token))
+    found = {}
+    for way in ("save", "update"):
+        assert accepted(), "the token is not accepted before its user is deactivated"  # and cached
+        if way == "save":
+            user.is_active = False
+            user.save()
+        else:
+            type(user).objects.filter(pk=user.pk).update(is_active=False)
+        found[way] = accepted()
+        user.is_active = True
+        user.save()
+    return found
 
 
 def main() -> None:
@@ -269,9 +439,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", default="1,4")
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
+    parser.add_argument("--cacheops-process", action="store_true", help=argparse.SUPPRESS)  # CacheopsProcess
     args = parser.parse_args()
-    with django_and_redis(args.db) as (engine, _server):
-        report(args, build_scenarios(), engine)
+    if args.cacheops_process:
+        serve_cacheops_rounds()
+        return
+    with django_and_redis(args.db) as (engine, server):
+        scenarios = build_scenarios()
+        knox_tokens = scenarios[0].tokens
+        with cacheops_process(server, knox_tokens) as cacheops:
+            if cacheops is not None:  # after the other alternatives, before knox_redis's modes
+                ours = next(i for i, s in enumerate(scenarios) if s.name.startswith("knox_redis"))
+                scenarios.insert(ours, Scenario(CACHEOPS, None, knox_tokens, remote=cacheops))
+            report(args, scenarios, engine)
+            if cacheops is not None:
+                found = cacheops.deactivated_accepted()
+                print(
+                    f"\n{CACHEOPS}: a token of a user deactivated by save() accepted: {_yes_no(found['save'])}; "
+                    f"by QuerySet.update(): {_yes_no(found['update'])}"
+                )
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 @contextmanager
