@@ -107,3 +107,22 @@ def test_anonymous_traffic_cannot_fill_redis_and_block_revocation(client, make_t
     finally:
         redis_conn.config_set("maxmemory", old["maxmemory"])
         redis_conn.config_set("maxmemory-policy", old["maxmemory-policy"])
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Basic dXNlcjpwdw==", "Token", "Token a b", "token " + "f" * 64, "Token " + "f" * 64]
+)
+def test_the_header_is_parsed_as_knox_parses_it_without_building_request_headers(transactional_db, header):
+    """knox's authenticate goes through DRF's get_authorization_header, which builds
+    request.headers (a dict of every header); ours reads request.META, with the same outcome."""
+    from knox.auth import TokenAuthentication as KnoxAuthentication
+
+    def outcome(cls):
+        request = factory.get("/", **({} if header is None else {"HTTP_AUTHORIZATION": header}))
+        try:
+            result = cls().authenticate(request)
+        except AuthenticationFailed as exc:
+            result = str(exc.detail)
+        return result, "headers" in request.__dict__
+
+    assert outcome(TokenAuthentication) == (outcome(KnoxAuthentication)[0], False)
