@@ -18,6 +18,7 @@ use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
+use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
 use crate::user_row::{UserRow, Value};
 
@@ -169,7 +170,7 @@ impl TokenCache {
             };
             match op(&mut checkout.conn) {
                 Ok(value) => {
-                    self.pool.checkin(checkout.conn);
+                    self.pool.checkin(checkout.conn, checkout.generation);
                     self.breaker.record_success();
                     return Ok(value);
                 }
@@ -177,6 +178,12 @@ impl TokenCache {
                     drop(checkout.conn);
                     if checkout.reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
                         self.pool.clear();
+                        retried = true;
+                        continue;
+                    }
+                    // Sentinel: a failover demoted the node (a replica writes nothing: the
+                    // command had no effect); once more, on the primary the sentinels name now.
+                    if !retried && is_read_only(&err) && self.pool.primary_stepped_down() {
                         retried = true;
                         continue;
                     }
@@ -190,6 +197,7 @@ impl TokenCache {
         let kind = ErrorKind::of(err);
         PROCESS.error(kind);
         if is_connectivity(err) {
+            self.pool.connection_lost(); // Sentinel: ask where the primary is on the next use
             if self.breaker.record_failure() {
                 PROCESS.tripped(kind);
             }
@@ -340,6 +348,15 @@ fn new_generation() -> String {
     hex::encode(random_generation())
 }
 
+fn read_ca(path: Option<String>, name: &str) -> Result<Option<Vec<u8>>> {
+    match path {
+        Some(path) => {
+            std::fs::read(&path).map(Some).map_err(|e| Error::Invalid(format!("cannot read {name} {path:?}: {e}")))
+        }
+        None => Ok(None),
+    }
+}
+
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     if value.is_finite() && value > 0.0 && value <= 3600.0 {
         Ok(Duration::from_secs_f64(value))
@@ -355,7 +372,8 @@ impl TokenCache {
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new(),
-        local_cache_size = 0
+        local_cache_size = 0, sentinels = Vec::new(), sentinel_service_name = None, sentinel_username = None,
+        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -376,19 +394,39 @@ impl TokenCache {
         record_secret: &[u8],
         record_fallback_secrets: Vec<Vec<u8>>,
         local_cache_size: usize,
+        sentinels: Vec<(String, u16)>,
+        sentinel_service_name: Option<String>,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<String>,
+        sentinel_tls: bool,
+        sentinel_tls_ca_certs: Option<String>,
     ) -> PyResult<Self> {
+        // Sentinel mode: `host` and `port` are a placeholder; the sentinels give the address.
+        let sentinel = if sentinels.is_empty() {
+            None
+        } else {
+            let Some(service_name) = sentinel_service_name.filter(|name| !name.is_empty()) else {
+                return Err(Error::Invalid("sentinels need a sentinel_service_name".into()).into());
+            };
+            if unix_path.is_some() {
+                return Err(Error::Invalid("a Sentinel primary is reached over TCP, not unix_path".into()).into());
+            }
+            Some(SentinelConfig {
+                sentinels,
+                service_name,
+                username: sentinel_username,
+                password: sentinel_password,
+                tls: sentinel_tls,
+                root_cert: read_ca(sentinel_tls_ca_certs, "sentinel_tls_ca_certs")?,
+            })
+        };
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let addr = match unix_path {
             Some(path) => ConnectionAddr::Unix(path.into()),
             None if tls => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
             None => ConnectionAddr::Tcp(host, port),
         };
-        let root_cert = match tls_ca_certs {
-            Some(path) => Some(
-                std::fs::read(&path).map_err(|e| Error::Invalid(format!("cannot read tls_ca_certs {path:?}: {e}")))?,
-            ),
-            None => None,
-        };
+        let root_cert = read_ca(tls_ca_certs, "tls_ca_certs")?;
         let mut redis_info = RedisConnectionInfo::default().set_db(db).set_skip_set_lib_name();
         if let Some(username) = username {
             redis_info = redis_info.set_username(username);
@@ -407,6 +445,7 @@ impl TokenCache {
             io_timeout: seconds(socket_timeout, "socket_timeout")?,
             max_idle,
             root_cert,
+            sentinel,
         })
         .map_err(|e| Error::from_redis(&e))?;
         if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
@@ -800,6 +839,13 @@ impl TokenCache {
     #[getter]
     fn local_cache_error(&self) -> Option<String> {
         self.local.as_ref().and_then(|local| local.last_error())
+    }
+
+    /// Sentinel mode: `host:port` of the primary the sentinels named last (None before the
+    /// first connection, and without Sentinel).
+    #[getter]
+    fn primary_address(&self) -> Option<String> {
+        self.pool.primary()
     }
 
     #[getter]

@@ -10,6 +10,7 @@ mod pool;
 mod record;
 #[cfg(test)]
 mod script_tests;
+mod sentinel;
 mod tracking;
 mod user_row;
 
