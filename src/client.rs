@@ -14,6 +14,7 @@ use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
 use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
+use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
 use crate::pool::{Pool, PoolConfig};
@@ -51,6 +52,8 @@ pub struct TokenCache {
     /// coherent.
     local: Option<Arc<Local>>,
     listener: Option<Listener>,
+    /// Sentinel: recent revocations, re-sent to a new primary (journal.rs).
+    journal: Journal,
 }
 
 impl TokenCache {
@@ -150,6 +153,11 @@ impl TokenCache {
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+        self.call_tagged(use_breaker, op).map(|(value, _)| value)
+    }
+
+    /// `call_with`, and the generation of the primary that answered (Sentinel; else 0).
+    fn call_tagged<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
             PROCESS.bump(Counter::ErrorCircuitOpen);
             return Err(Error::CircuitOpen);
@@ -161,18 +169,32 @@ impl TokenCache {
         result
     }
 
-    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+    /// A revocation. In Sentinel mode it is kept a while (journal.rs), and sent again if the
+    /// catch-up of a newer primary missed it.
+    fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
+        let (revoked, generation) = self.call_tagged(use_breaker, |conn| call.invoke(conn))?;
+        if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
+            self.call_tagged(false, |conn| call.replay(conn))?;
+        }
+        Ok(revoked)
+    }
+
+    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
             let mut checkout = match self.pool.checkout() {
                 Ok(checkout) => checkout,
                 Err(err) => return Err(self.failed(&err)),
             };
+            // Sentinel: a newer primary first gets the revocations the old one may have lost.
+            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation) {
+                return Err(self.failed(&err));
+            }
             match op(&mut checkout.conn) {
                 Ok(value) => {
                     self.pool.checkin(checkout.conn, checkout.generation);
                     self.breaker.record_success();
-                    return Ok(value);
+                    return Ok((value, checkout.generation));
                 }
                 Err(err) => {
                     drop(checkout.conn);
@@ -463,6 +485,7 @@ impl TokenCache {
             (None, None)
         };
         Ok(TokenCache {
+            journal: Journal::default(),
             local,
             listener,
             pool,
@@ -727,17 +750,24 @@ impl TokenCache {
         let lift = lift_tombstone.unwrap_or_default();
         let seed = new_generation();
         // Before (no reply fetched from now on is kept) and after (none fetched meanwhile is).
-        let touched: Vec<&String> = token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).collect();
+        let touched: Vec<String> =
+            token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).cloned().collect();
+        let touched: Vec<&String> = touched.iter().collect();
         self.forget_locally(&touched);
-        let revoked: Result<(i64, String)> = py.detach(|| {
-            self.call_with(use_breaker, |conn| {
-                let mut invocation = REVOKE.prepare_invoke();
-                invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys).key(&row_keys);
-                invocation.arg(n).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(pairs).arg(&lift);
-                invocation.arg(&ids).arg(&id_fields).arg(&legacy_members);
-                invocation.invoke(conn)
-            })
+        let keys = [token_keys, index_keys, legacy_index_keys, user_keys, row_keys].concat();
+        let call = Arc::new(Revocation {
+            keys,
+            n,
+            tombstone_ms,
+            seed,
+            prefix: self.prefix.clone(),
+            pairs,
+            lift,
+            ids,
+            id_fields,
+            legacy_members,
         });
+        let revoked: Result<(i64, String)> = py.detach(|| self.call_revocation(use_breaker, &call));
         self.forget_locally(&touched);
         let (removed, tombstone) = match revoked {
             Ok(revoked) => revoked,
@@ -874,6 +904,9 @@ impl TokenCache {
             dict.set_item(name, value)?;
         }
         dict.set_item("idle_connections", self.pool.idle_count())?;
+        if self.pool.is_sentinel() {
+            dict.set_item("revocations_kept", self.journal.len())?;
+        }
         if let Some(local) = &self.local {
             dict.set_item("local_entries", local.len())?;
             dict.set_item("local_live", u8::from(local.is_live()))?;

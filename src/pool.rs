@@ -171,6 +171,18 @@ impl Pool {
         }
     }
 
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.connector.route, Route::Sentinel(_))
+    }
+
+    /// Sentinel mode: when the sentinels last named the current primary.
+    pub fn settled(&self) -> Option<std::time::Instant> {
+        match &self.connector.route {
+            Route::Fixed(_) => None,
+            Route::Sentinel(resolver) => resolver.confirmed_at(),
+        }
+    }
+
     /// Sentinel mode: `host:port` of the primary the sentinels named last, if any.
     pub fn primary(&self) -> Option<String> {
         match &self.connector.route {

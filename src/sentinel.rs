@@ -55,6 +55,8 @@ struct State {
     primary: Option<Primary>,
     /// When the sentinels were last asked (answered or not).
     asked_at: Option<Instant>,
+    /// When they last named `primary`.
+    confirmed_at: Option<Instant>,
     /// Ask again on the next use: a connection to the primary was lost.
     due: bool,
     /// How many times they have been asked: a thread that saw a failure asks again only if no
@@ -173,6 +175,11 @@ impl Resolver {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// When the sentinels last named the current primary.
+    pub fn confirmed_at(&self) -> Option<Instant> {
+        self.state.lock().confirmed_at
+    }
+
     /// `host:port` of the primary last named, if any.
     pub fn primary(&self) -> Option<String> {
         self.state.lock().primary.as_ref().map(|p| format!("{}:{}", p.host, p.port))
@@ -218,6 +225,7 @@ impl Resolver {
         };
         let (host, port) = answer?;
         if let Some(primary) = known.filter(|p| p.host == host && p.port == port) {
+            self.state.lock().confirmed_at = Some(Instant::now());
             return Ok(primary);
         }
         let addr = match self.node.addr() {
@@ -229,7 +237,9 @@ impl Resolver {
         let client = client(self.node.clone().set_addr(addr), self.node_root_cert.as_ref())?;
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let primary = Primary { host, port, client, generation };
-        self.state.lock().primary = Some(primary.clone());
+        let mut state = self.state.lock();
+        state.primary = Some(primary.clone());
+        state.confirmed_at = Some(Instant::now());
         Ok(primary)
     }
 
