@@ -422,10 +422,7 @@ def test_the_primary_is_rechecked_without_any_error(settings, user, fresh):
     assert whoami(client, token) == 200
     old = fresh.primary_port()
     (replica,) = fresh.replicas
-    redis_py.Redis(port=replica.port).execute_command("REPLICAOF", "NO", "ONE")
-    for port in fresh.sentinel_ports:
-        fresh.ask(port, "SENTINEL", "REMOVE", SERVICE)
-        fresh.ask(port, "SENTINEL", "MONITOR", SERVICE, "127.0.0.1", str(replica.port), "2")
+    make_primary(fresh, replica.port)
     moved_at = time.monotonic()
     while cache.get_client().primary_address != f"127.0.0.1:{replica.port}":
         assert whoami(client, token) == 200
@@ -433,5 +430,73 @@ def test_the_primary_is_rechecked_without_any_error(settings, user, fresh):
         time.sleep(0.05)
     assert redis_py.Redis(port=old).info("replication")["role"] == "master"  # it never said otherwise
     assert whoami(client, token) == 200
+    assert logout_until_taken(client, token) == 204
+    assert whoami(client, token) == 401
+
+
+def make_primary(setup: SentinelSetup, port: int) -> None:
+    """Reconfigure by hand, as an operator would: `port` a primary of its own, and every
+    sentinel told to monitor it instead."""
+    redis_py.Redis(port=port).execute_command("REPLICAOF", "NO", "ONE")
+    for sentinel in setup.sentinel_ports:
+        setup.ask(sentinel, "SENTINEL", "REMOVE", SERVICE)
+        setup.ask(sentinel, "SENTINEL", "MONITOR", SERVICE, "127.0.0.1", str(port), "2")
+
+
+def readonly_errors(port: int) -> int:
+    errors = redis_py.Redis(port=port).info("errorstats")
+    return int(errors.get("errorstat_READONLY", {}).get("count", 0))
+
+
+def test_readonly_moves_to_the_new_primary_and_retries(settings, user, fresh):
+    """The old primary demoted to a replica between two calls (before the periodic re-check):
+    the next command answers READONLY; the pool is emptied, the sentinels asked, and the
+    command retried on the new primary, with no error for the caller."""
+    use_explicit(settings, fresh)
+    native = cache.get_client()
+    native.command([b"PING"])  # the sentinels were just asked: no re-check for a second
+    old, (replica,) = fresh.primary_port(), fresh.replicas
+    make_primary(fresh, replica.port)
+    redis_py.Redis(port=old).execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
+    before = readonly_errors(old)
+    assert native.command([b"SET", b"knox:written", b"1"]) == "OK"
+    assert readonly_errors(old) == before + 1  # it did go to the old primary first
+    assert native.primary_address == f"127.0.0.1:{replica.port}"
+    assert redis_py.Redis(port=replica.port).get("knox:written") == b"1"
+    assert native.stats()["errors"] == 0
+
+
+def test_the_local_cache_follows_the_primary(settings, user, fresh):
+    """LOCAL_CACHE_SIZE: the listener connects to the primary the sentinels name (ROLE-checked)
+    and, after a failover, to the new one: Redis' invalidations there reach this process."""
+    use_explicit(settings, fresh, LOCAL_CACHE_SIZE=100)
+    native = cache.get_client()
+
+    def live_on(port: int) -> None:
+        deadline = time.monotonic() + 10
+        while not (native.local_cache_live and native.primary_address == f"127.0.0.1:{port}"):
+            native.command([b"PING"])
+            assert time.monotonic() < deadline, native.local_cache_error
+            time.sleep(0.05)
+
+    client = Client()
+    live_on(fresh.primary_port())
+    new = fresh.failover()
+    live_on(new)
+    token = login(client)
+    hits = native.stats()["local_hits"]
+    assert [whoami(client, token) for _ in range(3)] == [200] * 3
+    assert native.stats()["local_hits"] > hits  # served from the process
+    # Another process's revocation, as Redis sees it: a write to the token's key on the new
+    # primary. Its invalidation reaches the listener, and the next lookup asks Redis.
+    redis_py.Redis(port=new).hset(f"knox:token:{token[:15]}", "x", "1")
+    deadline = time.monotonic() + 2
+    while True:
+        hits = native.stats()["local_hits"]
+        whoami(client, token)
+        if native.stats()["local_hits"] == hits:
+            break
+        assert time.monotonic() < deadline, "the invalidation never arrived"
+        time.sleep(0.02)
     assert logout_until_taken(client, token) == 204
     assert whoami(client, token) == 401
