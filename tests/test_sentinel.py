@@ -213,12 +213,15 @@ def test_failover_then_auth_continues_and_a_logout_rejects_the_token(settings, u
     assert new != old
     statuses = []
     deadline = time.monotonic() + 5
-    hits = cache.get_client().stats()["hits"]
-    while cache.get_client().stats()["hits"] == hits:  # until Redis serves it again
+    # The old primary still answers (as a primary) until this process asks the sentinels again.
+    while cache.get_client().primary_address != f"127.0.0.1:{new}":
         statuses.append(whoami(client, token))
         assert time.monotonic() < deadline, statuses
-    assert set(statuses) == {200}
-    assert cache.get_client().primary_address == f"127.0.0.1:{new}"
+        time.sleep(0.02)
+    assert set(statuses) <= {200}
+    hits = cache.get_client().stats()["hits"]
+    assert whoami(client, token) == 200
+    assert cache.get_client().stats()["hits"] == hits + 1  # from the new primary
     assert logout_until_taken(client, token) == 204
     assert whoami(client, token) == 401
     assert not any(f.startswith(b"r:") for f in redis_py.Redis(port=new).hkeys(f"knox:token:{token[:15]}"))
@@ -454,11 +457,14 @@ def test_readonly_moves_to_the_new_primary_and_retries(settings, user, fresh):
     command retried on the new primary, with no error for the caller."""
     use_explicit(settings, fresh)
     native = cache.get_client()
-    native.command([b"PING"])  # the sentinels were just asked: no re-check for a second
+    asked = time.monotonic()
+    native.command([b"PING"])  # its first call: the sentinels were just asked, not again for a second
     old, (replica,) = fresh.primary_port(), fresh.replicas
     make_primary(fresh, replica.port)
     redis_py.Redis(port=old).execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
     before = readonly_errors(old)
+    if time.monotonic() - asked > 0.8:
+        pytest.skip("reconfiguring took most of a second: the periodic re-check would come first")
     assert native.command([b"SET", b"knox:written", b"1"]) == "OK"
     assert readonly_errors(old) == before + 1  # it did go to the old primary first
     assert native.primary_address == f"127.0.0.1:{replica.port}"
