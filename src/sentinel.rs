@@ -8,7 +8,8 @@
 //!   (`Resolver::connect`), or a command on it answers `READONLY` (`Resolver::resolve_now`);
 //! - on the next use after `RECHECK` (`Resolver::refresh`): a primary cut off from the
 //!   sentinels, replaced by a failover on the other side, may go on answering as a primary
-//!   (no `READONLY`, no error) and only the sentinels can tell.
+//!   (no `READONLY`, no error) and only the sentinels can tell. While none answers, this
+//!   backs off to every `RECHECK_MAX`.
 //!
 //! One thread asks at a time; the others go on with the primary known meanwhile (`refresh`)
 //! or wait for the answer (`connect` after a failure): each asking costs at most, per
@@ -26,6 +27,9 @@ use redis::{
 
 /// How long a primary's address is used before the sentinels are asked again.
 pub const RECHECK: Duration = Duration::from_secs(1);
+/// While no sentinel answers, the re-check backs off, doubling up to this (each try may cost
+/// a call a connect timeout per sentinel).
+const RECHECK_MAX: Duration = Duration::from_secs(8);
 
 /// The sentinels of one service, and how to talk to them (their credentials and TLS may differ
 /// from the data nodes').
@@ -62,6 +66,8 @@ struct State {
     /// How many times they have been asked: a thread that saw a failure asks again only if no
     /// other thread has since.
     askings: u64,
+    /// Askings in a row that no sentinel answered.
+    unanswered: u32,
 }
 
 pub struct Resolver {
@@ -148,7 +154,8 @@ impl Resolver {
     pub fn refresh(&self) {
         {
             let state = self.state.lock();
-            let fresh = state.asked_at.is_some_and(|at| at.elapsed() < RECHECK);
+            let interval = (RECHECK * 2u32.pow(state.unanswered.min(3))).min(RECHECK_MAX);
+            let fresh = state.asked_at.is_some_and(|at| at.elapsed() < interval);
             if fresh && !state.due {
                 return;
             }
@@ -221,6 +228,7 @@ impl Resolver {
             state.askings += 1;
             state.asked_at = Some(Instant::now());
             state.due = false;
+            state.unanswered = if answer.is_ok() { 0 } else { state.unanswered.saturating_add(1) };
             state.primary.clone()
         };
         let (host, port) = answer?;

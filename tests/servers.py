@@ -375,6 +375,12 @@ class SentinelSetup:
                 raise RuntimeError("the Sentinel setup did not get ready in time")
             time.sleep(0.05)
 
+    def stop_sentinels(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+        for process in self._sentinels:
+            process.wait(timeout=10)
+
     def stop(self) -> None:
         for process in self._sentinels:
             if process.poll() is None:

@@ -506,3 +506,25 @@ def test_the_local_cache_follows_the_primary(settings, user, fresh):
         time.sleep(0.02)
     assert logout_until_taken(client, token) == 204
     assert whoami(client, token) == 401
+
+
+def test_with_every_sentinel_down_the_known_primary_still_serves(settings, user, fresh):
+    """The sentinels only say where the primary is: with all of them gone, the primary they
+    last named goes on serving (its connections are ROLE-checked as ever), and the calls that
+    ask them again pay only their refused connections."""
+    use_explicit(settings, fresh)
+    client = Client()
+    token = login(client)
+    assert whoami(client, token) == 200
+    fresh.stop_sentinels()
+    started = time.monotonic()
+    statuses = []
+    while time.monotonic() - started < 2.5:  # past two re-checks
+        statuses.append(whoami(client, token))
+        time.sleep(0.05)
+    assert set(statuses) == {200}
+    stats = cache.get_client().stats()
+    assert stats["errors"] == 0, stats
+    assert stats["hits"] >= len(statuses)
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert whoami(client, token) == 401
