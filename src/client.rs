@@ -14,10 +14,12 @@ use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
 use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
+use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
 use crate::pool::{Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
+use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
 use crate::user_row::{UserRow, Value};
 
@@ -50,6 +52,8 @@ pub struct TokenCache {
     /// coherent.
     local: Option<Arc<Local>>,
     listener: Option<Listener>,
+    /// Sentinel: recent revocations, re-sent to a new primary (journal.rs).
+    journal: Journal,
 }
 
 impl TokenCache {
@@ -202,6 +206,11 @@ impl TokenCache {
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+        self.call_tagged(use_breaker, op).map(|(value, _)| value)
+    }
+
+    /// `call_with`, and the generation of the primary that answered (Sentinel; else 0).
+    fn call_tagged<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
             PROCESS.bump(Counter::ErrorCircuitOpen);
             return Err(Error::CircuitOpen);
@@ -213,23 +222,43 @@ impl TokenCache {
         result
     }
 
-    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+    /// A revocation. In Sentinel mode it is kept a while (journal.rs), and sent again if the
+    /// catch-up of a newer primary missed it.
+    fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
+        let (revoked, generation) = self.call_tagged(use_breaker, |conn| call.invoke(conn))?;
+        if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
+            self.call_tagged(false, |conn| call.replay(conn))?;
+        }
+        Ok(revoked)
+    }
+
+    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
             let mut checkout = match self.pool.checkout() {
                 Ok(checkout) => checkout,
                 Err(err) => return Err(self.failed(&err)),
             };
+            // Sentinel: a newer primary first gets the revocations the old one may have lost.
+            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation) {
+                return Err(self.failed(&err));
+            }
             match op(&mut checkout.conn) {
                 Ok(value) => {
-                    self.pool.checkin(checkout.conn);
+                    self.pool.checkin(checkout.conn, checkout.generation);
                     self.breaker.record_success();
-                    return Ok(value);
+                    return Ok((value, checkout.generation));
                 }
                 Err(err) => {
                     drop(checkout.conn);
                     if checkout.reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
                         self.pool.clear();
+                        retried = true;
+                        continue;
+                    }
+                    // Sentinel: a failover demoted the node (a replica writes nothing: the
+                    // command had no effect); once more, on the primary the sentinels name now.
+                    if !retried && is_read_only(&err) && self.pool.primary_stepped_down() {
                         retried = true;
                         continue;
                     }
@@ -243,6 +272,7 @@ impl TokenCache {
         let kind = ErrorKind::of(err);
         PROCESS.error(kind);
         if is_connectivity(err) {
+            self.pool.connection_lost(); // Sentinel: ask where the primary is on the next use
             if self.breaker.record_failure() {
                 PROCESS.tripped(kind);
             }
@@ -393,6 +423,15 @@ fn new_generation() -> String {
     hex::encode(random_generation())
 }
 
+fn read_ca(path: Option<String>, name: &str) -> Result<Option<Vec<u8>>> {
+    match path {
+        Some(path) => {
+            std::fs::read(&path).map(Some).map_err(|e| Error::Invalid(format!("cannot read {name} {path:?}: {e}")))
+        }
+        None => Ok(None),
+    }
+}
+
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     if value.is_finite() && value > 0.0 && value <= 3600.0 {
         Ok(Duration::from_secs_f64(value))
@@ -408,7 +447,8 @@ impl TokenCache {
         *, host = None, port = 6379, unix_path = None, db = 0, username = None, password = None,
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new(),
-        local_cache_size = 0
+        local_cache_size = 0, sentinels = Vec::new(), sentinel_service_name = None, sentinel_username = None,
+        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -429,19 +469,39 @@ impl TokenCache {
         record_secret: &[u8],
         record_fallback_secrets: Vec<Vec<u8>>,
         local_cache_size: usize,
+        sentinels: Vec<(String, u16)>,
+        sentinel_service_name: Option<String>,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<String>,
+        sentinel_tls: bool,
+        sentinel_tls_ca_certs: Option<String>,
     ) -> PyResult<Self> {
+        // Sentinel mode: `host` and `port` are a placeholder; the sentinels give the address.
+        let sentinel = if sentinels.is_empty() {
+            None
+        } else {
+            let Some(service_name) = sentinel_service_name.filter(|name| !name.is_empty()) else {
+                return Err(Error::Invalid("sentinels need a sentinel_service_name".into()).into());
+            };
+            if unix_path.is_some() {
+                return Err(Error::Invalid("a Sentinel primary is reached over TCP, not unix_path".into()).into());
+            }
+            Some(SentinelConfig {
+                sentinels,
+                service_name,
+                username: sentinel_username,
+                password: sentinel_password,
+                tls: sentinel_tls,
+                root_cert: read_ca(sentinel_tls_ca_certs, "sentinel_tls_ca_certs")?,
+            })
+        };
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let addr = match unix_path {
             Some(path) => ConnectionAddr::Unix(path.into()),
             None if tls => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
             None => ConnectionAddr::Tcp(host, port),
         };
-        let root_cert = match tls_ca_certs {
-            Some(path) => Some(
-                std::fs::read(&path).map_err(|e| Error::Invalid(format!("cannot read tls_ca_certs {path:?}: {e}")))?,
-            ),
-            None => None,
-        };
+        let root_cert = read_ca(tls_ca_certs, "tls_ca_certs")?;
         let mut redis_info = RedisConnectionInfo::default().set_db(db).set_skip_set_lib_name();
         if let Some(username) = username {
             redis_info = redis_info.set_username(username);
@@ -460,6 +520,7 @@ impl TokenCache {
             io_timeout: seconds(socket_timeout, "socket_timeout")?,
             max_idle,
             root_cert,
+            sentinel,
         })
         .map_err(|e| Error::from_redis(&e))?;
         if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
@@ -477,6 +538,7 @@ impl TokenCache {
             (None, None)
         };
         Ok(TokenCache {
+            journal: Journal::default(),
             local,
             listener,
             pool,
@@ -722,17 +784,24 @@ impl TokenCache {
         let lift = lift_tombstone.unwrap_or_default();
         let seed = new_generation();
         // Before (no reply fetched from now on is kept) and after (none fetched meanwhile is).
-        let touched: Vec<&String> = token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).collect();
+        let touched: Vec<String> =
+            token_keys.iter().chain(&index_keys).chain(&user_keys).chain(&row_keys).cloned().collect();
+        let touched: Vec<&String> = touched.iter().collect();
         self.forget_locally(&touched);
-        let revoked: Result<(i64, String)> = py.detach(|| {
-            self.call_with(use_breaker, |conn| {
-                let mut invocation = REVOKE.prepare_invoke();
-                invocation.key(&token_keys).key(&index_keys).key(&legacy_index_keys).key(&user_keys).key(&row_keys);
-                invocation.arg(n).arg(tombstone_ms).arg(&seed).arg(&self.prefix).arg(pairs).arg(&lift);
-                invocation.arg(&ids).arg(&id_fields).arg(&legacy_members);
-                invocation.invoke(conn)
-            })
+        let keys = [token_keys, index_keys, legacy_index_keys, user_keys, row_keys].concat();
+        let call = Arc::new(Revocation {
+            keys,
+            n,
+            tombstone_ms,
+            seed,
+            prefix: self.prefix.clone(),
+            pairs,
+            lift,
+            ids,
+            id_fields,
+            legacy_members,
         });
+        let revoked: Result<(i64, String)> = py.detach(|| self.call_revocation(use_breaker, &call));
         self.forget_locally(&touched);
         let (removed, tombstone) = match revoked {
             Ok(revoked) => revoked,
@@ -836,6 +905,13 @@ impl TokenCache {
         self.local.as_ref().and_then(|local| local.last_error())
     }
 
+    /// Sentinel mode: `host:port` of the primary the sentinels named last (None before the
+    /// first connection, and without Sentinel).
+    #[getter]
+    fn primary_address(&self) -> Option<String> {
+        self.pool.primary()
+    }
+
     #[getter]
     fn breaker_open(&self) -> bool {
         self.breaker.is_open()
@@ -862,6 +938,9 @@ impl TokenCache {
             dict.set_item(name, value)?;
         }
         dict.set_item("idle_connections", self.pool.idle_count())?;
+        if self.pool.is_sentinel() {
+            dict.set_item("revocations_kept", self.journal.len())?;
+        }
         if let Some(local) = &self.local {
             dict.set_item("local_entries", local.len())?;
             dict.set_item("local_live", u8::from(local.is_live()))?;

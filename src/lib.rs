@@ -4,12 +4,14 @@ mod breaker;
 mod client;
 mod errors;
 mod hashing;
+mod journal;
 mod local;
 mod metrics;
 mod pool;
 mod record;
 #[cfg(test)]
 mod script_tests;
+mod sentinel;
 mod tracking;
 mod user_row;
 

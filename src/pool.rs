@@ -1,26 +1,35 @@
 //! A small connection pool: idle connections in a `Mutex<Vec<_>>`, each tagged with the pid
 //! that opened it. A connection inherited through `fork()` is never used by the child (its
-//! replies would interleave with the parent's); it is only closed there.
+//! replies would interleave with the parent's); it is only closed there. In Sentinel mode each
+//! is also tagged with the primary it was opened to (`sentinel.rs`): once the sentinels name
+//! another, connections to the old one are closed, not reused.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
 use crate::metrics::{Counter, PROCESS};
+use crate::sentinel::{Resolver, SentinelConfig};
 
 pub struct PoolConfig {
+    /// The server; in Sentinel mode, the data nodes' settings (database, credentials, TLS),
+    /// whose address the sentinels give.
     pub info: ConnectionInfo,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
     pub max_idle: usize,
     /// PEM roots to trust instead of the system's, for `rediss://` with a private CA.
     pub root_cert: Option<Vec<u8>>,
+    /// Connect to the primary these sentinels name, not to `info`'s address.
+    pub sentinel: Option<SentinelConfig>,
 }
 
 struct Idle {
     conn: Connection,
     pid: u32,
+    generation: u64,
 }
 
 pub struct Pool {
@@ -29,41 +38,87 @@ pub struct Pool {
     idle: Mutex<Vec<Idle>>,
 }
 
-/// Opens connections with the pool's settings and timeouts (also for the tracking listener).
+/// Opens connections with the pool's settings and timeouts (also for the tracking listener):
+/// to the configured server, or to the primary the sentinels name.
 #[derive(Clone)]
 pub struct Connector {
-    client: Client,
+    route: Route,
     connect_timeout: Duration,
     io_timeout: Duration,
 }
 
+#[derive(Clone)]
+enum Route {
+    Fixed(Box<Client>),
+    Sentinel(Arc<Resolver>),
+}
+
 impl Connector {
     pub fn connect(&self) -> RedisResult<Connection> {
-        let conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
+        self.connect_tagged().map(|(conn, _)| conn)
+    }
+
+    /// A new connection and the generation of the primary it goes to (always 0 without Sentinel).
+    pub fn connect_tagged(&self) -> RedisResult<(Connection, u64)> {
+        match &self.route {
+            Route::Fixed(client) => self.open(client).map(|conn| (conn, 0)),
+            Route::Sentinel(resolver) => resolver.connect(|client| self.open(client)),
+        }
+    }
+
+    fn open(&self, client: &Client) -> RedisResult<Connection> {
+        let conn = client.get_connection_with_timeout(self.connect_timeout)?;
         // The connect helper bounds the handshake, then clears socket timeouts: set them again.
         conn.set_read_timeout(Some(self.io_timeout))?;
         conn.set_write_timeout(Some(self.io_timeout))?;
         PROCESS.bump(Counter::ConnectionOpened);
         Ok(conn)
     }
+
+    /// Sentinel mode: ask the sentinels again if it is time to (see `Resolver::refresh`).
+    pub fn refresh(&self) {
+        if let Route::Sentinel(resolver) = &self.route {
+            resolver.refresh();
+        }
+    }
+
+    /// Changes when the sentinels name another primary: connections of an older generation go.
+    pub fn generation(&self) -> u64 {
+        match &self.route {
+            Route::Fixed(_) => 0,
+            Route::Sentinel(resolver) => resolver.generation(),
+        }
+    }
 }
 
-/// A connection and whether it came from the pool (a reused one may be stale after a restart).
+/// A connection, whether it came from the pool (a reused one may be stale after a restart), and
+/// the generation of the primary it goes to.
 pub struct Checkout {
     pub conn: Connection,
     pub reused: bool,
+    pub generation: u64,
 }
 
 impl Pool {
     pub fn new(config: PoolConfig) -> RedisResult<Self> {
-        let client = match config.root_cert {
-            Some(root_cert) => {
-                Client::build_with_tls(config.info, TlsCertificates { client_tls: None, root_cert: Some(root_cert) })?
-            }
-            None => Client::open(config.info)?,
+        let route = match config.sentinel {
+            Some(sentinel) => Route::Sentinel(Arc::new(Resolver::new(
+                sentinel,
+                config.info,
+                config.root_cert,
+                config.connect_timeout,
+                config.io_timeout,
+            )?)),
+            None => Route::Fixed(Box::new(match config.root_cert {
+                Some(root_cert) => Client::build_with_tls(
+                    config.info,
+                    TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+                )?,
+                None => Client::open(config.info)?,
+            })),
         };
         Ok(Pool {
-            connector: Connector { client, connect_timeout: config.connect_timeout, io_timeout: config.io_timeout },
+            connector: Connector { route, connect_timeout: config.connect_timeout, io_timeout: config.io_timeout },
             max_idle: config.max_idle,
             idle: Mutex::new(Vec::new()),
         })
@@ -71,26 +126,68 @@ impl Pool {
 
     pub fn checkout(&self) -> RedisResult<Checkout> {
         let pid = std::process::id();
+        self.connector.refresh();
+        let current = self.connector.generation();
         loop {
             let idle = self.idle.lock().pop();
             match idle {
-                Some(Idle { conn, pid: owner }) if owner == pid => return Ok(Checkout { conn, reused: true }),
-                // Inherited from the parent: dropping closes only the child's descriptor.
+                Some(Idle { conn, pid: owner, generation }) if owner == pid && generation == current => {
+                    return Ok(Checkout { conn, reused: true, generation });
+                }
+                // Inherited from the parent (dropping closes only the child's descriptor), or
+                // opened to a node that is no longer the primary.
                 Some(_) => {}
                 None => break,
             }
         }
-        self.connector.connect().map(|conn| Checkout { conn, reused: false })
+        self.connector.connect_tagged().map(|(conn, generation)| Checkout { conn, reused: false, generation })
     }
 
     pub fn connector(&self) -> Connector {
         self.connector.clone()
     }
 
-    pub fn checkin(&self, conn: Connection) {
+    pub fn checkin(&self, conn: Connection, generation: u64) {
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { conn, pid: std::process::id() });
+            idle.push(Idle { conn, pid: std::process::id(), generation });
+        }
+    }
+
+    /// Sentinel mode: a command on the primary answered READONLY (a failover demoted it).
+    /// Forget every idle connection and ask the sentinels now; true if the caller may retry
+    /// (on whatever primary they name: each new connection verifies its role).
+    pub fn primary_stepped_down(&self) -> bool {
+        let Route::Sentinel(resolver) = &self.connector.route else { return false };
+        self.clear();
+        resolver.resolve_now();
+        true
+    }
+
+    /// Sentinel mode: a connection to the primary failed; ask the sentinels on the next use.
+    pub fn connection_lost(&self) {
+        if let Route::Sentinel(resolver) = &self.connector.route {
+            resolver.mark_due();
+        }
+    }
+
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.connector.route, Route::Sentinel(_))
+    }
+
+    /// Sentinel mode: when the sentinels last named the current primary.
+    pub fn settled(&self) -> Option<std::time::Instant> {
+        match &self.connector.route {
+            Route::Fixed(_) => None,
+            Route::Sentinel(resolver) => resolver.confirmed_at(),
+        }
+    }
+
+    /// Sentinel mode: `host:port` of the primary the sentinels named last, if any.
+    pub fn primary(&self) -> Option<String> {
+        match &self.connector.route {
+            Route::Fixed(_) => None,
+            Route::Sentinel(resolver) => resolver.primary(),
         }
     }
 

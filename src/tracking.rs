@@ -16,6 +16,10 @@
 //! partition, a stalled thread) therefore stops local hits within `LIVENESS`, and any error
 //! drops both connections, flushes the cache and reconnects with back-off.
 //!
+//! In Sentinel mode both connections go to the primary the sentinels name (each verified by
+//! `ROLE`), and the session ends, flushing the cache, as soon as they name another: a primary
+//! cut off by a failover may go on answering heartbeats while the writes go elsewhere.
+//!
 //! What tracking can't see: `SWAPDB` sends no invalidation (don't swap the cache's database),
 //! and a write to the same key name in another database of the same server does (harmless).
 
@@ -95,8 +99,11 @@ fn run(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool) {
 
 /// One connected session; returns on error (or when asked to stop).
 fn session(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool) -> RedisResult<()> {
-    let mut listener = connector.connect()?;
-    let mut beat = connector.connect()?;
+    let (mut listener, generation) = connector.connect_tagged()?;
+    let (mut beat, beat_generation) = connector.connect_tagged()?;
+    if beat_generation != generation {
+        return Err(primary_changed());
+    }
     let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut listener)?;
     redis::cmd("CLIENT")
         .arg("TRACKING")
@@ -112,7 +119,33 @@ fn session(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool
     pubsub.subscribe(&[INVALIDATE, channel.as_str()])?;
     // Whatever was cached before this session can't be vouched for.
     local.flush();
-    listen(&mut pubsub, &mut beat, &channel, local, stop)
+    let primary = Primary { connector, generation };
+    listen(&mut pubsub, &mut beat, &channel, local, stop, &primary)
+}
+
+/// The node this session's connections go to (Sentinel mode: the primary of `generation`).
+struct Primary<'a> {
+    connector: &'a Connector,
+    generation: u64,
+}
+
+impl Primary<'_> {
+    /// Still the primary the sentinels name (asked at most every `sentinel::RECHECK`)?
+    fn check(&self) -> RedisResult<()> {
+        self.connector.refresh();
+        if self.connector.generation() == self.generation {
+            Ok(())
+        } else {
+            Err(primary_changed())
+        }
+    }
+}
+
+fn primary_changed() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the sentinels name another primary: reconnecting",
+    ))
 }
 
 fn listen(
@@ -121,6 +154,7 @@ fn listen(
     channel: &str,
     local: &Local,
     stop: &AtomicBool,
+    primary: &Primary<'_>,
 ) -> RedisResult<()> {
     let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut count: u64 = 0;
@@ -131,6 +165,7 @@ fn listen(
         }
         let now = Instant::now();
         if now >= next_beat {
+            primary.check()?;
             count += 1;
             redis::cmd("PUBLISH").arg(channel).arg(count).query::<i64>(beat)?;
             sent.push_back((count, now));

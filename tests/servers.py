@@ -200,3 +200,212 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self.listener.close()
+
+
+class SentinelUnavailable(RuntimeError):
+    """This redis-server can't run as a sentinel (a build without it): the Sentinel tests skip."""
+
+
+class SentinelSetup:
+    """A Redis Sentinel deployment on loopback: one primary, `replicas` replicas
+    (`--replicaof`), and `sentinels` `redis-server --sentinel` processes monitoring the primary
+    as `service` with quorum 2, each in a temp directory of its own (a sentinel rewrites its
+    config file). `start()` returns once every sentinel knows the primary, its replicas and
+    the other sentinels (so that a failover can be agreed on); `stop()` stops everything."""
+
+    service = "mymaster"
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        quorum: int = 2,
+    ) -> None:
+        self.replica_count = replicas
+        self.sentinel_count = sentinels
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.quorum = quorum
+        self.primary: RedisServer | None = None
+        self.replicas: list[RedisServer] = []
+        self.sentinel_ports: list[int] = []
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+        self._dirs: list[str] = []
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [node for node in (self.primary, *self.replicas) if node is not None]
+
+    def start(self) -> SentinelSetup:
+        try:
+            # No diskless-sync delay (5 s by default): a replica syncs at once, also after a failover.
+            fast = ("--repl-diskless-sync-delay", "0")
+            self.primary = RedisServer(extra_args=fast).start()
+            for _ in range(self.replica_count):
+                self.replicas.append(
+                    RedisServer(extra_args=(*fast, "--replicaof", "127.0.0.1", str(self.primary.port))).start()
+                )
+            self._wait(lambda: all(_info(r.port).get("master_link_status") == "up" for r in self.replicas))
+            # Each sentinel is told the others and the replicas up front: discovering them
+            # (hello messages every 2 s) would take seconds.
+            peers = [(free_port(), os.urandom(20).hex()) for _ in range(self.sentinel_count)]
+            for port, myid in peers:
+                known = [f"sentinel known-sentinel {self.service} 127.0.0.1 {p} {i}" for p, i in peers if p != port]
+                known += [f"sentinel known-replica {self.service} 127.0.0.1 {r.port}" for r in self.replicas]
+                self._start_sentinel(
+                    self.primary.port,
+                    self.service,
+                    self.quorum,
+                    sentinel_port=port,
+                    extra=(f"sentinel myid {myid}", *known),
+                )
+            self._wait(self._settled, timeout=15)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_sentinel(
+        self, port: int, service: str, quorum: int, *, sentinel_port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> int:
+        """A sentinel monitoring 127.0.0.1:`port` as `service`; returns its port once it answers."""
+        sentinel_port = sentinel_port or free_port()
+        directory = tempfile.mkdtemp(prefix="knox-redis-sentinel-")
+        self._dirs.append(directory)
+        config = Path(directory) / "sentinel.conf"
+        config.write_text(
+            f"port {sentinel_port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {directory}\n"
+            f"sentinel monitor {service} 127.0.0.1 {port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {service} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n" + "".join(f"{line}\n" for line in extra)
+        )
+        process = subprocess.Popen(
+            [redis_server_binary(), str(config), "--sentinel", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._sentinels.append(process)
+        self.sentinel_ports.append(sentinel_port)
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                err = (process.stderr.read().decode(errors="replace") if process.stderr else "").strip()
+                if "sentinel" in err.lower():  # a build without Sentinel (not a busy port, say)
+                    raise SentinelUnavailable(f"{redis_server_binary()} can't run as a sentinel: {err!r}")
+                raise RuntimeError(f"sentinel on port {sentinel_port} exited: {err!r}")
+            with suppress(OSError):
+                if _command(sentinel_port, "PING") == b"+PONG":
+                    return sentinel_port
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sentinel on port {sentinel_port} did not start")
+            time.sleep(0.02)
+
+    def add_sentinel(self, port: int, *, service: str | None = None, quorum: int = 2) -> int:
+        """Another sentinel, monitoring `port` as `service` (a rogue one: tests name a replica)."""
+        return self._start_sentinel(port, service or self.service, quorum)
+
+    def _settled(self) -> bool:
+        for port in self.sentinel_ports[: self.sentinel_count]:
+            fields = self.master_state(port)
+            if int(fields.get("num-slaves", 0)) < self.replica_count:
+                return False
+            if int(fields.get("num-other-sentinels", 0)) < self.sentinel_count - 1:
+                return False
+        return True
+
+    def ask(self, port: int, *args: str) -> object:
+        import redis as redis_py
+
+        with redis_py.Redis(port=port, socket_timeout=2) as conn:
+            return conn.execute_command(*args)
+
+    def master_state(self, port: int) -> dict[str, str]:
+        """SENTINEL MASTER: what this sentinel knows of the service (flags, num-slaves...)."""
+        reply = self.ask(port, "SENTINEL", "MASTER", self.service)
+        if isinstance(reply, list):  # the raw reply; redis-py may already make it a dict
+            reply = dict(zip(reply[::2], reply[1::2], strict=False))
+        text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+        return {text(k): text(v) for k, v in reply.items()}
+
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel names it."""
+        _host, port = self.ask(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def failover(self, timeout: float = 15) -> int:
+        """SENTINEL FAILOVER, then wait until every sentinel names the new primary and it
+        answers as one; returns its port."""
+        old = self.primary_port()
+        self.ask(self.sentinel_ports[0], "SENTINEL", "FAILOVER", self.service)
+        return self.wait_for_new_primary(old, timeout)
+
+    def wait_for_new_primary(self, old: int, timeout: float = 15) -> int:
+        def moved() -> bool:
+            ports = set()
+            for port in self.sentinel_ports[: self.sentinel_count]:
+                with suppress(OSError, Exception):
+                    ports.add(int(self.ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1]))
+            if len(ports) != 1 or old in ports:
+                return False
+            return _info(ports.pop()).get("role") == "master"
+
+        self._wait(moved, timeout=timeout)
+        return self.primary_port()
+
+    def _wait(self, condition, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with suppress(OSError, Exception):
+                if condition():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinel setup did not get ready in time")
+            time.sleep(0.05)
+
+    def stop_sentinels(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+        for process in self._sentinels:
+            process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self._sentinels:
+            if process.poll() is None:
+                process.terminate()
+        for process in self._sentinels:
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            if process.stderr:
+                process.stderr.close()
+        self._sentinels.clear()
+        for node in self.nodes:
+            node.stop()
+        for directory in self._dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _command(port: int, *args: str) -> bytes:
+    """One inline command on a fresh connection; the first line of the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(" ".join(args).encode() + b"\r\n")
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def _info(port: int) -> dict[str, str]:
+    import redis as redis_py
+
+    with redis_py.Redis(port=port, socket_timeout=1) as conn:
+        return {k: str(v) for k, v in conn.info("replication").items()}

@@ -148,3 +148,105 @@ def test_a_change_while_the_first_read_loads_is_not_lost(settings, monkeypatch):
     monkeypatch.setattr(settings_module, "load", load_racing_a_change)
     assert knox_redis_settings.MAX_CACHE_TTL == 7
     assert knox_redis_settings.MAX_CACHE_TTL == 7
+
+
+# Sentinel: a django-redis Sentinel cache as it is, or REST_KNOX_REDIS' own SENTINELS.
+# (tests/test_sentinel.py runs both against real sentinels.)
+
+SENTINELS = [("10.0.0.1", 26379), ("10.0.0.2", "26380")]
+
+
+def test_a_django_redis_sentinel_cache():
+    options = {
+        "CLIENT_CLASS": "django_redis.client.SentinelClient",
+        "CONNECTION_POOL_CLASS": "redis.sentinel.SentinelConnectionPool",
+        "SENTINELS": SENTINELS,
+        "SENTINEL_KWARGS": {"username": "watcher", "password": "sentinel-pw", "socket_timeout": 5},
+        "PASSWORD": "data-pw",
+    }
+    target = target_for("redis://mymaster/2", options=options)
+    assert target == RedisTarget(
+        db=2,
+        password="data-pw",
+        sentinels=(("10.0.0.1", 26379), ("10.0.0.2", 26380)),
+        sentinel_service_name="mymaster",
+        sentinel_username="watcher",
+        sentinel_password="sentinel-pw",
+    )
+    assert target.where == "the primary of Sentinel service 'mymaster'"
+    assert "pw" not in repr(target)
+
+
+def test_a_django_redis_sentinel_cache_with_tls():
+    options = {"SENTINELS": SENTINELS, "SENTINEL_KWARGS": {"ssl": True, "ssl_ca_certs": "/sentinels.pem"}}
+    target = target_for("rediss://:pw@mymaster/0?ssl_ca_certs=/data.pem", options=options)
+    assert (target.tls, target.tls_ca_certs, target.password) == (True, "/data.pem", "pw")
+    assert (target.sentinel_tls, target.sentinel_tls_ca_certs) == (True, "/sentinels.pem")
+
+
+def test_explicit_sentinel_settings():
+    explicit = {"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "mymaster", "CACHE_ALIAS": "missing"}
+    with override_settings(REST_KNOX_REDIS=explicit):
+        assert redis_target() == RedisTarget(
+            sentinels=(("10.0.0.1", 26379), ("10.0.0.2", 26380)), sentinel_service_name="mymaster"
+        )
+        assert check_settings() == []
+    with_url = {
+        **explicit,
+        "REDIS_URL": "redis://knox:pw@mymaster/3",
+        "SENTINEL_KWARGS": {"password": "sentinel-pw"},
+    }
+    with override_settings(REST_KNOX_REDIS=with_url):
+        target = redis_target()
+        assert (target.db, target.username, target.password, target.host) == (3, "knox", "pw", None)
+        assert target.sentinel_password == "sentinel-pw"
+        assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"SENTINELS": "10.0.0.1:26379", "SENTINEL_SERVICE_NAME": "m"}, "list of (host, port) pairs"),
+        ({"SENTINELS": [], "SENTINEL_SERVICE_NAME": "m"}, "list of (host, port) pairs"),
+        ({"SENTINELS": [("h", 26379, 1)], "SENTINEL_SERVICE_NAME": "m"}, "list of (host, port) pairs"),
+        ({"SENTINELS": [("h", 0)], "SENTINEL_SERVICE_NAME": "m"}, "is not a TCP port"),
+        ({"SENTINELS": [("h", True)], "SENTINEL_SERVICE_NAME": "m"}, "list of (host, port) pairs"),
+        ({"SENTINELS": SENTINELS}, "needs SENTINEL_SERVICE_NAME"),
+        ({"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "my master"}, "needs SENTINEL_SERVICE_NAME"),
+        ({"SENTINEL_SERVICE_NAME": "m"}, "without SENTINELS"),
+        ({"SENTINEL_KWARGS": {"password": "x"}}, "without SENTINELS"),
+        ({"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "m", "SENTINEL_KWARGS": "pw"}, "must be a dict"),
+        (
+            {
+                "SENTINELS": SENTINELS,
+                "SENTINEL_SERVICE_NAME": "m",
+                "SENTINEL_KWARGS": {"ssl": True, "ssl_cert_reqs": "none"},
+            },
+            "always verifies the sentinels",
+        ),
+        ({"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "m", "REDIS_URL": "redis://other/0"}, "no host but"),
+        ({"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "m", "REDIS_URL": "redis://m:6380/0"}, "no port"),
+        ({"SENTINELS": SENTINELS, "SENTINEL_SERVICE_NAME": "m", "REDIS_URL": "unix:///r.sock"}, "no host but"),
+    ],
+)
+def test_invalid_sentinel_settings_fail_the_system_check(value, message):
+    with override_settings(REST_KNOX_REDIS=value):
+        errors = check_settings()
+        assert [e.id for e in errors] == ["knox_redis.E001"], errors
+        assert message in errors[0].msg, errors
+
+
+@pytest.mark.parametrize(
+    ("location", "options", "message"),
+    [
+        ("redis://mymaster/0", {"SENTINELS": "s1:26379"}, "['SENTINELS'] must be a non-empty list"),
+        ("unix:///run/redis.sock", {"SENTINELS": SENTINELS}, "must be redis://service_name/db"),
+        ("redis://mymaster/0", {"SENTINELS": SENTINELS, "SENTINEL_KWARGS": {"ssl_certfile": "/c"}}, "certificates"),
+    ],
+)
+def test_invalid_django_redis_sentinel_caches_fail_the_system_check(location, options, message):
+    caches = {"redis": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": location, "OPTIONS": options}}
+    with override_settings(CACHES=caches, REST_KNOX_REDIS={"CACHE_ALIAS": "redis"}):
+        errors = check_settings()
+        assert [e.id for e in errors] == ["knox_redis.E001"], errors
+        assert message in errors[0].msg, errors

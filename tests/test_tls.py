@@ -172,3 +172,50 @@ def test_authentication_over_rediss(tls_server, settings, client, make_token):
     assert stats["errors"] == 0, stats
     assert client.post("/api/logout/", **auth_header(token)).status_code == 204
     assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_sentinel_over_tls(tls_server, settings, client, make_token, tmp_path):
+    """Sentinel with TLS both ways: a sentinel that speaks only TLS (SENTINEL_KWARGS ssl and
+    ssl_ca_certs) names the TLS-only server above, reached with REDIS_URL's TLS settings; both
+    certificates verified against the private CA, the data node's for the IP the sentinel gives."""
+    port, ca = tls_server
+    certs = Path(ca).parent
+    sentinel_port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port 0\ntls-port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"tls-cert-file {certs / 'server.pem'}\ntls-key-file {certs / 'server.key'}\n"
+        f"tls-ca-cert-file {ca}\ntls-auth-clients no\ntls-replication yes\n"
+        f"sentinel monitor tlsm 127.0.0.1 {port} 1\n"
+    )
+    process = subprocess.Popen(
+        [redis_server_binary(), str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        settings.REST_KNOX_REDIS = {
+            "SENTINELS": [("localhost", sentinel_port)],
+            "SENTINEL_SERVICE_NAME": "tlsm",
+            "SENTINEL_KWARGS": {"ssl": True, "ssl_ca_certs": ca},
+            "REDIS_URL": f"rediss://tlsm/0?ssl_ca_certs={ca}",
+        }
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                cache.redis_command("PING")
+                break
+            except cache.CacheError:
+                assert time.monotonic() < deadline, "the TLS sentinel never answered"
+                time.sleep(0.1)
+        assert cache.get_client().primary_address == f"127.0.0.1:{port}"
+        token = make_token()
+        assert [client.get("/api/whoami/", **auth_header(token)).status_code for _ in range(3)] == [200] * 3
+        assert cache.get_client().stats()["hits"] == 2
+        assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+        assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+        # Without the private CA, the sentinel's certificate is refused.
+        settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "SENTINEL_KWARGS": {"ssl": True}}
+        with pytest.raises(cache.CacheUnavailable, match="no sentinel named the primary"):
+            cache.redis_command("PING")
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -72,6 +72,14 @@ class TokenCache:
         record_secret: bytes,
         record_fallback_secrets: list[bytes] = ...,
         local_cache_size: int = 0,
+        # Sentinel: connect to the primary these sentinels name for the service (verified by
+        # ROLE on each new connection); host and port are then unused.
+        sentinels: list[tuple[str, int]] = ...,
+        sentinel_service_name: str | None = None,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        sentinel_tls: bool = False,
+        sentinel_tls_ca_certs: str | None = None,
     ) -> Self: ...
     @overload
     def lookup(
@@ -140,6 +148,8 @@ class TokenCache:
     def local_cache_live(self) -> bool: ...
     @property
     def local_cache_error(self) -> str | None: ...
+    @property
+    def primary_address(self) -> str | None: ...
     @property
     def key_prefix(self) -> str: ...
     def token_key(self, token_key: str) -> str: ...

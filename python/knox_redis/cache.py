@@ -131,6 +131,12 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
             record_secret=signing_key(),
             record_fallback_secrets=signing_key_fallbacks(),
             local_cache_size=int(knox_redis_settings.LOCAL_CACHE_SIZE),
+            sentinels=list(target.sentinels),
+            sentinel_service_name=target.sentinel_service_name,
+            sentinel_username=target.sentinel_username,
+            sentinel_password=target.sentinel_password,
+            sentinel_tls=target.sentinel_tls,
+            sentinel_tls_ca_certs=target.sentinel_tls_ca_certs,
         )
     except (CacheError, OverflowError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc

@@ -122,11 +122,15 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         cache.get_client()
     except ImproperlyConfigured:
         return []  # knox_redis.E001
-    server = _Server(where=target.unix_path or f"{target.host}:{target.port}", user=target.username or "default")
+    server = _Server(where=target.where, user=target.username or "default")
     try:
         messages = _command_messages(server)
-    except cache.CacheError as exc:  # unreachable, the credentials refused, or SELECT refused
-        return [_unreachable(server, exc)] if _unreachable_error(exc) else [_select_refused(server, target.db, exc)]
+    except cache.CacheError as exc:  # unreachable, the credentials refused, SELECT or ROLE refused
+        if _unreachable_error(exc):
+            return [_unreachable(server, exc)]
+        if _role_refused(exc):
+            return [_refused(server, "role", ROLE_PURPOSE, _refusal(exc) or "command", exc)]
+        return [_select_refused(server, target.db, exc)]
     try:
         config: dict[str, Any] = {}
         for name in ("maxmemory", "maxmemory-policy", "save", "appendonly"):
@@ -407,9 +411,22 @@ def _refusal(error: object) -> str | None:
 
 
 def _connection_refused(exc: BaseException) -> bool:
-    """The connection itself failed: the credentials, or the SELECT each new one sends."""
+    """The connection itself failed: the credentials, or the SELECT (or, with Sentinel, the
+    ROLE) each new one sends."""
     text = str(exc).lower()
-    return _credentials_refused(exc) or "switch database" in text
+    return _credentials_refused(exc) or "switch database" in text or _role_refused(exc)
+
+
+# src/sentinel.rs words a refused ROLE so (it is sent before the connection is used).
+ROLE_PURPOSE = (
+    "with Sentinel, each new connection asks the node its ROLE and is used only if it answers master "
+    "(never a replica): no connection can be used, so every request authenticates from the database "
+    "and every logout answers 503"
+)
+
+
+def _role_refused(exc: BaseException) -> bool:
+    return "role (sent on each new connection in sentinel mode) failed" in str(exc).lower()
 
 
 def _unreachable_error(exc: BaseException) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -49,6 +49,15 @@ DEFAULTS: dict[str, Any] = {
     # keeps it coherent (CLIENT TRACKING), and it serves nothing unless that listener heard
     # from Redis within the last second.
     "LOCAL_CACHE_SIZE": 0,
+    # Redis Sentinel, named here rather than by a django-redis Sentinel cache (CACHE_ALIAS
+    # works as it is): the sentinels, as (host, port) pairs, and the service name. The
+    # sentinels say which node is the primary; REDIS_URL, if set, gives only the database,
+    # credentials and TLS (redis://:password@service_name/0).
+    "SENTINELS": None,
+    "SENTINEL_SERVICE_NAME": None,
+    # The sentinels' own credentials and TLS, as django-redis' OPTIONS["SENTINEL_KWARGS"]:
+    # username, password, ssl, ssl_ca_certs (other keys are ignored: the timeouts above apply).
+    "SENTINEL_KWARGS": None,
 }
 
 REDIS_BACKENDS = (
@@ -69,6 +78,20 @@ class RedisTarget:
     password: str | None = field(default=None, repr=False)  # kept out of error messages
     tls: bool = False
     tls_ca_certs: str | None = None
+    # Sentinel: the primary of this service, as these sentinels name it (host and port unused).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service_name: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_tls: bool = False
+    sentinel_tls_ca_certs: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The server, as messages name it."""
+        if self.sentinels:
+            return f"the primary of Sentinel service {self.sentinel_service_name!r}"
+        return self.unix_path or f"{self.host}:{self.port}"
 
 
 class KnoxRedisSettings:
@@ -138,7 +161,67 @@ def load() -> dict[str, Any]:
         raise ImproperlyConfigured("REST_KNOX_REDIS['SIGNING_KEY_FALLBACKS'] must be a list of secrets.")
     if values["REDIS_URL"] is not None and not isinstance(values["REDIS_URL"], str):
         raise ImproperlyConfigured("REST_KNOX_REDIS['REDIS_URL'] must be a redis:// URL string.")
+    if values["SENTINELS"] is not None:
+        values["SENTINELS"] = sentinel_addresses(values["SENTINELS"], "REST_KNOX_REDIS['SENTINELS']")
+        name = values["SENTINEL_SERVICE_NAME"]
+        if not isinstance(name, str) or not name or not name.isprintable() or any(c.isspace() for c in name):
+            raise ImproperlyConfigured(
+                "REST_KNOX_REDIS['SENTINELS'] needs SENTINEL_SERVICE_NAME: the name the sentinels monitor "
+                "the primary under (as in `sentinel monitor <name> ...`), a non-empty string without spaces."
+            )
+        sentinel_options(values["SENTINEL_KWARGS"] or {}, "REST_KNOX_REDIS['SENTINEL_KWARGS']")
+    else:
+        for name in ("SENTINEL_SERVICE_NAME", "SENTINEL_KWARGS"):
+            if values[name] is not None:
+                raise ImproperlyConfigured(
+                    f"REST_KNOX_REDIS[{name!r}] is set without SENTINELS (the sentinels' (host, port) pairs). "
+                    "A django-redis Sentinel cache named by CACHE_ALIAS needs neither."
+                )
     return values
+
+
+def sentinel_addresses(value: Any, where: str) -> tuple[tuple[str, int], ...]:
+    """SENTINELS as redis-py's Sentinel takes them: a non-empty list of (host, port) pairs."""
+    problem = f"{where} must be a non-empty list of (host, port) pairs, got {value!r}."
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ImproperlyConfigured(problem)
+    addresses = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ImproperlyConfigured(problem)
+        host, port = pair
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int):
+            raise ImproperlyConfigured(problem)
+        if not 0 < port < 65536:
+            raise ImproperlyConfigured(f"{where}: {port} is not a TCP port.")
+        addresses.append((host, port))
+    return tuple(addresses)
+
+
+def sentinel_options(kwargs: Any, where: str) -> dict[str, Any]:
+    """The sentinels' credentials and TLS from a SENTINEL_KWARGS dict (redis-py's names), as
+    RedisTarget's sentinel_* fields."""
+    if not isinstance(kwargs, dict):
+        raise ImproperlyConfigured(f"{where} must be a dict (username, password, ssl, ssl_ca_certs).")
+    tls = bool(kwargs.get("ssl"))
+    if tls and str(kwargs.get("ssl_cert_reqs", "required")).lower() in ("none", "optional", "0", "1"):
+        raise ImproperlyConfigured(
+            f"{where}: knox_redis always verifies the sentinels' certificates (ssl_cert_reqs must be "
+            "'required'); trust a private CA with ssl_ca_certs."
+        )
+    if kwargs.get("ssl_certfile") or kwargs.get("ssl_keyfile"):
+        raise ImproperlyConfigured(f"{where}: client certificates (ssl_certfile, ssl_keyfile) aren't supported yet.")
+    for name in ("username", "password", "ssl_ca_certs"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
+            raise ImproperlyConfigured(f"{where}[{name!r}] must be a string.")
+    return {
+        "sentinel_username": kwargs.get("username") or None,
+        "sentinel_password": kwargs.get("password") or None,
+        "sentinel_tls": tls,
+        "sentinel_tls_ca_certs": kwargs.get("ssl_ca_certs") if tls else None,
+    }
 
 
 def _number(values: dict[str, Any], name: str, *, low: float, high: float) -> None:
@@ -150,7 +233,10 @@ def _number(values: dict[str, Any], name: str, *, low: float, high: float) -> No
 
 
 def redis_target() -> RedisTarget:
-    """The primary Redis of REDIS_URL, or of the LOCATION of the cache named by CACHE_ALIAS."""
+    """The primary Redis of REDIS_URL, or of the LOCATION of the cache named by CACHE_ALIAS;
+    with Sentinel (SENTINELS here, or in the cache's OPTIONS), the primary of the service."""
+    if knox_redis_settings.SENTINELS:
+        return _explicit_sentinel_target()
     if knox_redis_settings.REDIS_URL:
         return parse_redis_url(knox_redis_settings.REDIS_URL, options={})
     alias = knox_redis_settings.CACHE_ALIAS
@@ -173,9 +259,59 @@ def redis_target() -> RedisTarget:
         location = location.replace(";", ",").split(",")
     if not location or not isinstance(location, (list, tuple)) or not isinstance(location[0], str):
         raise ImproperlyConfigured(f"CACHES[{alias!r}]['LOCATION'] must name a Redis URL.")
+    options = cache.get("OPTIONS") or {}
+    if backend == "django_redis.cache.RedisCache" and options.get("SENTINELS"):
+        return _sentinel_cache_target(alias, location[0].strip(), options)
     # The first server is the primary for both backends; the rest are read replicas that may
     # lag behind a revocation, so they are never used.
-    return parse_redis_url(location[0].strip(), options=cache.get("OPTIONS") or {})
+    return parse_redis_url(location[0].strip(), options=options)
+
+
+def _sentinel_cache_target(alias: str, url: str, options: dict[str, Any]) -> RedisTarget:
+    """django-redis' Sentinel cache: OPTIONS["SENTINELS"], and a LOCATION of
+    redis://[:password@]service_name/db whose host is the service's name."""
+    where = f"CACHES[{alias!r}]['OPTIONS']"
+    sentinels = sentinel_addresses(options["SENTINELS"], f"{where}['SENTINELS']")
+    target = parse_redis_url(url, options=options)
+    if target.unix_path or not target.host:
+        raise ImproperlyConfigured(
+            f"CACHES[{alias!r}]['LOCATION'] is {redacted(url)!r}: with SENTINELS it must be "
+            "redis://service_name/db, naming the service the sentinels monitor."
+        )
+    return replace(
+        target,
+        host=None,
+        sentinels=sentinels,
+        sentinel_service_name=target.host,
+        **sentinel_options(options.get("SENTINEL_KWARGS") or {}, f"{where}['SENTINEL_KWARGS']"),
+    )
+
+
+def _explicit_sentinel_target() -> RedisTarget:
+    """REST_KNOX_REDIS' SENTINELS and SENTINEL_SERVICE_NAME; REDIS_URL, if set, for the
+    database, credentials and TLS only."""
+    service = knox_redis_settings.SENTINEL_SERVICE_NAME
+    url = knox_redis_settings.REDIS_URL
+    target = RedisTarget()
+    if url:
+        target = parse_redis_url(url, options={})
+        try:
+            port = urlsplit(url).port
+        except ValueError:
+            port = None
+        if target.unix_path or (target.host not in (None, service)) or port is not None:
+            raise ImproperlyConfigured(
+                f"REST_KNOX_REDIS['REDIS_URL'] is {redacted(url)!r}, but with SENTINELS the sentinels say where "
+                f"the primary is: REDIS_URL gives only the database, credentials and TLS, as in "
+                f"redis://:password@{service}/0 (no port, and no host but the service's name)."
+            )
+    return replace(
+        target,
+        host=None,
+        sentinels=knox_redis_settings.SENTINELS,
+        sentinel_service_name=service,
+        **sentinel_options(knox_redis_settings.SENTINEL_KWARGS or {}, "REST_KNOX_REDIS['SENTINEL_KWARGS']"),
+    )
 
 
 def redacted(url: str) -> str:

@@ -1,0 +1,193 @@
+//! Sentinel failover: revocations this process sent to a primary that was being replaced are
+//! sent again to the new one before this process uses it.
+//!
+//! Replication is asynchronous, and a failover promotes a replica while the old primary may go
+//! on taking writes: the sentinels name the new primary only once it reports its new role (up
+//! to about a second later), this process asks them once a second (`sentinel::RECHECK`), and
+//! the old primary is emptied when it rejoins as a replica. A revocation sent to it in that
+//! window would be lost, and the token's record, copied to the new primary before the
+//! promotion, accepted again. So every revocation is kept until the sentinels have named the
+//! primary it went to at least `MARGIN` after it was sent (it had reached the replicas by
+//! then, or the sentinels would name another); the first connection to a newer primary
+//! re-sends the ones kept, and no other is used before that is done.
+//!
+//! A revocation is idempotent (a record deleted again, a new generation, a tombstone), so
+//! sending one twice costs a round trip, never a wrong answer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::{Connection, RedisResult};
+
+use crate::client::REVOKE;
+
+/// How long after a revocation the sentinels must still name its primary before it is
+/// dropped: above their delay in naming a promoted replica, plus replication's.
+pub const MARGIN: Duration = Duration::from_secs(5);
+/// At most this many revocations are kept (the oldest go first).
+const CAPACITY: usize = 100_000;
+
+/// One call of revoke.lua, as `TokenCache::revoke` builds it.
+pub struct Revocation {
+    /// The script's KEYS, in its order (see revoke.lua).
+    pub keys: Vec<String>,
+    pub n: usize,
+    pub tombstone_ms: u64,
+    pub seed: String,
+    pub prefix: String,
+    pub pairs: usize,
+    /// The user rows' tombstone to lift ("" for none).
+    pub lift: String,
+    pub ids: Vec<String>,
+    pub id_fields: Vec<Vec<u8>>,
+    pub legacy_members: Vec<String>,
+}
+
+impl Revocation {
+    pub fn invoke(&self, conn: &mut Connection) -> RedisResult<(i64, String)> {
+        self.invoke_lifting(conn, &self.lift)
+    }
+
+    /// Sent again to a new primary: the same revocation, lifting no tombstone (a lift is
+    /// only ever right once, just after the write it guarded committed).
+    pub fn replay(&self, conn: &mut Connection) -> RedisResult<()> {
+        self.invoke_lifting(conn, "").map(|_: (i64, String)| ())
+    }
+
+    fn invoke_lifting(&self, conn: &mut Connection, lift: &str) -> RedisResult<(i64, String)> {
+        let mut invocation = REVOKE.prepare_invoke();
+        invocation.key(&self.keys);
+        invocation.arg(self.n).arg(self.tombstone_ms).arg(&self.seed).arg(&self.prefix).arg(self.pairs).arg(lift);
+        invocation.arg(&self.ids).arg(&self.id_fields).arg(&self.legacy_members);
+        invocation.invoke(conn)
+    }
+}
+
+struct Entry {
+    at: Instant,
+    /// The primary it went to (`Connector::generation`).
+    generation: u64,
+    call: Arc<Revocation>,
+}
+
+#[derive(Default)]
+struct Kept {
+    entries: VecDeque<Entry>,
+    /// The generation a catch-up has taken its list of revocations for: one recorded after
+    /// that, for an older primary, is not in it (its caller sends it again).
+    listed_for: u64,
+}
+
+#[derive(Default)]
+pub struct Journal {
+    kept: Mutex<Kept>,
+    /// Connections of this generation (or older) may be used: the revocations are caught up.
+    caught_up: AtomicU64,
+    /// Held while re-sending: no other connection to the new primary is used meanwhile.
+    gate: Mutex<()>,
+}
+
+impl Journal {
+    /// Keep a revocation sent on a connection of `generation`. `settled`: when the sentinels
+    /// last named the current primary (revocations sent `MARGIN` before that go). Returns
+    /// true if a newer primary's catch-up had already listed what to re-send without this one:
+    /// the caller sends it again itself.
+    pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<Instant>) -> bool {
+        let mut kept = self.kept.lock();
+        // Only while no catch-up is pending: the kept ones are for the next primary.
+        if let Some(cutoff) = settled.and_then(|at| at.checked_sub(MARGIN)) {
+            if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
+                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation <= generation) {
+                    kept.entries.pop_front();
+                }
+            }
+        }
+        if kept.entries.len() >= CAPACITY {
+            kept.entries.pop_front();
+        }
+        kept.entries.push_back(Entry { at: Instant::now(), generation, call });
+        generation < kept.listed_for
+    }
+
+    /// Before a connection of `generation` is first used: if it goes to a newer primary than
+    /// the revocations were caught up with, re-send every revocation kept for an older one.
+    /// A connection error stops (the caller fails, the next call tries again); a revocation
+    /// the server refuses is dropped, not tried for ever.
+    pub fn catch_up(&self, conn: &mut Connection, generation: u64) -> RedisResult<()> {
+        if generation <= self.caught_up.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _gate = self.gate.lock();
+        if generation <= self.caught_up.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let pending: Vec<Arc<Revocation>> = {
+            let mut kept = self.kept.lock();
+            kept.listed_for = kept.listed_for.max(generation);
+            kept.entries.iter().filter(|e| e.generation < generation).map(|e| Arc::clone(&e.call)).collect()
+        };
+        for call in &pending {
+            if let Err(err) = call.replay(conn) {
+                if crate::errors::is_connectivity(&err) {
+                    return Err(err);
+                }
+                // Refused (not a connectivity problem): re-sending it again won't help.
+            }
+        }
+        // They are on the new primary now, as of now.
+        let now = Instant::now();
+        let mut kept = self.kept.lock();
+        for entry in kept.entries.iter_mut().filter(|e| e.generation < generation) {
+            entry.at = now;
+            entry.generation = generation;
+        }
+        self.caught_up.store(generation, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.kept.lock().entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation() -> Arc<Revocation> {
+        Arc::new(Revocation {
+            keys: vec!["knox:token:x".into()],
+            n: 1,
+            tombstone_ms: 1,
+            seed: "s".into(),
+            prefix: "knox".into(),
+            pairs: 0,
+            lift: String::new(),
+            ids: vec![],
+            id_fields: vec![],
+            legacy_members: vec![],
+        })
+    }
+
+    #[test]
+    fn kept_until_the_primary_is_named_again_after_the_margin() {
+        let journal = Journal::default();
+        assert!(!journal.record(1, revocation(), None));
+        assert!(!journal.record(1, revocation(), Some(Instant::now())));
+        assert_eq!(journal.len(), 2); // named just now: within the margin
+        let later = Instant::now() + MARGIN + Duration::from_millis(1);
+        assert!(!journal.record(1, revocation(), Some(later)));
+        assert_eq!(journal.len(), 1); // the two older ones were settled
+    }
+
+    #[test]
+    fn a_revocation_recorded_after_a_catch_up_listed_is_sent_again_by_its_caller() {
+        let journal = Journal::default();
+        journal.kept.lock().listed_for = 2;
+        assert!(journal.record(1, revocation(), None));
+        assert!(!journal.record(2, revocation(), None));
+    }
+}
