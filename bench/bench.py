@@ -245,6 +245,9 @@ class Scenario:
     # With cold: each token was cached once and its record has since lapsed (MAX_CACHE_TTL);
     # its generation is still there, so the miss costs knox's queries only.
     seen_before: bool = False
+    # With cold: each token was just created through the ORM, as a login does (its
+    # write-through cached it): the first request after a login.
+    after_login: bool = False
     # A context manager around the whole run (the Redis-down scenario changes settings).
     context: Callable[[], Any] | None = None
 
@@ -274,6 +277,7 @@ SCENARIOS = [
     Scenario("knox_redis hit", KNOX_REDIS_ROUTE),
     Scenario("knox_redis miss, first sight", KNOX_REDIS_ROUTE, cold=True),
     Scenario("knox_redis miss, record lapsed", KNOX_REDIS_ROUTE, cold=True, seen_before=True),
+    Scenario("knox_redis, first request after login", KNOX_REDIS_ROUTE, cold=True, after_login=True),
     Scenario("knox_redis, Redis down", KNOX_REDIS_ROUTE, context=redis_down),
 ]
 
@@ -421,6 +425,16 @@ def _cache_then_drop_records(route: str, tokens: list[str]) -> None:
             raise BenchError("could not mark a record as due for a re-read")
 
 
+def _logged_in_again(tokens: list[str]) -> list[str]:
+    """A new token for each of these tokens' users, created as a login creates it (so cached
+    by its write-through once created: autocommit here)."""
+    from knox.models import AuthToken
+
+    rows = AuthToken.objects.filter(token_key__in=[t[:15] for t in tokens]).select_related("user")
+    users = {row.token_key: row.user for row in rows}
+    return [AuthToken.objects.create(user=users[token[:15]])[1] for token in tokens]
+
+
 def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Result:
     from knox_redis import cache
 
@@ -431,6 +445,8 @@ def run(scenario: Scenario, threads: int, requests: int, pool: TokenPool) -> Res
             cold = pool.take(requests)
             if scenario.seen_before:
                 _cache_then_drop_records(scenario.route, cold)
+            if scenario.after_login:
+                cold = _logged_in_again(cold)
             per_thread = [cold[sum(shares[:i]) : sum(shares[: i + 1])] for i in range(threads)]
         else:
             per_thread = [[warm_tokens[i]] * shares[i] for i in range(threads)]
@@ -494,6 +510,8 @@ def _check(scenario: Scenario, result: Result) -> None:
         "knox_redis miss, first sight": c["misses"] == 2 * n and c["fills"] == n and c["hits"] == 0,
         # The record is found, due for a re-read: the database path runs, then a fill.
         "knox_redis miss, record lapsed": c["hits"] == n and c["fills"] == n and c["misses"] == 0,
+        # The login's write-through cached the token: its first request is a hit.
+        "knox_redis, first request after login": c["hits"] == n and c["misses"] == 0 and c["fills"] == 0,
         "knox_redis, Redis down": c["hits"] + c["misses"] == 0 and c["errors"] + c["short_circuits"] == n,
     }[scenario.name]
     if not expected:
