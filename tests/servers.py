@@ -111,6 +111,16 @@ class RedisServer:
             self.process.wait(timeout=10)
             self.process = None
 
+    def restart(self) -> RedisServer:
+        """Kill the server (SIGKILL: a crash, nothing saved on the way out) and start it again
+        on the same port and directory: it loads whatever dump.rdb a SAVE left there, as a
+        Redis restarted from its last snapshot does."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+        return self.start()
+
     def pause(self) -> None:
         """Stop the process (SIGSTOP): connections stay open but nothing answers."""
         assert self.process is not None
