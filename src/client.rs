@@ -14,6 +14,7 @@ use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
 use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
+use crate::incarnation::Incarnation;
 use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
@@ -54,6 +55,9 @@ pub struct TokenCache {
     listener: Option<Listener>,
     /// Sentinel: recent revocations, re-sent to a new primary (journal.rs).
     journal: Journal,
+    /// How long a revocation waits for a replica to acknowledge it (`WAIT 1`): half the socket
+    /// timeout, so the wait's reply always comes before the read times out.
+    wait_ms: u64,
 }
 
 impl TokenCache {
@@ -71,31 +75,39 @@ impl TokenCache {
         format!("{}:user:{}:tokens", self.prefix, user_pk_text(user_pk))
     }
 
-    fn signed_user_row(
-        &self,
-        user_key: &str,
-        fresh_until_us: i64,
-        values: &[(String, Bound<'_, PyAny>)],
-    ) -> PyResult<Vec<u8>> {
+    /// A user row's values as Python gives them, ready to sign.
+    fn user_row(fresh_until_us: i64, values: &[(String, Bound<'_, PyAny>)]) -> PyResult<UserRow> {
         let values =
             values.iter().map(|(tag, value)| Ok((tag_byte(tag)?, value_from_py(value)?))).collect::<PyResult<_>>()?;
-        let row = UserRow { fresh_until_s: whole_seconds(fresh_until_us), values };
-        Ok(row.encode(&self.record_keys[0], user_key))
+        Ok(UserRow { fresh_until_s: whole_seconds(fresh_until_us), values })
     }
 
     /// A stored user row (its generation, then the signed row) for the user named
-    /// `user_key`, as Python sees it; None for anything else (garbage, forged, another user's).
-    fn user_row_to_py(&self, py: Python<'_>, stored: &[u8], user_key: &str) -> PyResult<Option<DecodedUserRow>> {
+    /// `user_key`, as Python sees it; None for anything else (garbage, forged, another user's,
+    /// written to another incarnation of Redis).
+    fn user_row_to_py(
+        &self,
+        py: Python<'_>,
+        stored: &[u8],
+        user_key: &str,
+        incarnation: Incarnation,
+    ) -> PyResult<Option<DecodedUserRow>> {
         match stored.get(GENERATION_LEN..) {
-            Some(signed) => self.signed_row_to_py(py, signed, user_key),
+            Some(signed) => self.signed_row_to_py(py, signed, user_key, incarnation),
             None => Ok(None),
         }
     }
 
-    fn signed_row_to_py(&self, py: Python<'_>, signed: &[u8], user_key: &str) -> PyResult<Option<DecodedUserRow>> {
+    fn signed_row_to_py(
+        &self,
+        py: Python<'_>,
+        signed: &[u8],
+        user_key: &str,
+        incarnation: Incarnation,
+    ) -> PyResult<Option<DecodedUserRow>> {
         // A row that fails is a user-row miss (the caller counts it), never a token lookup's
         // outcome: `lookups_*` count each token lookup once.
-        let Ok(row) = UserRow::decode(signed, &self.record_keys, user_key) else {
+        let Ok(row) = UserRow::decode(signed, &self.record_keys, user_key, incarnation) else {
             return Ok(None);
         };
         let values = row
@@ -106,7 +118,8 @@ impl TokenCache {
         Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
     }
 
-    /// lookup.lua's reply for this token (see `lookup`).
+    /// lookup.lua's reply for this token (see `lookup`), and the incarnation of the server
+    /// that gave it.
     fn lookup_in_redis(
         &self,
         py: Python<'_>,
@@ -114,13 +127,13 @@ impl TokenCache {
         id: &str,
         create: bool,
         with_user: bool,
-    ) -> Result<Vec<Option<Vec<u8>>>> {
+    ) -> Result<(Vec<Option<Vec<u8>>>, Incarnation)> {
         let fields = [format!("r:{id}"), format!("g:{id}")];
         let candidates = [new_generation(), new_generation()];
         let lease_ms = self.lease_ms;
         let prefix = if with_user { self.prefix.as_str() } else { "" };
         py.detach(|| {
-            self.call(|conn| {
+            self.call_in(|conn, incarnation| {
                 LOOKUP
                     .key(key)
                     .arg(&fields)
@@ -130,11 +143,14 @@ impl TokenCache {
                     .arg(prefix)
                     .arg(&candidates[1])
                     .invoke(conn)
+                    .map(|reply| (reply, incarnation))
             })
         })
     }
 
-    /// A lookup reply as Python sees it, and the key of the user its verified record names.
+    /// A lookup reply from the server of `incarnation` as Python sees it (each generation
+    /// prefixed with that incarnation: a fill presenting it is sent only to the same one), and
+    /// the key of the user its verified record names.
     fn decode_reply(
         &self,
         py: Python<'_>,
@@ -142,24 +158,32 @@ impl TokenCache {
         token_key: &str,
         id: &str,
         with_user: bool,
+        incarnation: Incarnation,
     ) -> PyResult<(LookupReply, Option<String>, Option<bool>)> {
         let mut values = reply.iter().cloned();
         let (raw, generation) = (values.next().flatten(), values.next().flatten());
         let (user_key, raw_row, row_generation) =
             (values.next().flatten(), values.next().flatten(), values.next().flatten());
-        let generation = generation.map(|g| PyBytes::new(py, &g).unbind());
+        let generation = generation.map(|g| PyBytes::new(py, &incarnation.prefix(&g)).unbind());
         let raw_missing = raw.is_none();
-        let record = raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, id) {
-            Ok(record) => Some(record),
-            Err(Rejected::Undecodable) => {
-                PROCESS.bump(Counter::LookupUndecodable);
-                None
-            }
-            Err(Rejected::BadMac) => {
-                PROCESS.bump(Counter::LookupBadMac);
-                None
-            }
-        });
+        let record =
+            raw.and_then(|bytes| match Record::decode(&bytes, &self.record_keys, token_key, id, incarnation) {
+                Ok(record) => Some(record),
+                Err(Rejected::OtherIncarnation) => {
+                    // Restored from an older snapshot, or replicated before a failover: a miss.
+                    PROCESS.bump(Counter::LookupOtherIncarnation);
+                    PROCESS.bump(Counter::LookupMiss);
+                    None
+                }
+                Err(Rejected::Undecodable) => {
+                    PROCESS.bump(Counter::LookupUndecodable);
+                    None
+                }
+                Err(Rejected::BadMac) => {
+                    PROCESS.bump(Counter::LookupBadMac);
+                    None
+                }
+            });
         let Some(record) = record else {
             if raw_missing {
                 PROCESS.bump(Counter::LookupMiss);
@@ -174,11 +198,11 @@ impl TokenCache {
         if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
             let name = user_pk_text(&record.user_pk);
             row = match raw_row {
-                Some(stored) => self.user_row_to_py(py, &stored, &name)?,
+                Some(stored) => self.user_row_to_py(py, &stored, &name, incarnation)?,
                 None => None,
             };
             PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
-            row_generation_py = row_generation.map(|g| PyBytes::new(py, &g).unbind());
+            row_generation_py = row_generation.map(|g| PyBytes::new(py, &incarnation.prefix(&g)).unbind());
             row_found = Some(row.is_some());
         }
         let user_pk = user_pk_to_py(py, record.user_pk)?;
@@ -206,11 +230,21 @@ impl TokenCache {
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(use_breaker, op).map(|(value, _)| value)
+        self.call_tagged(use_breaker, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
-    /// `call_with`, and the generation of the primary that answered (Sentinel; else 0).
-    fn call_tagged<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
+    /// `call`, with `op` told the incarnation of the server on the connection it runs on (each
+    /// try: a retry after a restart goes to another one).
+    fn call_in<T>(&self, op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>) -> Result<T> {
+        self.call_tagged(true, op).map(|(value, _)| value)
+    }
+
+    /// `call_in`, and the generation of the primary that answered (Sentinel; else 0).
+    fn call_tagged<T>(
+        &self,
+        use_breaker: bool,
+        op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>,
+    ) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
             PROCESS.bump(Counter::ErrorCircuitOpen);
             return Err(Error::CircuitOpen);
@@ -222,17 +256,33 @@ impl TokenCache {
         result
     }
 
-    /// A revocation. In Sentinel mode it is kept a while (journal.rs), and sent again if the
-    /// catch-up of a newer primary missed it.
+    /// A revocation. On a primary with replicas online, it waits (`WAIT 1`, `wait_ms`) until
+    /// one of them has it, and fails if none acknowledges it in time: the caller refuses the
+    /// deletion (503) rather than let a failover lose it. In Sentinel mode it is also kept a
+    /// while (journal.rs), and sent again if the catch-up of a newer primary missed it.
     fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
-        let (revoked, generation) = self.call_tagged(use_breaker, |conn| call.invoke(conn))?;
+        let wait_ms = self.wait_ms;
+        let (revoked, generation) = self.call_tagged(use_breaker, |conn, _| {
+            let (removed, tombstone, replicas) = call.invoke(conn)?;
+            if replicas > 0 {
+                let acknowledged: i64 = redis::cmd("WAIT").arg(1).arg(wait_ms).query(conn)?;
+                if acknowledged < 1 {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "no replica acknowledged the revocation in time (WAIT 1)",
+                        format!("{replicas} online, waited {wait_ms} ms"),
+                    )));
+                }
+            }
+            Ok((removed, tombstone))
+        })?;
         if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
-            self.call_tagged(false, |conn| call.replay(conn))?;
+            self.call_tagged(false, |conn, _| call.replay(conn))?;
         }
         Ok(revoked)
     }
 
-    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
+    fn attempt<T>(&self, op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
             let mut checkout = match self.pool.checkout() {
@@ -243,15 +293,17 @@ impl TokenCache {
             if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation) {
                 return Err(self.failed(&err));
             }
-            match op(&mut checkout.conn) {
+            match op(&mut checkout.conn, checkout.incarnation) {
                 Ok(value) => {
-                    self.pool.checkin(checkout.conn, checkout.generation);
+                    let generation = checkout.generation;
+                    self.pool.checkin(checkout);
                     self.breaker.record_success();
-                    return Ok((value, checkout.generation));
+                    return Ok((value, generation));
                 }
                 Err(err) => {
-                    drop(checkout.conn);
-                    if checkout.reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
+                    let reused = checkout.reused;
+                    drop(checkout);
+                    if reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
                         self.pool.clear();
                         retried = true;
                         continue;
@@ -514,10 +566,11 @@ impl TokenCache {
             .map_err(|e| Error::from_redis(&e))?
             .set_redis_settings(redis_info)
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let io_timeout = seconds(socket_timeout, "socket_timeout")?;
         let pool = Pool::new(PoolConfig {
             info,
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
-            io_timeout: seconds(socket_timeout, "socket_timeout")?,
+            io_timeout,
             max_idle,
             root_cert,
             sentinel,
@@ -539,6 +592,7 @@ impl TokenCache {
         };
         Ok(TokenCache {
             journal: Journal::default(),
+            wait_ms: (io_timeout.as_millis() as u64 / 2).max(1),
             local,
             listener,
             pool,
@@ -588,11 +642,13 @@ impl TokenCache {
         }
         let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
         let key = self.token_key_name(token_key);
-        let reply = match cached {
-            Some(entry) => entry.reply,
-            None => Arc::new(self.lookup_in_redis(py, &key, &id, create, with_user)?),
+        let (reply, incarnation) = if let Some(entry) = cached {
+            (entry.reply, entry.incarnation)
+        } else {
+            let (reply, incarnation) = self.lookup_in_redis(py, &key, &id, create, with_user)?;
+            (Arc::new(reply), incarnation)
         };
-        let (decoded, user_key, row_found) = self.decode_reply(py, &reply, token_key, &id, with_user)?;
+        let (decoded, user_key, row_found) = self.decode_reply(py, &reply, token_key, &id, with_user, incarnation)?;
         let result = match build {
             Some(build) => build.call1(decoded)?.unbind(),
             None => decoded.into_pyobject(py)?.into_any().unbind(),
@@ -600,7 +656,7 @@ impl TokenCache {
         // Only found records are kept (a verified record names its user's key).
         if let (Some(local), Some(ticket), Some(user_key)) = (local, ticket, user_key) {
             let kept = build.map(|_| Arc::new(result.clone_ref(py)));
-            let entry = Entry { reply, token_key: key, user_key, built: kept, row_found };
+            let entry = Entry { reply, token_key: key, user_key, built: kept, row_found, incarnation };
             local.store(ticket, token_key, &id, with_user, entry);
         }
         Ok(result)
@@ -614,8 +670,8 @@ impl TokenCache {
         let key = self.user_key_name(&user_pk);
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
-        let reply: Vec<Option<Vec<u8>>> = py.detach(|| {
-            self.call(|conn| {
+        let (reply, incarnation): (Vec<Option<Vec<u8>>>, Incarnation) = py.detach(|| {
+            self.call_in(|conn, incarnation| {
                 LOOKUP
                     .key(&key)
                     .arg("u")
@@ -626,18 +682,21 @@ impl TokenCache {
                     .arg("")
                     .arg("")
                     .invoke(conn)
+                    .map(|reply| (reply, incarnation))
             })
         })?;
         let mut reply = reply.into_iter();
         let (raw_row, generation) = (reply.next().flatten(), reply.next().flatten());
         let row = match raw_row {
-            Some(stored) => self.user_row_to_py(py, &stored, &user_pk_text(&user_pk))?,
+            Some(stored) => self.user_row_to_py(py, &stored, &user_pk_text(&user_pk), incarnation)?,
             None => None,
         };
-        Ok((row, generation.map(|g| PyBytes::new(py, &g).unbind())))
+        Ok((row, generation.map(|g| PyBytes::new(py, &incarnation.prefix(&g)).unbind())))
     }
 
-    /// Store a record if the generation seen at lookup still stands and no tombstone does.
+    /// Store a record if the generation seen at lookup still stands and no tombstone does, on
+    /// the incarnation of Redis the lookup read it from (the generation says which): after a
+    /// restart or a failover the generation may be back, but the fill is refused.
     #[pyo3(signature = (token_key, digest, generation, user_pk, created_us, expiry_us, fresh_until_us, ttl_ms))]
     #[allow(clippy::too_many_arguments)]
     fn fill(
@@ -656,23 +715,26 @@ impl TokenCache {
         let id = id_of(digest)?.to_owned();
         let index_field = id_bytes(&id)?;
         let keys = [self.token_key_name(token_key), self.user_key_name(&user_pk)];
-        // Stored with a generation of its own: the next fill (a re-read) presents that one.
-        let record = Record { user_pk, created_us, expiry_us, fresh_until_us }.encode(
-            &self.record_keys[0],
-            token_key,
-            &id,
-            random_generation(),
-        );
+        let Some((seen, generation)) = Incarnation::split(generation) else {
+            PROCESS.bump(Counter::FillRefused); // not a generation a lookup returned
+            return Ok(false);
+        };
+        let record = Record { user_pk, created_us, expiry_us, fresh_until_us };
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
         let fields = [format!("r:{id}"), format!("g:{id}"), format!("t:{id}")];
         let stored: i64 = py.detach(|| {
-            self.call(|conn| {
+            self.call_in(|conn, incarnation| {
+                if incarnation != seen {
+                    return Ok(0); // Redis restarted or failed over since the lookup
+                }
+                // Stored with a generation of its own: the next fill (a re-read) presents that one.
+                let encoded = record.encode(&self.record_keys[0], token_key, &id, random_generation(), incarnation);
                 FILL.key(&keys[0])
                     .key(&keys[1])
                     .arg(&fields)
                     .arg(generation)
-                    .arg(&record)
+                    .arg(&encoded)
                     .arg(ttl_ms)
                     .arg(lease_ms)
                     .arg(&index_field[..])
@@ -698,12 +760,21 @@ impl TokenCache {
     ) -> PyResult<bool> {
         let user_pk = user_pk_from_py(user_pk)?;
         let key = self.user_key_name(&user_pk);
-        let mut stored_row = random_generation().to_vec();
-        stored_row.extend_from_slice(&self.signed_user_row(&user_pk_text(&user_pk), fresh_until_us, &values)?);
+        let name = user_pk_text(&user_pk);
+        let row = Self::user_row(fresh_until_us, &values)?;
+        let Some((seen, generation)) = Incarnation::split(generation) else {
+            PROCESS.bump(Counter::UserRowFillRefused);
+            return Ok(false);
+        };
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
         let stored: i64 = py.detach(|| {
-            self.call(|conn| {
+            self.call_in(|conn, incarnation| {
+                if incarnation != seen {
+                    return Ok(0); // Redis restarted or failed over since the lookup
+                }
+                let mut stored_row = random_generation().to_vec();
+                stored_row.extend_from_slice(&row.encode(&self.record_keys[0], &name, incarnation));
                 FILL.key(&key)
                     .arg("u")
                     .arg("ug")
@@ -720,14 +791,19 @@ impl TokenCache {
     }
 
     /// Claim a fresh generation for a token about to be inserted (write-through at login),
-    /// if Redis knows nothing of it yet: the fill after commit presents it. None otherwise.
+    /// if Redis knows nothing of it yet: the fill after commit presents it (and is sent only to
+    /// the incarnation of Redis that took the claim). None otherwise.
     fn claim(&self, py: Python<'_>, token_key: &str, digest: &str) -> PyResult<Option<Py<PyBytes>>> {
         let key = self.token_key_name(token_key);
         let id = id_of(digest)?.to_owned();
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
-        let claimed: Option<Vec<u8>> =
-            py.detach(|| self.call(|conn| CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn)))?;
+        let claimed: Option<Vec<u8>> = py.detach(|| {
+            self.call_in(|conn, incarnation| {
+                let claimed: Option<Vec<u8>> = CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn)?;
+                Ok(claimed.map(|g| incarnation.prefix(&g)))
+            })
+        })?;
         Ok(claimed.map(|g| PyBytes::new(py, &g).unbind()))
     }
 
@@ -818,7 +894,8 @@ impl TokenCache {
 
     /// A user row (`USER_CACHE`) as it is stored: `values` are `(tag, primitive)` pairs, the
     /// primitive None, bool, int (64-bit), float, str or bytes, the tag one character (or
-    /// empty) that tells the Python side how to rebuild it. Signed for this user.
+    /// empty) that tells the Python side how to rebuild it. Signed for this user, outside any
+    /// incarnation of Redis (`decode_user_row` reads it back; a lookup never accepts it).
     fn encode_user_row<'py>(
         &self,
         py: Python<'py>,
@@ -827,18 +904,19 @@ impl TokenCache {
         values: Vec<(String, Bound<'py, PyAny>)>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let user_key = user_pk_text(&user_pk_from_py(user_pk)?);
-        Ok(PyBytes::new(py, &self.signed_user_row(&user_key, fresh_until_us, &values)?))
+        let row = Self::user_row(fresh_until_us, &values)?;
+        Ok(PyBytes::new(py, &row.encode(&self.record_keys[0], &user_key, Incarnation::DETACHED)))
     }
 
-    /// `(fresh_until_us, [(tag, primitive), ...])`, or None if `data` is not a row signed for
-    /// this user (garbage, altered, forged, another user's).
+    /// `(fresh_until_us, [(tag, primitive), ...])`, or None if `data` is not a row
+    /// `encode_user_row` signed for this user (garbage, altered, forged, another user's).
     fn decode_user_row<'py>(
         &self,
         py: Python<'py>,
         user_pk: &Bound<'py, PyAny>,
         data: &[u8],
     ) -> PyResult<Option<DecodedUserRow>> {
-        self.signed_row_to_py(py, data, &user_pk_text(&user_pk_from_py(user_pk)?))
+        self.signed_row_to_py(py, data, &user_pk_text(&user_pk_from_py(user_pk)?), Incarnation::DETACHED)
     }
 
     /// One command, for operators' tools (`manage.py knox_redis`, system checks): INFO, SCAN,

@@ -47,17 +47,18 @@ pub struct Revocation {
 }
 
 impl Revocation {
-    pub fn invoke(&self, conn: &mut Connection) -> RedisResult<(i64, String)> {
+    /// `(records deleted, the user rows' tombstone, replicas online)` (revoke.lua).
+    pub fn invoke(&self, conn: &mut Connection) -> RedisResult<(i64, String, i64)> {
         self.invoke_lifting(conn, &self.lift)
     }
 
     /// Sent again to a new primary: the same revocation, lifting no tombstone (a lift is
     /// only ever right once, just after the write it guarded committed).
     pub fn replay(&self, conn: &mut Connection) -> RedisResult<()> {
-        self.invoke_lifting(conn, "").map(|_: (i64, String)| ())
+        self.invoke_lifting(conn, "").map(|_: (i64, String, i64)| ())
     }
 
-    fn invoke_lifting(&self, conn: &mut Connection, lift: &str) -> RedisResult<(i64, String)> {
+    fn invoke_lifting(&self, conn: &mut Connection, lift: &str) -> RedisResult<(i64, String, i64)> {
         let mut invocation = REVOKE.prepare_invoke();
         invocation.key(&self.keys);
         invocation.arg(self.n).arg(self.tombstone_ms).arg(&self.seed).arg(&self.prefix).arg(self.pairs).arg(lift);

@@ -4,6 +4,7 @@ mod breaker;
 mod client;
 mod errors;
 mod hashing;
+mod incarnation;
 mod journal;
 mod local;
 mod metrics;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pyo3::{Py, PyAny};
 
+use crate::incarnation::Incarnation;
 use crate::metrics::{Counter, PROCESS};
 
 /// How long a heartbeat vouches for the listener: the worst-case delay before this process
@@ -42,6 +43,11 @@ pub struct Entry {
     pub built: Option<Arc<Py<PyAny>>>,
     /// Whether the reply held a usable user row (`USER_CACHE`), for a repeat hit's counters.
     pub row_found: Option<bool>,
+    /// The incarnation of Redis that sent the reply (it was verified against it). Entries of
+    /// an incarnation that is gone are never served: its connections died with it, so the
+    /// listener's did too, and a new session starts by flushing (a store whose ticket is older
+    /// than that flush is refused).
+    pub incarnation: Incarnation,
 }
 
 #[derive(Clone, Hash, PartialEq, Eq)]
@@ -270,6 +276,7 @@ mod tests {
             user_key: user_key.into(),
             built: None,
             row_found: None,
+            incarnation: Incarnation::DETACHED,
         }
     }
 

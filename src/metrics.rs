@@ -29,6 +29,9 @@ pub enum Counter {
     LookupUndecodable,
     /// A lookup found a record whose MAC fails: someone else wrote it, or another secret.
     LookupBadMac,
+    /// A lookup found a record written to another incarnation of Redis (restored from an
+    /// older snapshot, replicated before a failover): a miss (also counted in `LookupMiss`).
+    LookupOtherIncarnation,
     /// A hit whose record says the token expired (decided by the Python side, at request time).
     LookupExpired,
     Fill,
@@ -212,6 +215,7 @@ fn counter_name(counter: usize) -> Option<&'static str> {
         Some("lookups_miss"),
         None, // undecodable: reported inside lookups_garbage
         Some("lookups_bad_mac"),
+        Some("lookups_other_incarnation"),
         Some("lookups_expired"),
         Some("fills"),
         Some("fills_refused"),
@@ -303,7 +307,7 @@ impl ClientMetrics {
         ClientMetrics { baseline: PROCESS.counts() }
     }
 
-    pub fn since_created(&self) -> [(&'static str, u64); 16] {
+    pub fn since_created(&self) -> [(&'static str, u64); 17] {
         let now = PROCESS.counts();
         let delta = |c: Counter| now[c as usize].saturating_sub(self.baseline[c as usize]);
         let garbage = delta(Counter::LookupUndecodable) + delta(Counter::LookupBadMac);
@@ -312,6 +316,7 @@ impl ClientMetrics {
             ("misses", delta(Counter::LookupMiss) + garbage),
             ("undecodable", delta(Counter::LookupUndecodable)),
             ("bad_mac", delta(Counter::LookupBadMac)),
+            ("other_incarnation", delta(Counter::LookupOtherIncarnation)),
             ("fills", delta(Counter::Fill)),
             ("fills_refused", delta(Counter::FillRefused)),
             ("revoked", delta(Counter::RevokedRecords)),

@@ -2,7 +2,8 @@
 //! that opened it. A connection inherited through `fork()` is never used by the child (its
 //! replies would interleave with the parent's); it is only closed there. In Sentinel mode each
 //! is also tagged with the primary it was opened to (`sentinel.rs`): once the sentinels name
-//! another, connections to the old one are closed, not reused.
+//! another, connections to the old one are closed, not reused. Each also carries the
+//! incarnation of the server it goes to (incarnation.rs), learned once when it is opened.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
+use crate::incarnation::{self, Incarnation};
 use crate::metrics::{Counter, PROCESS};
 use crate::sentinel::{Resolver, SentinelConfig};
 
@@ -30,6 +32,7 @@ struct Idle {
     conn: Connection,
     pid: u32,
     generation: u64,
+    incarnation: Incarnation,
 }
 
 pub struct Pool {
@@ -91,12 +94,14 @@ impl Connector {
     }
 }
 
-/// A connection, whether it came from the pool (a reused one may be stale after a restart), and
-/// the generation of the primary it goes to.
+/// A connection, whether it came from the pool (a reused one may be stale after a restart),
+/// the generation of the primary it goes to, and the incarnation of the server that answers
+/// on it.
 pub struct Checkout {
     pub conn: Connection,
     pub reused: bool,
     pub generation: u64,
+    pub incarnation: Incarnation,
 }
 
 impl Pool {
@@ -131,8 +136,8 @@ impl Pool {
         loop {
             let idle = self.idle.lock().pop();
             match idle {
-                Some(Idle { conn, pid: owner, generation }) if owner == pid && generation == current => {
-                    return Ok(Checkout { conn, reused: true, generation });
+                Some(Idle { conn, pid: owner, generation, incarnation }) if owner == pid && generation == current => {
+                    return Ok(Checkout { conn, reused: true, generation, incarnation });
                 }
                 // Inherited from the parent (dropping closes only the child's descriptor), or
                 // opened to a node that is no longer the primary.
@@ -140,17 +145,20 @@ impl Pool {
                 None => break,
             }
         }
-        self.connector.connect_tagged().map(|(conn, generation)| Checkout { conn, reused: false, generation })
+        let (mut conn, generation) = self.connector.connect_tagged()?;
+        let incarnation = incarnation::learn(&mut conn)?;
+        Ok(Checkout { conn, reused: false, generation, incarnation })
     }
 
     pub fn connector(&self) -> Connector {
         self.connector.clone()
     }
 
-    pub fn checkin(&self, conn: Connection, generation: u64) {
+    pub fn checkin(&self, checkout: Checkout) {
+        let Checkout { conn, generation, incarnation, .. } = checkout;
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { conn, pid: std::process::id(), generation });
+            idle.push(Idle { conn, pid: std::process::id(), generation, incarnation });
         }
     }
 

@@ -2,20 +2,24 @@
 //!
 //! Redis is not trusted: whoever can write to it must not be able to plant or alter a record
 //! that logs anyone in. Every record carries an HMAC-SHA256 (truncated to 128 bits) over its
-//! body and the name it is stored under (`token_key` and field id), keyed from a secret that
-//! only the Django processes hold. A record that fails the MAC, or doesn't decode, is a miss.
+//! body, the name it is stored under (`token_key` and field id) and the incarnation of the
+//! Redis that it was written to (incarnation.rs), keyed from a secret that only the Django
+//! processes hold. A record that fails the MAC, or doesn't decode, is a miss; so is one
+//! written to another incarnation (restored from an older snapshot, replicated before a
+//! failover): it can't verify under the incarnation that reads it.
 //!
-//! Layout of the value of field `r:{id}` (little-endian), 46 bytes for an integer user key:
+//! Layout of the value of field `r:{id}` (little-endian), 47 bytes for an integer user key:
 //!
 //! ```text
 //! generation  8   the lease a later fill must present (not covered by the MAC: it only
 //!                 decides whether a fill may land, never what a hit accepts)
 //! version     1   high nibble VERSION, bit 0: has expiry, bits 1-2: user key kind
+//! hint        1   the first byte of the writer's incarnation (the MAC covers all 16)
 //! created     8   i64 microseconds since the Unix epoch
 //! expiry      v   zigzag varint of (expiry - created) in microseconds, if present
 //! fresh_until 4   u32 seconds since the epoch: re-read from the database after this
 //! user key    v   int: zigzag varint | uuid: 16 bytes | text: varint length + UTF-8
-//! mac        16   HMAC-SHA256(key, DOMAIN, token_key, id, version..user key)[..16]
+//! mac        16   HMAC-SHA256(key, DOMAIN, token_key, id, incarnation, version..user key)[..16]
 //! ```
 //!
 //! Small enough (≤ 64 bytes) for Redis to keep the token's hash as a listpack. The digest is
@@ -28,13 +32,15 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::incarnation::Incarnation;
+
 type HmacSha256 = Hmac<Sha256>;
 
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const GENERATION_LEN: usize = 8;
 pub const MAC_LEN: usize = 16;
 /// Domain separation: a MAC made for anything else under the same key never verifies here.
-const DOMAIN: &[u8] = b"knox_redis record v2";
+const DOMAIN: &[u8] = b"knox_redis record v3";
 
 /// 9999-12-31T23:59:59.999999Z in microseconds: the last instant a `datetime` can hold.
 pub const MAX_US: i64 = 253_402_300_799_999_999;
@@ -117,11 +123,22 @@ pub enum Rejected {
     Undecodable,
     /// Decodes, but the MAC doesn't verify: altered, forged, or written under another key.
     BadMac,
+    /// Written to another incarnation of Redis (its hint says so): restored from an older
+    /// snapshot, or replicated from a primary before a failover. Not trusted here.
+    OtherIncarnation,
 }
 
 impl Record {
-    /// The value stored in Redis: `generation` followed by the authenticated body.
-    pub fn encode(&self, key: &RecordKey, token_key: &str, id: &str, generation: [u8; GENERATION_LEN]) -> Vec<u8> {
+    /// The value stored in Redis: `generation` followed by the authenticated body, for the
+    /// incarnation of Redis it is written to.
+    pub fn encode(
+        &self,
+        key: &RecordKey,
+        token_key: &str,
+        id: &str,
+        generation: [u8; GENERATION_LEN],
+        incarnation: Incarnation,
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&generation);
         let kind = match &self.user_pk {
@@ -131,6 +148,7 @@ impl Record {
         };
         let has_expiry = if self.expiry_us.is_some() { HAS_EXPIRY } else { 0 };
         out.push((VERSION << 4) | (kind << KIND_SHIFT) | has_expiry);
+        out.push(incarnation.hint());
         out.extend_from_slice(&self.created_us.to_le_bytes());
         if let Some(expiry) = self.expiry_us {
             put_varint(&mut out, zigzag(expiry.wrapping_sub(self.created_us)));
@@ -147,22 +165,34 @@ impl Record {
                 }
             }
         }
-        let tag = key.mac_for(DOMAIN, &[token_key.as_bytes(), id.as_bytes()], &out[GENERATION_LEN..]);
+        let parts = [token_key.as_bytes(), id.as_bytes(), incarnation.as_bytes()];
+        let tag = key.mac_for(DOMAIN, &parts, &out[GENERATION_LEN..]);
         out.extend_from_slice(&tag);
         out
     }
 
     /// The record stored under (`token_key`, `id`), if one of `keys` wrote it (the signing key
-    /// first, then fallbacks during a rotation). Times that Python's `datetime` can't
-    /// represent are rejected too: garbage must be a miss, never an `OverflowError`.
-    pub fn decode(bytes: &[u8], keys: &[RecordKey], token_key: &str, id: &str) -> Result<Record, Rejected> {
-        if bytes.len() < GENERATION_LEN + 1 + 8 + 4 + 1 + MAC_LEN {
+    /// first, then fallbacks during a rotation) to this `incarnation` of Redis. Times that
+    /// Python's `datetime` can't represent are rejected too: garbage must be a miss, never an
+    /// `OverflowError`.
+    pub fn decode(
+        bytes: &[u8],
+        keys: &[RecordKey],
+        token_key: &str,
+        id: &str,
+        incarnation: Incarnation,
+    ) -> Result<Record, Rejected> {
+        if bytes.len() < GENERATION_LEN + 1 + 1 + 8 + 4 + 1 + MAC_LEN {
             return Err(Rejected::Undecodable);
         }
         let (signed, tag) = bytes.split_at(bytes.len() - MAC_LEN);
         let body = &signed[GENERATION_LEN..];
-        let record = parse(body).ok_or(Rejected::Undecodable)?;
-        if keys.iter().any(|key| key.verify_for(DOMAIN, &[token_key.as_bytes(), id.as_bytes()], body, tag)) {
+        let (record, hint) = parse(body).ok_or(Rejected::Undecodable)?;
+        if hint != incarnation.hint() {
+            return Err(Rejected::OtherIncarnation);
+        }
+        let parts = [token_key.as_bytes(), id.as_bytes(), incarnation.as_bytes()];
+        if keys.iter().any(|key| key.verify_for(DOMAIN, &parts, body, tag)) {
             Ok(record)
         } else {
             Err(Rejected::BadMac)
@@ -170,12 +200,14 @@ impl Record {
     }
 }
 
-fn parse(body: &[u8]) -> Option<Record> {
+/// The record, and the hint of the incarnation it says it was written to.
+fn parse(body: &[u8]) -> Option<(Record, u8)> {
     let mut r = Reader(body);
     let head = r.byte()?;
     if head >> 4 != VERSION || head & 0b1000 != 0 {
         return None;
     }
+    let hint = r.byte()?;
     let created_us = i64::from_le_bytes(r.array()?);
     let expiry_us = if head & HAS_EXPIRY != 0 { Some(created_us.checked_add(unzigzag(r.varint()?))?) } else { None };
     let fresh_until_us = i64::from(u32::from_le_bytes(r.array()?)) * 1_000_000;
@@ -190,7 +222,7 @@ fn parse(body: &[u8]) -> Option<Record> {
     };
     let times_ok =
         [Some(created_us), expiry_us, Some(fresh_until_us)].into_iter().flatten().all(|us| (0..=MAX_US).contains(&us));
-    (r.0.is_empty() && times_ok).then_some(Record { user_pk, created_us, expiry_us, fresh_until_us })
+    (r.0.is_empty() && times_ok).then_some((Record { user_pk, created_us, expiry_us, fresh_until_us }, hint))
 }
 
 pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
@@ -281,6 +313,10 @@ mod tests {
         RecordKey::derive(b"secret", "knox\x000")
     }
 
+    fn inc() -> Incarnation {
+        Incarnation::of("run", "replid")
+    }
+
     fn sample(pk: UserPk) -> Record {
         Record {
             user_pk: pk,
@@ -291,9 +327,9 @@ mod tests {
     }
 
     fn round_trip(rec: &Record) -> Result<Record, Rejected> {
-        let bytes = rec.encode(&key(), TK, ID, GEN);
+        let bytes = rec.encode(&key(), TK, ID, GEN, inc());
         assert_eq!(&bytes[..GENERATION_LEN], &GEN);
-        Record::decode(&bytes, &[key()], TK, ID)
+        Record::decode(&bytes, &[key()], TK, ID, inc())
     }
 
     #[test]
@@ -321,9 +357,10 @@ mod tests {
 
     #[test]
     fn an_integer_user_record_fits_a_listpack_entry() {
-        let bytes = sample(UserPk::Int(123_456)).encode(&key(), TK, ID, GEN);
-        assert!(bytes.len() <= 50, "{}", bytes.len());
-        let bytes = sample(UserPk::Str("0b7c6f9e-1c2d-4e5f-8a9b-0c1d2e3f4a5b".into())).encode(&key(), TK, ID, GEN);
+        let bytes = sample(UserPk::Int(123_456)).encode(&key(), TK, ID, GEN, inc());
+        assert!(bytes.len() <= 51, "{}", bytes.len());
+        let bytes =
+            sample(UserPk::Str("0b7c6f9e-1c2d-4e5f-8a9b-0c1d2e3f4a5b".into())).encode(&key(), TK, ID, GEN, inc());
         assert!(bytes.len() <= 64, "{}", bytes.len());
     }
 
@@ -331,36 +368,62 @@ mod tests {
     fn fresh_until_is_rounded_down_to_the_second() {
         let mut rec = sample(UserPk::Int(1));
         rec.fresh_until_us = 1_764_003_600_999_999;
-        assert_eq!(round_trip(&rec).unwrap().fresh_until_us, 1_764_003_600_000_000);
+        assert_eq!(round_trip(&rec).map(|r| r.fresh_until_us), Ok(1_764_003_600_000_000));
     }
 
     #[test]
     fn any_altered_byte_is_rejected() {
-        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN);
+        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN, inc());
         for i in GENERATION_LEN..bytes.len() {
             let mut altered = bytes.clone();
             altered[i] ^= 0x01;
-            assert!(Record::decode(&altered, &[key()], TK, ID).is_err(), "byte {i}");
+            assert!(Record::decode(&altered, &[key()], TK, ID, inc()).is_err(), "byte {i}");
         }
         // The generation is not covered: it only decides whether a fill may land.
         let mut regenerated = bytes.clone();
         regenerated[0] ^= 0xff;
-        assert!(Record::decode(&regenerated, &[key()], TK, ID).is_ok());
+        assert!(Record::decode(&regenerated, &[key()], TK, ID, inc()).is_ok());
     }
 
     #[test]
     fn a_record_moved_to_another_token_or_key_is_rejected() {
-        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN);
-        assert_eq!(Record::decode(&bytes, &[key()], "abcdefghijklmnp", ID), Err(Rejected::BadMac));
-        assert_eq!(Record::decode(&bytes, &[key()], TK, "1123456789abcdef0123456789abcdef"), Err(Rejected::BadMac));
-        assert_eq!(Record::decode(&bytes, &[RecordKey::derive(b"other", "knox\x000")], TK, ID), Err(Rejected::BadMac));
+        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN, inc());
+        assert_eq!(Record::decode(&bytes, &[key()], "abcdefghijklmnp", ID, inc()), Err(Rejected::BadMac));
         assert_eq!(
-            Record::decode(&bytes, &[RecordKey::derive(b"secret", "staging\x000")], TK, ID),
+            Record::decode(&bytes, &[key()], TK, "1123456789abcdef0123456789abcdef", inc()),
             Err(Rejected::BadMac)
         );
-        assert_eq!(Record::decode(&bytes, &[RecordKey::derive(b"secret", "knox\x001")], TK, ID), Err(Rejected::BadMac));
+        assert_eq!(
+            Record::decode(&bytes, &[RecordKey::derive(b"other", "knox\x000")], TK, ID, inc()),
+            Err(Rejected::BadMac)
+        );
+        assert_eq!(
+            Record::decode(&bytes, &[RecordKey::derive(b"secret", "staging\x000")], TK, ID, inc()),
+            Err(Rejected::BadMac)
+        );
+        assert_eq!(
+            Record::decode(&bytes, &[RecordKey::derive(b"secret", "knox\x001")], TK, ID, inc()),
+            Err(Rejected::BadMac)
+        );
         // A rotation: the old key, kept as a fallback, still verifies what it signed.
-        assert!(Record::decode(&bytes, &[RecordKey::derive(b"new", "knox\x000"), key()], TK, ID).is_ok());
+        assert!(Record::decode(&bytes, &[RecordKey::derive(b"new", "knox\x000"), key()], TK, ID, inc()).is_ok());
+    }
+
+    #[test]
+    fn a_record_written_to_another_incarnation_is_not_trusted() {
+        let bytes = sample(UserPk::Int(42)).encode(&key(), TK, ID, GEN, inc());
+        // Restarted: another run_id. Promoted: another replication id. Either way, not trusted.
+        for other in [Incarnation::of("restarted", "replid"), Incarnation::of("run", "promoted")] {
+            let got = Record::decode(&bytes, &[key()], TK, ID, other);
+            assert!(matches!(got, Err(Rejected::OtherIncarnation | Rejected::BadMac)), "{got:?}");
+        }
+        // A hint that matches by chance (1 in 256) still fails the MAC, which covers all 16 bytes.
+        let mut same_hint = Incarnation::of("restarted", "replid");
+        same_hint.0[0] = inc().hint();
+        assert_eq!(Record::decode(&bytes, &[key()], TK, ID, same_hint), Err(Rejected::BadMac));
+        let mut other_hint = inc();
+        other_hint.0[0] ^= 1;
+        assert_eq!(Record::decode(&bytes, &[key()], TK, ID, other_hint), Err(Rejected::OtherIncarnation));
     }
 
     #[test]
@@ -368,7 +431,7 @@ mod tests {
         for junk in
             [&b""[..], b"null", b"{\"v\":1,\"d\":\"ab\",\"u\":1,\"c\":1,\"e\":null,\"f\":3}", &[0xff; 46], &[0; 8]]
         {
-            assert_eq!(Record::decode(junk, &[key()], TK, ID), Err(Rejected::Undecodable), "{junk:?}");
+            assert_eq!(Record::decode(junk, &[key()], TK, ID, inc()), Err(Rejected::Undecodable), "{junk:?}");
         }
     }
 

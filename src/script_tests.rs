@@ -84,7 +84,7 @@ fn fill(conn: &mut Connection, generation: &str) -> i64 {
 }
 
 fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
-    let (removed, _tombstone): (i64, String) = REVOKE
+    let (removed, _tombstone, _replicas): (i64, String, i64) = REVOKE
         .key(KEY)
         .key(INDEX)
         .key(LEGACY_INDEX)
@@ -103,7 +103,7 @@ fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
 }
 
 fn revoke_user(conn: &mut Connection) -> i64 {
-    let (removed, _tombstone): (i64, String) = REVOKE
+    let (removed, _tombstone, _replicas): (i64, String, i64) = REVOKE
         .key(INDEX)
         .key(LEGACY_INDEX)
         .arg(0)
@@ -241,7 +241,8 @@ fn previous_release_generations_are_still_honoured() {
 /// A real record for user `pk` (lookup.lua reads the user key out of it).
 fn record_for(pk: crate::record::UserPk) -> Vec<u8> {
     let record = crate::record::Record { user_pk: pk, created_us: 1, expiry_us: Some(2), fresh_until_us: 3_000_000 };
-    record.encode(&crate::record::RecordKey::derive(b"s", "knox\x000"), "abc", ID, *b"RECGEN01")
+    let incarnation = crate::incarnation::Incarnation::of("run", "replid");
+    record.encode(&crate::record::RecordKey::derive(b"s", "knox\x000"), "abc", ID, *b"RECGEN01", incarnation)
 }
 
 type UserReply = (Option<Vec<u8>>, Option<String>, Option<String>, Option<String>, Option<String>);
@@ -258,7 +259,7 @@ fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> i
 fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift: &str) -> String {
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seed = format!("{:016x}", 0x5eed_0000 + CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let (_removed, tombstone): (i64, String) =
+    let (_removed, tombstone, _replicas): (i64, String, i64) =
         REVOKE.key(key).arg(0).arg(tombstone_ms).arg(seed).arg("knox").arg(0).arg(lift).invoke(conn).unwrap();
     tombstone
 }
@@ -350,4 +351,35 @@ fn revoking_every_token_of_a_user_keeps_the_user_rows_tombstone() {
     assert_eq!(revoke_user(&mut conn), 1);
     assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES).unwrap());
     assert!(conn.hexists::<_, _, bool>(INDEX, "ut").unwrap() && conn.hexists::<_, _, bool>(INDEX, "ug").unwrap());
+}
+
+#[test]
+fn a_revocation_reports_the_replicas_online() {
+    let Some((_server, mut conn)) = start() else { return };
+    let reply: redis::RedisResult<(i64, String, i64)> = REVOKE
+        .key(KEY)
+        .key(INDEX)
+        .key(LEGACY_INDEX)
+        .arg(1)
+        .arg(0)
+        .arg(SEED)
+        .arg("knox")
+        .arg(0)
+        .arg("")
+        .arg(ID)
+        .arg(ID_BYTES)
+        .arg(format!("{ID}abc"))
+        .invoke(&mut conn);
+    // No replica: nothing to WAIT for.
+    assert!(matches!(reply, Ok((0, _, 0))), "{reply:?}");
+}
+
+#[test]
+fn each_server_process_is_an_incarnation_of_its_own() {
+    let Some((_server, mut conn)) = start() else { return };
+    let first = crate::incarnation::learn(&mut conn).ok();
+    assert!(first.is_some());
+    assert_eq!(crate::incarnation::learn(&mut conn).ok(), first);
+    let Some((_other, mut other)) = start() else { return };
+    assert_ne!(crate::incarnation::learn(&mut other).ok(), first);
 }

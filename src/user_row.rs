@@ -8,21 +8,25 @@
 //!
 //! ```text
 //! version      1   VERSION
+//! hint         1   the first byte of the writer's incarnation (incarnation.rs; the MAC covers all 16)
 //! fresh_until  4   u32 seconds since the epoch: re-read from the database after this
 //! count        v   varint: number of values
 //! per value        tag (1 byte, 0 = none) | kind (1 byte) | payload
 //!                  kind: 0 null, 1 false, 2 true, 3 int (zigzag varint), 4 float (8 bytes),
 //!                        5 text (varint length + UTF-8), 6 bytes (varint length + bytes)
-//! mac         16   HMAC-SHA256(key, DOMAIN, user key, version..values)[..16]
+//! mac         16   HMAC-SHA256(key, DOMAIN, user key, incarnation, version..values)[..16]
 //! ```
 //!
 //! The MAC binds the row to the user's primary key (as the user index key spells it), so a
-//! row moved under another user is a miss, like a forged one.
+//! row moved under another user is a miss, like a forged one; and to the incarnation of Redis
+//! it was written to, so a row restored from an older snapshot, or replicated before a
+//! failover, is a miss too.
 
+use crate::incarnation::Incarnation;
 use crate::record::{put_varint, unzigzag, zigzag, Reader, RecordKey, Rejected, MAC_LEN};
 
-pub const VERSION: u8 = 1;
-const DOMAIN: &[u8] = b"knox_redis user row v1";
+pub const VERSION: u8 = 2;
+const DOMAIN: &[u8] = b"knox_redis user row v2";
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -42,9 +46,10 @@ pub struct UserRow {
 }
 
 impl UserRow {
-    pub fn encode(&self, key: &RecordKey, user_key: &str) -> Vec<u8> {
+    pub fn encode(&self, key: &RecordKey, user_key: &str, incarnation: Incarnation) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + 16 * self.values.len());
         out.push(VERSION);
+        out.push(incarnation.hint());
         out.extend_from_slice(&self.fresh_until_s.to_le_bytes());
         put_varint(&mut out, self.values.len() as u64);
         for (tag, value) in &self.values {
@@ -73,18 +78,26 @@ impl UserRow {
                 }
             }
         }
-        let tag = key.mac_for(DOMAIN, &[user_key.as_bytes()], &out);
+        let tag = key.mac_for(DOMAIN, &[user_key.as_bytes(), incarnation.as_bytes()], &out);
         out.extend_from_slice(&tag);
         out
     }
 
-    pub fn decode(bytes: &[u8], keys: &[RecordKey], user_key: &str) -> Result<UserRow, Rejected> {
-        if bytes.len() < 1 + 4 + 1 + MAC_LEN {
+    pub fn decode(
+        bytes: &[u8],
+        keys: &[RecordKey],
+        user_key: &str,
+        incarnation: Incarnation,
+    ) -> Result<UserRow, Rejected> {
+        if bytes.len() < 1 + 1 + 4 + 1 + MAC_LEN {
             return Err(Rejected::Undecodable);
         }
         let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-        let row = parse(body).ok_or(Rejected::Undecodable)?;
-        if keys.iter().any(|key| key.verify_for(DOMAIN, &[user_key.as_bytes()], body, tag)) {
+        let (row, hint) = parse(body).ok_or(Rejected::Undecodable)?;
+        if hint != incarnation.hint() {
+            return Err(Rejected::OtherIncarnation);
+        }
+        if keys.iter().any(|key| key.verify_for(DOMAIN, &[user_key.as_bytes(), incarnation.as_bytes()], body, tag)) {
             Ok(row)
         } else {
             Err(Rejected::BadMac)
@@ -92,11 +105,13 @@ impl UserRow {
     }
 }
 
-fn parse(body: &[u8]) -> Option<UserRow> {
+/// The row, and the hint of the incarnation it says it was written to.
+fn parse(body: &[u8]) -> Option<(UserRow, u8)> {
     let mut r = Reader(body);
     if r.byte()? != VERSION {
         return None;
     }
+    let hint = r.byte()?;
     let fresh_until_s = u32::from_le_bytes(r.array()?);
     let count = usize::try_from(r.varint()?).ok()?;
     // Each value takes at least two bytes: a count beyond that is garbage, not an allocation.
@@ -124,7 +139,7 @@ fn parse(body: &[u8]) -> Option<UserRow> {
         };
         values.push((tag, value));
     }
-    r.0.is_empty().then_some(UserRow { fresh_until_s, values })
+    r.0.is_empty().then_some((UserRow { fresh_until_s, values }, hint))
 }
 
 #[cfg(test)]
@@ -133,6 +148,10 @@ mod tests {
 
     fn key() -> RecordKey {
         RecordKey::derive(b"secret", "knox\x000")
+    }
+
+    fn inc() -> Incarnation {
+        Incarnation::of("run", "replid")
     }
 
     fn sample() -> UserRow {
@@ -154,20 +173,33 @@ mod tests {
     #[test]
     fn round_trips() {
         let row = sample();
-        let bytes = row.encode(&key(), "42");
-        assert_eq!(UserRow::decode(&bytes, &[key()], "42"), Ok(row));
+        let bytes = row.encode(&key(), "42", inc());
+        assert_eq!(UserRow::decode(&bytes, &[key()], "42", inc()), Ok(row));
     }
 
     #[test]
     fn bound_to_its_user_and_key() {
-        let bytes = sample().encode(&key(), "42");
-        assert_eq!(UserRow::decode(&bytes, &[key()], "43"), Err(Rejected::BadMac));
-        assert_eq!(UserRow::decode(&bytes, &[RecordKey::derive(b"other", "knox\x000")], "42"), Err(Rejected::BadMac));
+        let bytes = sample().encode(&key(), "42", inc());
+        assert_eq!(UserRow::decode(&bytes, &[key()], "43", inc()), Err(Rejected::BadMac));
+        assert_eq!(
+            UserRow::decode(&bytes, &[RecordKey::derive(b"other", "knox\x000")], "42", inc()),
+            Err(Rejected::BadMac)
+        );
         for i in 0..bytes.len() {
             let mut altered = bytes.clone();
             altered[i] ^= 0x01;
-            assert!(UserRow::decode(&altered, &[key()], "42").is_err(), "byte {i}");
+            assert!(UserRow::decode(&altered, &[key()], "42", inc()).is_err(), "byte {i}");
         }
+    }
+
+    #[test]
+    fn a_row_written_to_another_incarnation_is_a_miss() {
+        let bytes = sample().encode(&key(), "42", inc());
+        let restarted = Incarnation::of("restarted", "replid");
+        assert!(UserRow::decode(&bytes, &[key()], "42", restarted).is_err());
+        let mut other_hint = inc();
+        other_hint.0[0] ^= 1;
+        assert_eq!(UserRow::decode(&bytes, &[key()], "42", other_hint), Err(Rejected::OtherIncarnation));
     }
 
     #[test]
@@ -175,14 +207,14 @@ mod tests {
         // Domain separation: the same key never verifies one kind as the other.
         use crate::record::{Record, UserPk};
         let record = Record { user_pk: UserPk::Int(42), created_us: 1, expiry_us: None, fresh_until_us: 1_000_000 };
-        let bytes = record.encode(&key(), "42", "0123456789abcdef0123456789abcdef", [0; 8]);
-        assert!(UserRow::decode(&bytes[8..], &[key()], "42").is_err());
+        let bytes = record.encode(&key(), "42", "0123456789abcdef0123456789abcdef", [0; 8], inc());
+        assert!(UserRow::decode(&bytes[8..], &[key()], "42", inc()).is_err());
     }
 
     #[test]
     fn garbage_is_undecodable() {
         for junk in [&b""[..], &[1, 0, 0, 0, 0, 255, 255, 255, 255, 15][..], &[0xff; 40][..]] {
-            assert_eq!(UserRow::decode(junk, &[key()], "42"), Err(Rejected::Undecodable), "{junk:?}");
+            assert_eq!(UserRow::decode(junk, &[key()], "42", inc()), Err(Rejected::Undecodable), "{junk:?}");
         }
     }
 }

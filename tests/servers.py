@@ -111,6 +111,16 @@ class RedisServer:
             self.process.wait(timeout=10)
             self.process = None
 
+    def restart(self) -> RedisServer:
+        """Kill the server (SIGKILL: a crash, nothing saved on the way out) and start it again
+        on the same port and directory: it loads whatever dump.rdb a SAVE left there, as a
+        Redis restarted from its last snapshot does."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+        return self.start()
+
     def pause(self) -> None:
         """Stop the process (SIGSTOP): connections stay open but nothing answers."""
         assert self.process is not None
@@ -267,6 +277,9 @@ class SentinelSetup:
                     extra=(f"sentinel myid {myid}", *known),
                 )
             self._wait(self._settled, timeout=15)
+            # Revocations wait for a replica (WAIT 1): return once the replicas acknowledge
+            # writes, not while one is still (re)syncing.
+            self._wait(self._acknowledged, timeout=15)
         except BaseException:
             self.stop()
             raise
@@ -322,6 +335,16 @@ class SentinelSetup:
             if int(fields.get("num-other-sentinels", 0)) < self.sentinel_count - 1:
                 return False
         return True
+
+    def _acknowledged(self) -> bool:
+        import redis as redis_py
+
+        if not self.replicas:
+            return True
+        assert self.primary is not None
+        with redis_py.Redis(port=self.primary.port, socket_timeout=2) as conn:
+            conn.set("knox-test:acknowledged", 1)
+            return conn.execute_command("WAIT", len(self.replicas), 100) >= len(self.replicas)
 
     def ask(self, port: int, *args: str) -> object:
         import redis as redis_py

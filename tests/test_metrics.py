@@ -44,6 +44,7 @@ COUNTERS = {
     "lookups_miss",
     "lookups_garbage",
     "lookups_bad_mac",
+    "lookups_other_incarnation",
     "lookups_expired",
     "fills",
     "fills_refused",

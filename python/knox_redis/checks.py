@@ -130,10 +130,12 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             return [_unreachable(server, exc)]
         if _role_refused(exc):
             return [_refused(server, "role", ROLE_PURPOSE, _refusal(exc) or "command", exc)]
+        if _info_refused(exc):
+            return [_refused(server, "info", INFO_PURPOSE, _refusal(exc) or "command", exc)]
         return [_select_refused(server, target.db, exc)]
     try:
         config: dict[str, Any] = {}
-        for name in ("maxmemory", "maxmemory-policy", "save", "appendonly"):
+        for name in ("maxmemory", "maxmemory-policy"):
             reply = cache.redis_command("CONFIG", "GET", name)
             config.update(zip(reply[::2], reply[1::2], strict=True))
     except cache.CacheError as exc:
@@ -141,7 +143,7 @@ def check_redis_server(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             *messages,
             checks.Warning(
                 f"knox_redis could not check the configuration of its Redis at {server.where}: CONFIG GET was "
-                f"refused ({exc}). Its maxmemory-policy and persistence are unverified.",
+                f"refused ({exc}). Its maxmemory-policy is unverified.",
                 hint="Check them by hand (see the README, System checks), or run `check --deploy` with a "
                 "user allowed '+config|get'; then add 'knox_redis.W003' to SILENCED_SYSTEM_CHECKS.",
                 id="knox_redis.W003",
@@ -195,6 +197,13 @@ CONDITIONAL_COMMANDS = (
         when=lambda server: _setting("LOCAL_CACHE_SIZE", 0) > 0,
     ),
     _Needed(
+        "wait",
+        ("WAIT", "0", "0"),  # no replica to wait for: answers at once
+        "a revocation on a primary with replicas online waits for one of them to have it (WAIT 1), and is "
+        "refused (503) if it can't",
+        when=lambda server: True,
+    ),
+    _Needed(
         "publish",
         # Nobody listens on this channel: 0 receivers. (SUBSCRIBE, which the listener also
         # needs, can't be probed on a pooled connection; the README's line allows it.)
@@ -234,6 +243,7 @@ try('HGETALL', index)
 try('SMEMBERS', index)
 try('SREM', index, field)
 try('TIME')
+try('INFO', 'replication')
 return failed
 """
 PROBE_SHA = hashlib.sha1(PROBE_SCRIPT.encode()).hexdigest()  # Redis names scripts by their SHA-1
@@ -411,10 +421,10 @@ def _refusal(error: object) -> str | None:
 
 
 def _connection_refused(exc: BaseException) -> bool:
-    """The connection itself failed: the credentials, or the SELECT (or, with Sentinel, the
-    ROLE) each new one sends."""
+    """The connection itself failed: the credentials, or the SELECT or INFO (or, with
+    Sentinel, the ROLE) each new one sends."""
     text = str(exc).lower()
-    return _credentials_refused(exc) or "switch database" in text or _role_refused(exc)
+    return _credentials_refused(exc) or "switch database" in text or _role_refused(exc) or _info_refused(exc)
 
 
 # src/sentinel.rs words a refused ROLE so (it is sent before the connection is used).
@@ -427,6 +437,19 @@ ROLE_PURPOSE = (
 
 def _role_refused(exc: BaseException) -> bool:
     return "role (sent on each new connection in sentinel mode) failed" in str(exc).lower()
+
+
+# src/incarnation.rs words a refused INFO so (it is sent before the connection is used).
+INFO_PURPOSE = (
+    "each new connection asks the server its run_id and replication id (INFO server, INFO replication), "
+    "so that a record restored from an older snapshot or replicated before a failover is never trusted: "
+    "no connection can be used, so every request authenticates from the database and every logout "
+    "answers 503"
+)
+
+
+def _info_refused(exc: BaseException) -> bool:
+    return "info (sent on each new connection, to learn the server's run_id) failed" in str(exc).lower()
 
 
 def _unreachable_error(exc: BaseException) -> bool:
@@ -483,21 +506,6 @@ def _redis_config_messages(config: dict[Any, Any], where: str) -> list[checks.Ch
                 "a TTL): every knox_redis key has a TTL, and LRU keeps the keys a revocation just wrote "
                 "longest. Avoid volatile-ttl: it evicts the short-lived keys of revoked tokens first.",
                 id="knox_redis.W004",
-            )
-        )
-    persistence = []
-    if config.get("save", "").strip():
-        persistence.append(f"save {config['save']!r}")
-    if config.get("appendonly") == "yes":
-        persistence.append("appendonly yes")
-    if persistence:
-        messages.append(
-            checks.Warning(
-                f"The Redis at {where} persists its data ({', '.join(persistence)}): restarted from an "
-                "older RDB/AOF file, it can bring back records of tokens revoked since, which are then "
-                "accepted until MAX_CACHE_TTL.",
-                hint='For a Redis dedicated to this cache, turn persistence off: save "" and appendonly no.',
-                id="knox_redis.W005",
             )
         )
     return messages

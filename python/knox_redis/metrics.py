@@ -104,12 +104,21 @@ FAMILIES = (
         ),
         "lookups_bad_mac",
     ),
+    _one(
+        "knox_redis_lookups_other_incarnation",
+        "counter",
+        (
+            "Misses whose record was written to another incarnation of Redis: restored from an older "
+            "RDB/AOF file after a restart, or replicated before a failover. Read again from the database."
+        ),
+        "lookups_other_incarnation",
+    ),
     Family(
         "knox_redis_fills",
         "counter",
         (
-            "Attempts to cache a token read from the database: stored, or refused (a revocation or "
-            "Redis forgetting the token's generation since the lookup)."
+            "Attempts to cache a token read from the database: stored, or refused (a revocation, "
+            "Redis forgetting the token's generation, or a restart or failover since the lookup)."
         ),
         ("result",),
         ((("stored",), "fills"), (("refused",), "fills_refused")),

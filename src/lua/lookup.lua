@@ -66,12 +66,12 @@ local function tohex(bytes)
 end
 
 -- The user key as the record's user key spells it (record.rs: generation 8 | version 1 |
--- created 8 | expiry varint, if flagged | fresh_until 4 | user key), or nil.
+-- incarnation hint 1 | created 8 | expiry varint, if flagged | fresh_until 4 | user key), or nil.
 local function user_pk(record)
-  if #record < 8 + 1 + 8 + 4 + 1 + 16 then return nil end
+  if #record < 8 + 1 + 1 + 8 + 4 + 1 + 16 then return nil end
   local flags = string.byte(record, 9)
-  if math.floor(flags / 16) ~= 2 then return nil end
-  local pos = 18
+  if math.floor(flags / 16) ~= 3 then return nil end
+  local pos = 19
   local function varint()
     local value, scale = 0, 1
     for _ = 1, 10 do

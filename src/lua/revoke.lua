@@ -20,13 +20,17 @@
 --             that has now committed
 -- ARGV[7..6+n] field ids (hex) of the n tokens; ARGV[7+n..6+2n] the same as 16 raw bytes;
 -- ARGV[7+2n..6+3n] their previous-release index members
--- Returns {records deleted, the user rows' tombstone ('' without user rows or tombstone)}.
+-- Returns {records deleted, the user rows' tombstone ('' without user rows or tombstone),
+-- replicas online}: with a replica online, the caller waits for one to have this revocation
+-- (WAIT 1) before it lets the deletion go on, so a failover can't lose it.
 -- A user row's tombstone is `{deadline ms}:{seed}`, unique to this call, so that lifting it
 -- never lifts another writer's (a token's is the deadline alone: never lifted).
 local n, p = tonumber(ARGV[1]), tonumber(ARGV[5])
 local lift = ARGV[6]
 local tombstone_ms = tonumber(ARGV[2])
 local seed, prefix = ARGV[3], ARGV[4]
+local replicas = 0
+for _ in string.gmatch(redis.call('INFO', 'replication'), 'state=online') do replicas = replicas + 1 end
 local now = redis.call('TIME')
 local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tombstone_ms
 local counter, removed = 0, 0
@@ -106,4 +110,4 @@ for i = 3 * n + 2 * p + 1, #KEYS do
     redis.call('HDEL', KEYS[i], 'ut')
   end
 end
-return {removed, user_tombstone}
+return {removed, user_tombstone, replicas}
