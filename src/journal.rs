@@ -191,3 +191,7 @@ mod tests {
         assert!(!journal.record(2, revocation(), None));
     }
 }
+
+#[cfg(test)]
+#[path = "journal_settled_by_another_primary_tests.rs"]
+mod settled_by_another_primary_tests;
