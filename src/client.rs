@@ -17,7 +17,7 @@ use crate::hashing::field_id;
 use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
-use crate::pool::{Pool, PoolConfig};
+use crate::pool::{is_untrusted, Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
@@ -199,25 +199,35 @@ impl TokenCache {
 
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
     /// a reused one that turns out to be closed (Redis restarted) is retried once on a new one.
+    ///
+    /// Sentinel: refused, connecting to nothing, while the primary is not trusted (see
+    /// `sentinel::TRUSTED_FOR`): what these calls read or write would be served from a node
+    /// that may no longer be the primary (the caller falls back as when Redis is down).
     fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_with(true, op)
+        self.call_tagged(true, true, op).map(|(value, _)| value)
     }
 
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(use_breaker, op).map(|(value, _)| value)
+        self.call_tagged(use_breaker, false, op).map(|(value, _)| value)
     }
 
-    /// `call_with`, and the generation of the primary that answered (Sentinel; else 0).
-    fn call_tagged<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
+    /// `call_with`, and the generation of the primary that answered (Sentinel; else 0); with
+    /// `trusted_only`, only on a trusted primary (see `call`).
+    fn call_tagged<T>(
+        &self,
+        use_breaker: bool,
+        trusted_only: bool,
+        op: impl Fn(&mut Connection) -> RedisResult<T>,
+    ) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
             PROCESS.bump(Counter::ErrorCircuitOpen);
             return Err(Error::CircuitOpen);
         }
         // One observation per call that goes to Redis: connecting and the retry included.
         let started = Instant::now();
-        let result = self.attempt(op);
+        let result = self.attempt(trusted_only, op);
         PROCESS.observe(started.elapsed());
         result
     }
@@ -225,18 +235,24 @@ impl TokenCache {
     /// A revocation. In Sentinel mode it is kept a while (journal.rs), and sent again if the
     /// catch-up of a newer primary missed it.
     fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
-        let (revoked, generation) = self.call_tagged(use_breaker, |conn| call.invoke(conn))?;
+        let (revoked, generation) = self.call_tagged(use_breaker, false, |conn| call.invoke(conn))?;
         if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
-            self.call_tagged(false, |conn| call.replay(conn))?;
+            self.call_tagged(false, false, |conn| call.replay(conn))?;
         }
         Ok(revoked)
     }
 
-    fn attempt<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
+    fn attempt<T>(&self, trusted_only: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
-            let mut checkout = match self.pool.checkout() {
+            let mut checkout = match self.pool.checkout(trusted_only) {
                 Ok(checkout) => checkout,
+                // Not a connection failure: neither the breaker nor the resolver hears of it
+                // (the sentinels are asked on their schedule; in-memory, this costs nothing).
+                Err(err) if is_untrusted(&err) => {
+                    PROCESS.error(ErrorKind::of(&err));
+                    return Err(Error::from_redis(&err));
+                }
                 Err(err) => return Err(self.failed(&err)),
             };
             // Sentinel: a newer primary first gets the revocations the old one may have lost.

@@ -11,8 +11,9 @@ lost) and this process moves to P2, whose catch-up re-sends only the last 5 s: t
 logged out earlier is accepted again, from its record copied to P2 before the partition,
 by this very process (and every other).
 
-The minority sentinel is a stand-in speaking the protocol (a real one in the same spot
-answers the same); the other two configured sentinels are on the far side (unreachable).
+The sentinels are stand-ins speaking the protocol (a real one in the same spot answers the
+same): before the partition all three name P1; during it, two are on the far side
+(unreachable: they drop every connection); after the heal all three name P2.
 Expected: an answer from one sentinel out of three neither confirms a primary nor settles
 revocations (ask a majority, or compare config epochs), so the revocation is re-sent.
 """
@@ -29,7 +30,7 @@ import redis as redis_py
 from django.test import Client
 
 from knox_redis import cache
-from tests.servers import SentinelSetup, SentinelUnavailable, free_port
+from tests.servers import SentinelSetup, SentinelUnavailable
 from tests.test_sentinel import auth_header, login, whoami
 
 pytestmark = pytest.mark.slow
@@ -43,6 +44,7 @@ class FakeSentinel:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = ("127.0.0.1", self.listener.getsockname()[1])
         self.closed = False
+        self.reachable = True
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -56,7 +58,7 @@ class FakeSentinel:
     def _serve(self, conn: socket.socket) -> None:
         buffer = b""
         with conn:
-            while True:
+            while self.reachable:
                 try:
                     data = conn.recv(4096)
                 except OSError:
@@ -129,12 +131,12 @@ def test_a_revocation_confirmed_only_by_a_minority_sentinel_is_not_dropped(setti
     p1 = nodes.primary.port
     (replica,) = nodes.replicas
     p2 = replica.port
-    minority = FakeSentinel(p1)
+    minority, *majority = sentinels = [FakeSentinel(p1) for _ in range(3)]
     try:
         redis_py.Redis(port=p1).flushall()
         settings.REST_KNOX_REDIS = {
-            # The service's three sentinels: one on this side, two unreachable across the partition.
-            "SENTINELS": [minority.address, ("127.0.0.1", free_port()), ("127.0.0.1", free_port())],
+            # The service's three sentinels: one on this side, two across the partition.
+            "SENTINELS": [sentinel.address for sentinel in sentinels],
             "SENTINEL_SERVICE_NAME": SentinelSetup.service,
             "CIRCUIT_BREAKER_COOLDOWN": 0.5,
         }
@@ -146,6 +148,8 @@ def test_a_revocation_confirmed_only_by_a_minority_sentinel_is_not_dropped(setti
         wait_until(lambda: has_record(p2, token))  # replicated before the partition
 
         # The partition: the majority promotes P2. P1 still answers as a primary here.
+        for sentinel in majority:
+            sentinel.reachable = False
         redis_py.Redis(port=p2).execute_command("REPLICAOF", "NO", "ONE")
         assert client.post("/api/logout/", **auth_header(token)).status_code == 204  # sent to P1
         assert whoami(client, token) == 401
@@ -161,13 +165,16 @@ def test_a_revocation_confirmed_only_by_a_minority_sentinel_is_not_dropped(setti
         kept = native.stats()["revocations_kept"]
 
         # The partition heals: the sentinels agree on P2, P1 rejoins as its replica.
-        minority.port = p2
+        for sentinel in sentinels:
+            sentinel.port, sentinel.reachable = p2, True
         redis_py.Redis(port=p1).execute_command("REPLICAOF", "127.0.0.1", str(p2))
         wait_until(lambda: redis_py.Redis(port=p1).info("replication").get("master_link_status") == "up")
-        wait_until(lambda: (whoami(client, other), native.primary_address)[1] == f"127.0.0.1:{p2}")
+        # (The re-check backs off to 8 s while no majority answers.)
+        wait_until(lambda: (whoami(client, other), native.primary_address)[1] == f"127.0.0.1:{p2}", within=15)
         assert whoami(client, token) == 401, (
             f"a token logged out (call returned 204) is accepted again after the heal; "
             f"the journal kept {kept} revocation(s) before it; P2 has its record: {has_record(p2, token)}"
         )
     finally:
-        minority.close()
+        for sentinel in sentinels:
+            sentinel.close()
