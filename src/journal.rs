@@ -6,9 +6,10 @@
 //! to about a second later), this process asks them once a second (`sentinel::RECHECK`), and
 //! the old primary is emptied when it rejoins as a replica. A revocation sent to it in that
 //! window would be lost, and the token's record, copied to the new primary before the
-//! promotion, accepted again. So every revocation is kept until the sentinels have named the
-//! primary it went to at least `MARGIN` after it was sent (it had reached the replicas by
-//! then, or the sentinels would name another); the first connection to a newer primary
+//! promotion, accepted again. So every revocation is kept until a majority of the sentinels
+//! have named the primary it went to (that primary: its generation) at least `MARGIN` after
+//! it was sent (it had reached the replicas by then, or they would name another); a
+//! confirmation of another primary settles nothing. The first connection to a newer primary
 //! re-sends the ones kept, and no other is used before that is done.
 //!
 //! A revocation is idempotent (a record deleted again, a new generation, a tombstone), so
@@ -91,16 +92,19 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Keep a revocation sent on a connection of `generation`. `settled`: when the sentinels
-    /// last named the current primary (revocations sent `MARGIN` before that go). Returns
-    /// true if a newer primary's catch-up had already listed what to re-send without this one:
-    /// the caller sends it again itself.
-    pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<Instant>) -> bool {
+    /// Keep a revocation sent on a connection of `generation`. `settled`: the generation of
+    /// the primary a majority of the sentinels last confirmed, and when (revocations sent to
+    /// that primary `MARGIN` before that go; those sent to any other stay). Returns true if a
+    /// newer primary's catch-up had already listed what to re-send without this one: the
+    /// caller sends it again itself.
+    pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<(u64, Instant)>) -> bool {
         let mut kept = self.kept.lock();
         // Only while no catch-up is pending: the kept ones are for the next primary.
-        if let Some(cutoff) = settled.and_then(|at| at.checked_sub(MARGIN)) {
+        if let Some((confirmed, cutoff)) = settled.and_then(|(g, at)| Some((g, at.checked_sub(MARGIN)?))) {
             if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
-                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation <= generation) {
+                // In order of sending: one for another primary at the front waits for its
+                // catch-up (which moves it to the new one) before those behind it go.
+                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation == confirmed) {
                     kept.entries.pop_front();
                 }
             }
@@ -176,11 +180,22 @@ mod tests {
     fn kept_until_the_primary_is_named_again_after_the_margin() {
         let journal = Journal::default();
         assert!(!journal.record(1, revocation(), None));
-        assert!(!journal.record(1, revocation(), Some(Instant::now())));
+        assert!(!journal.record(1, revocation(), Some((1, Instant::now()))));
         assert_eq!(journal.len(), 2); // named just now: within the margin
         let later = Instant::now() + MARGIN + Duration::from_millis(1);
-        assert!(!journal.record(1, revocation(), Some(later)));
+        assert!(!journal.record(1, revocation(), Some((1, later))));
         assert_eq!(journal.len(), 1); // the two older ones were settled
+    }
+
+    #[test]
+    fn only_a_confirmation_of_their_own_primary_settles_revocations() {
+        let journal = Journal::default();
+        assert!(!journal.record(1, revocation(), None));
+        let later = Instant::now() + MARGIN + Duration::from_millis(1);
+        assert!(!journal.record(1, revocation(), Some((2, later))));
+        assert_eq!(journal.len(), 2); // generation 2 confirmed: nothing sent to 1 is settled
+        assert!(!journal.record(1, revocation(), Some((1, later))));
+        assert_eq!(journal.len(), 1);
     }
 
     #[test]

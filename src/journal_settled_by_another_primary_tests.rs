@@ -1,6 +1,8 @@
 //! Review (Sentinel journal): revocations sent to an old primary are "settled" by the
 //! confirmation of the new one.
 //!
+//! (Fixed: `settled` now carries the confirmed primary's generation; adapted to that.)
+//!
 //! `Journal::record` prunes with `settled` = `Resolver::confirmed_at()`, which is when the
 //! sentinels last named the *current* primary, whatever generation the pruned entries went
 //! to. Between the moment the sentinels name a new primary (generation 2, `confirmed_at` =
@@ -39,7 +41,7 @@ fn a_new_primarys_confirmation_does_not_settle_revocations_sent_to_the_old_one()
     // t0 + 6 s: the sentinels name P2 (generation 2) and `confirmed_at` is now P2's. Before
     // P2's catch-up lists, a logout in flight on a generation-1 connection completes.
     let p2_confirmed = Instant::now() + MARGIN + Duration::from_millis(1);
-    journal.record(1, revocation(), Some(p2_confirmed));
+    journal.record(1, revocation(), Some((2, p2_confirmed)));
     // P2's catch-up must re-send both.
     let pending = journal.kept.lock().entries.iter().filter(|e| e.generation < 2).count();
     assert_eq!(pending, 2, "the logout sent to P1 at t0 was dropped on P2's confirmation");

@@ -202,11 +202,12 @@ impl Pool {
         matches!(self.connector.route, Route::Sentinel(_))
     }
 
-    /// Sentinel mode: when the sentinels last named the current primary.
-    pub fn settled(&self) -> Option<std::time::Instant> {
+    /// Sentinel mode: the generation of the primary a majority of the sentinels last named,
+    /// and when.
+    pub fn settled(&self) -> Option<(u64, std::time::Instant)> {
         match &self.connector.route {
             Route::Fixed(_) => None,
-            Route::Sentinel(resolver) => resolver.confirmed().map(|(_, at)| at),
+            Route::Sentinel(resolver) => resolver.confirmed(),
         }
     }
 
