@@ -131,7 +131,7 @@ def test_a_revocation_confirmed_only_by_a_minority_sentinel_is_not_dropped(setti
     p1 = nodes.primary.port
     (replica,) = nodes.replicas
     p2 = replica.port
-    minority, *majority = sentinels = [FakeSentinel(p1) for _ in range(3)]
+    _minority, *majority = sentinels = [FakeSentinel(p1) for _ in range(3)]
     try:
         redis_py.Redis(port=p1).flushall()
         settings.REST_KNOX_REDIS = {

@@ -41,7 +41,9 @@ def test_what_redis_py_makes_of_both_forms():
     from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedSSLConnection
 
     manager = Sentinel([("127.0.0.1", 1)])
-    pool = SentinelConnectionPool.from_url("redis://mymaster/0", service_name="mymaster", sentinel_manager=manager, ssl=True)
+    pool = SentinelConnectionPool.from_url(
+        "redis://mymaster/0", service_name="mymaster", sentinel_manager=manager, ssl=True
+    )
     assert pool.connection_class is SentinelManagedSSLConnection
     pool = SentinelConnectionPool.from_url("rediss://mymaster/0", service_name="mymaster", sentinel_manager=manager)
     assert pool.connection_class is SSLConnection  # not Sentinel-managed: connects to "mymaster":6379
