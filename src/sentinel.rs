@@ -237,15 +237,21 @@ impl Resolver {
         Ok((primary, askings))
     }
 
-    /// Ask the sentinels, unless another thread has since `askings`: then use its answer.
+    /// Ask the sentinels, unless another thread has since `askings`: then use its outcome,
+    /// answered or not (so a call waits for at most the one asking in flight, never for a
+    /// queue of them behind hung sentinels).
     fn ask_unless_asked_since(&self, askings: u64) -> RedisResult<Primary> {
         let _asking = self.asking.lock();
         {
             let state = self.state.lock();
             if state.askings != askings {
-                if let Some(primary) = &state.primary {
-                    return Ok(primary.clone());
-                }
+                return match &state.primary {
+                    Some(primary) => Ok(primary.clone()),
+                    None => Err(unavailable(format!(
+                        "no sentinel named the primary of {:?} when last asked (by another call, just now)",
+                        self.service
+                    ))),
+                };
             }
         }
         self.ask_and_store(true)
