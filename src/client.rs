@@ -263,6 +263,9 @@ impl TokenCache {
                 Ok(value) => {
                     self.pool.checkin(checkout.conn, checkout.generation);
                     self.breaker.record_success();
+                    if self.pool.is_sentinel() {
+                        self.journal.settle(self.pool.settled());
+                    }
                     return Ok((value, checkout.generation));
                 }
                 Err(err) => {

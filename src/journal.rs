@@ -99,16 +99,7 @@ impl Journal {
     /// caller sends it again itself.
     pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<(u64, Instant)>) -> bool {
         let mut kept = self.kept.lock();
-        // Only while no catch-up is pending: the kept ones are for the next primary.
-        if let Some((confirmed, cutoff)) = settled.and_then(|(g, at)| Some((g, at.checked_sub(MARGIN)?))) {
-            if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
-                // In order of sending: one for another primary at the front waits for its
-                // catch-up (which moves it to the new one) before those behind it go.
-                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation == confirmed) {
-                    kept.entries.pop_front();
-                }
-            }
-        }
+        self.prune(&mut kept, settled);
         if kept.entries.len() >= CAPACITY {
             kept.entries.pop_front();
         }
@@ -152,6 +143,29 @@ impl Journal {
         Ok(())
     }
 
+    /// Drop the revocations `settled` settles (see `record`): called after each call on the
+    /// primary too, so that a burst followed by quiet doesn't stay kept (to be re-sent, one
+    /// round trip each, by the next failover's catch-up). Cheap when there is nothing to drop.
+    pub fn settle(&self, settled: Option<(u64, Instant)>) {
+        let mut kept = self.kept.lock();
+        if !kept.entries.is_empty() {
+            self.prune(&mut kept, settled);
+        }
+    }
+
+    fn prune(&self, kept: &mut Kept, settled: Option<(u64, Instant)>) {
+        // Only while no catch-up is pending: the kept ones are for the next primary.
+        if let Some((confirmed, cutoff)) = settled.and_then(|(g, at)| Some((g, at.checked_sub(MARGIN)?))) {
+            if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
+                // In order of sending: one for another primary at the front waits for its
+                // catch-up (which moves it to the new one) before those behind it go.
+                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation == confirmed) {
+                    kept.entries.pop_front();
+                }
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.kept.lock().entries.len()
     }
@@ -185,6 +199,16 @@ mod tests {
         let later = Instant::now() + MARGIN + Duration::from_millis(1);
         assert!(!journal.record(1, revocation(), Some((1, later))));
         assert_eq!(journal.len(), 1); // the two older ones were settled
+    }
+
+    #[test]
+    fn settled_without_a_new_revocation() {
+        let journal = Journal::default();
+        assert!(!journal.record(1, revocation(), None));
+        journal.settle(Some((1, Instant::now())));
+        assert_eq!(journal.len(), 1);
+        journal.settle(Some((1, Instant::now() + MARGIN + Duration::from_millis(1))));
+        assert_eq!(journal.len(), 0);
     }
 
     #[test]
