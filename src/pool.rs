@@ -234,13 +234,25 @@ impl Pool {
 /// error (not connected), so the Python side treats it as Redis being unreachable: a lookup
 /// falls back to the database.
 pub fn untrusted() -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::new(
-        std::io::ErrorKind::NotConnected,
-        "the primary has not been confirmed by a majority of the sentinels lately: not read",
-    ))
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, UNTRUSTED))
 }
+
+const UNTRUSTED: &str = "the primary has not been confirmed by a majority of the sentinels lately: not read";
 
 /// Is this the error of a lookup refused by `Pool::checkout` (no connection failed)?
 pub fn is_untrusted(err: &redis::RedisError) -> bool {
-    err.kind() == redis::ErrorKind::Io && err.to_string().contains("confirmed by a majority of the sentinels lately")
+    err.is_io_error() && err.to_string().contains(UNTRUSTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_untrusted_refusal_is_told_apart_from_a_connection_failure() {
+        assert!(is_untrusted(&untrusted()));
+        let refused = redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(!is_untrusted(&refused));
+        assert!(crate::errors::is_connectivity(&untrusted())); // the Python side falls back
+    }
 }
