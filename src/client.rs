@@ -256,7 +256,7 @@ impl TokenCache {
                 Err(err) => return Err(self.failed(&err)),
             };
             // Sentinel: a newer primary first gets the revocations the old one may have lost.
-            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation) {
+            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, self.pool.io_timeout()) {
                 return Err(self.failed(&err));
             }
             match op(&mut checkout.conn) {

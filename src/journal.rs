@@ -110,12 +110,19 @@ impl Journal {
     /// Before a connection of `generation` is first used: if it goes to a newer primary than
     /// the revocations were caught up with, re-send every revocation kept for an older one.
     /// A connection error stops (the caller fails, the next call tries again); a revocation
-    /// the server refuses is dropped, not tried for ever.
-    pub fn catch_up(&self, conn: &mut Connection, generation: u64) -> RedisResult<()> {
+    /// the server refuses is dropped, not tried for ever. A call that finds another's
+    /// catch-up in progress waits for it at most `wait`, then fails as if Redis were
+    /// unreachable (its connection is not used before the catch-up is done).
+    pub fn catch_up(&self, conn: &mut Connection, generation: u64, wait: Duration) -> RedisResult<()> {
         if generation <= self.caught_up.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _gate = self.gate.lock();
+        let Some(_gate) = self.gate.try_lock_for(wait) else {
+            return Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the revocations kept for the new primary are still being sent to it (by another call)",
+            )));
+        };
         if generation <= self.caught_up.load(Ordering::Acquire) {
             return Ok(());
         }

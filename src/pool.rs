@@ -170,6 +170,11 @@ impl Pool {
         self.connector.connect_tagged().map(|(conn, generation)| Checkout { conn, reused: false, generation })
     }
 
+    /// The socket timeout: what a call may wait, at most, for another's work on a connection.
+    pub fn io_timeout(&self) -> Duration {
+        self.connector.io_timeout
+    }
+
     pub fn connector(&self) -> Connector {
         self.connector.clone()
     }
