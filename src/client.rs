@@ -18,7 +18,7 @@ use crate::incarnation::Incarnation;
 use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
-use crate::pool::{Pool, PoolConfig};
+use crate::pool::{is_untrusted, Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
@@ -223,26 +223,32 @@ impl TokenCache {
 
     /// Run `op` on a pooled connection under the breaker. A connection that errs is dropped;
     /// a reused one that turns out to be closed (Redis restarted) is retried once on a new one.
+    ///
+    /// Sentinel: refused, connecting to nothing, while the primary is not trusted (see
+    /// `sentinel::TRUSTED_FOR`): what these calls read or write would be served from a node
+    /// that may no longer be the primary (the caller falls back as when Redis is down).
     fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_with(true, op)
+        self.call_tagged(true, true, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(use_breaker, |conn, _| op(conn)).map(|(value, _)| value)
+        self.call_tagged(use_breaker, false, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
     /// `call`, with `op` told the incarnation of the server on the connection it runs on (each
     /// try: a retry after a restart goes to another one).
     fn call_in<T>(&self, op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(true, op).map(|(value, _)| value)
+        self.call_tagged(true, true, op).map(|(value, _)| value)
     }
 
-    /// `call_in`, and the generation of the primary that answered (Sentinel; else 0).
+    /// `call_in`, and the generation of the primary that answered (Sentinel; else 0); with
+    /// `trusted_only`, only on a trusted primary (see `call`).
     fn call_tagged<T>(
         &self,
         use_breaker: bool,
+        trusted_only: bool,
         op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
@@ -251,7 +257,7 @@ impl TokenCache {
         }
         // One observation per call that goes to Redis: connecting and the retry included.
         let started = Instant::now();
-        let result = self.attempt(op);
+        let result = self.attempt(trusted_only, op);
         PROCESS.observe(started.elapsed());
         result
     }
@@ -262,7 +268,7 @@ impl TokenCache {
     /// while (journal.rs), and sent again if the catch-up of a newer primary missed it.
     fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
         let wait_ms = self.wait_ms;
-        let (revoked, generation) = self.call_tagged(use_breaker, |conn, _| {
+        let (revoked, generation) = self.call_tagged(use_breaker, false, |conn, _| {
             let (removed, tombstone, replicas) = call.invoke(conn)?;
             if replicas > 0 {
                 let acknowledged: i64 = redis::cmd("WAIT").arg(1).arg(wait_ms).query(conn)?;
@@ -277,20 +283,30 @@ impl TokenCache {
             Ok((removed, tombstone))
         })?;
         if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
-            self.call_tagged(false, |conn, _| call.replay(conn))?;
+            self.call_tagged(false, false, |conn, _| call.replay(conn))?;
         }
         Ok(revoked)
     }
 
-    fn attempt<T>(&self, op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>) -> Result<(T, u64)> {
+    fn attempt<T>(
+        &self,
+        trusted_only: bool,
+        op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>,
+    ) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
-            let mut checkout = match self.pool.checkout() {
+            let mut checkout = match self.pool.checkout(trusted_only) {
                 Ok(checkout) => checkout,
+                // Not a connection failure: neither the breaker nor the resolver hears of it
+                // (the sentinels are asked on their schedule; in-memory, this costs nothing).
+                Err(err) if is_untrusted(&err) => {
+                    PROCESS.error(ErrorKind::of(&err));
+                    return Err(Error::from_redis(&err));
+                }
                 Err(err) => return Err(self.failed(&err)),
             };
             // Sentinel: a newer primary first gets the revocations the old one may have lost.
-            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation) {
+            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, self.pool.io_timeout()) {
                 return Err(self.failed(&err));
             }
             match op(&mut checkout.conn, checkout.incarnation) {
@@ -298,6 +314,9 @@ impl TokenCache {
                     let generation = checkout.generation;
                     self.pool.checkin(checkout);
                     self.breaker.record_success();
+                    if self.pool.is_sentinel() {
+                        self.journal.settle(self.pool.settled());
+                    }
                     return Ok((value, generation));
                 }
                 Err(err) => {

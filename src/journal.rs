@@ -6,9 +6,10 @@
 //! to about a second later), this process asks them once a second (`sentinel::RECHECK`), and
 //! the old primary is emptied when it rejoins as a replica. A revocation sent to it in that
 //! window would be lost, and the token's record, copied to the new primary before the
-//! promotion, accepted again. So every revocation is kept until the sentinels have named the
-//! primary it went to at least `MARGIN` after it was sent (it had reached the replicas by
-//! then, or the sentinels would name another); the first connection to a newer primary
+//! promotion, accepted again. So every revocation is kept until a majority of the sentinels
+//! have named the primary it went to (that primary: its generation) at least `MARGIN` after
+//! it was sent (it had reached the replicas by then, or they would name another); a
+//! confirmation of another primary settles nothing. The first connection to a newer primary
 //! re-sends the ones kept, and no other is used before that is done.
 //!
 //! A revocation is idempotent (a record deleted again, a new generation, a tombstone), so
@@ -92,20 +93,14 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Keep a revocation sent on a connection of `generation`. `settled`: when the sentinels
-    /// last named the current primary (revocations sent `MARGIN` before that go). Returns
-    /// true if a newer primary's catch-up had already listed what to re-send without this one:
-    /// the caller sends it again itself.
-    pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<Instant>) -> bool {
+    /// Keep a revocation sent on a connection of `generation`. `settled`: the generation of
+    /// the primary a majority of the sentinels last confirmed, and when (revocations sent to
+    /// that primary `MARGIN` before that go; those sent to any other stay). Returns true if a
+    /// newer primary's catch-up had already listed what to re-send without this one: the
+    /// caller sends it again itself.
+    pub fn record(&self, generation: u64, call: Arc<Revocation>, settled: Option<(u64, Instant)>) -> bool {
         let mut kept = self.kept.lock();
-        // Only while no catch-up is pending: the kept ones are for the next primary.
-        if let Some(cutoff) = settled.and_then(|at| at.checked_sub(MARGIN)) {
-            if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
-                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation <= generation) {
-                    kept.entries.pop_front();
-                }
-            }
-        }
+        self.prune(&mut kept, settled);
         if kept.entries.len() >= CAPACITY {
             kept.entries.pop_front();
         }
@@ -116,12 +111,19 @@ impl Journal {
     /// Before a connection of `generation` is first used: if it goes to a newer primary than
     /// the revocations were caught up with, re-send every revocation kept for an older one.
     /// A connection error stops (the caller fails, the next call tries again); a revocation
-    /// the server refuses is dropped, not tried for ever.
-    pub fn catch_up(&self, conn: &mut Connection, generation: u64) -> RedisResult<()> {
+    /// the server refuses is dropped, not tried for ever. A call that finds another's
+    /// catch-up in progress waits for it at most `wait`, then fails as if Redis were
+    /// unreachable (its connection is not used before the catch-up is done).
+    pub fn catch_up(&self, conn: &mut Connection, generation: u64, wait: Duration) -> RedisResult<()> {
         if generation <= self.caught_up.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _gate = self.gate.lock();
+        let Some(_gate) = self.gate.try_lock_for(wait) else {
+            return Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the revocations kept for the new primary are still being sent to it (by another call)",
+            )));
+        };
         if generation <= self.caught_up.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -147,6 +149,29 @@ impl Journal {
         }
         self.caught_up.store(generation, Ordering::Release);
         Ok(())
+    }
+
+    /// Drop the revocations `settled` settles (see `record`): called after each call on the
+    /// primary too, so that a burst followed by quiet doesn't stay kept (to be re-sent, one
+    /// round trip each, by the next failover's catch-up). Cheap when there is nothing to drop.
+    pub fn settle(&self, settled: Option<(u64, Instant)>) {
+        let mut kept = self.kept.lock();
+        if !kept.entries.is_empty() {
+            self.prune(&mut kept, settled);
+        }
+    }
+
+    fn prune(&self, kept: &mut Kept, settled: Option<(u64, Instant)>) {
+        // Only while no catch-up is pending: the kept ones are for the next primary.
+        if let Some((confirmed, cutoff)) = settled.and_then(|(g, at)| Some((g, at.checked_sub(MARGIN)?))) {
+            if self.caught_up.load(Ordering::Acquire) >= kept.listed_for {
+                // In order of sending: one for another primary at the front waits for its
+                // catch-up (which moves it to the new one) before those behind it go.
+                while kept.entries.front().is_some_and(|e| e.at < cutoff && e.generation == confirmed) {
+                    kept.entries.pop_front();
+                }
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -177,11 +202,32 @@ mod tests {
     fn kept_until_the_primary_is_named_again_after_the_margin() {
         let journal = Journal::default();
         assert!(!journal.record(1, revocation(), None));
-        assert!(!journal.record(1, revocation(), Some(Instant::now())));
+        assert!(!journal.record(1, revocation(), Some((1, Instant::now()))));
         assert_eq!(journal.len(), 2); // named just now: within the margin
         let later = Instant::now() + MARGIN + Duration::from_millis(1);
-        assert!(!journal.record(1, revocation(), Some(later)));
+        assert!(!journal.record(1, revocation(), Some((1, later))));
         assert_eq!(journal.len(), 1); // the two older ones were settled
+    }
+
+    #[test]
+    fn settled_without_a_new_revocation() {
+        let journal = Journal::default();
+        assert!(!journal.record(1, revocation(), None));
+        journal.settle(Some((1, Instant::now())));
+        assert_eq!(journal.len(), 1);
+        journal.settle(Some((1, Instant::now() + MARGIN + Duration::from_millis(1))));
+        assert_eq!(journal.len(), 0);
+    }
+
+    #[test]
+    fn only_a_confirmation_of_their_own_primary_settles_revocations() {
+        let journal = Journal::default();
+        assert!(!journal.record(1, revocation(), None));
+        let later = Instant::now() + MARGIN + Duration::from_millis(1);
+        assert!(!journal.record(1, revocation(), Some((2, later))));
+        assert_eq!(journal.len(), 2); // generation 2 confirmed: nothing sent to 1 is settled
+        assert!(!journal.record(1, revocation(), Some((1, later))));
+        assert_eq!(journal.len(), 1);
     }
 
     #[test]
@@ -192,3 +238,7 @@ mod tests {
         assert!(!journal.record(2, revocation(), None));
     }
 }
+
+#[cfg(test)]
+#[path = "journal_settled_by_another_primary_tests.rs"]
+mod settled_by_another_primary_tests;

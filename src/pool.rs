@@ -85,6 +85,15 @@ impl Connector {
         }
     }
 
+    /// May lookups read the primary of `generation` (Sentinel: confirmed by a majority of the
+    /// sentinels within `sentinel::TRUSTED_FOR`; always without Sentinel)?
+    pub fn trusted(&self, generation: u64) -> bool {
+        match &self.route {
+            Route::Fixed(_) => true,
+            Route::Sentinel(resolver) => resolver.trusted(generation),
+        }
+    }
+
     /// Changes when the sentinels name another primary: connections of an older generation go.
     pub fn generation(&self) -> u64 {
         match &self.route {
@@ -129,9 +138,27 @@ impl Pool {
         })
     }
 
-    pub fn checkout(&self) -> RedisResult<Checkout> {
+    /// With `trusted_only` (lookups), fails at once, connecting to nothing, while the primary
+    /// known is not trusted (`Connector::trusted`), and if the one connected to is not.
+    pub fn checkout(&self, trusted_only: bool) -> RedisResult<Checkout> {
         let pid = std::process::id();
         self.connector.refresh();
+        if trusted_only {
+            if let Route::Sentinel(resolver) = &self.connector.route {
+                if resolver.known_generation().is_some_and(|generation| !resolver.trusted(generation)) {
+                    return Err(untrusted());
+                }
+            }
+        }
+        let checkout = self.checkout_any(pid)?;
+        if trusted_only && !self.connector.trusted(checkout.generation) {
+            self.checkin(checkout);
+            return Err(untrusted());
+        }
+        Ok(checkout)
+    }
+
+    fn checkout_any(&self, pid: u32) -> RedisResult<Checkout> {
         let current = self.connector.generation();
         loop {
             let idle = self.idle.lock().pop();
@@ -148,6 +175,11 @@ impl Pool {
         let (mut conn, generation) = self.connector.connect_tagged()?;
         let incarnation = incarnation::learn(&mut conn)?;
         Ok(Checkout { conn, reused: false, generation, incarnation })
+    }
+
+    /// The socket timeout: what a call may wait, at most, for another's work on a connection.
+    pub fn io_timeout(&self) -> Duration {
+        self.connector.io_timeout
     }
 
     pub fn connector(&self) -> Connector {
@@ -183,11 +215,12 @@ impl Pool {
         matches!(self.connector.route, Route::Sentinel(_))
     }
 
-    /// Sentinel mode: when the sentinels last named the current primary.
-    pub fn settled(&self) -> Option<std::time::Instant> {
+    /// Sentinel mode: the generation of the primary a majority of the sentinels last named,
+    /// and when.
+    pub fn settled(&self) -> Option<(u64, std::time::Instant)> {
         match &self.connector.route {
             Route::Fixed(_) => None,
-            Route::Sentinel(resolver) => resolver.confirmed_at(),
+            Route::Sentinel(resolver) => resolver.confirmed(),
         }
     }
 
@@ -207,5 +240,32 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().len()
+    }
+}
+
+/// Sentinel: the primary has not been confirmed by a majority of the sentinels lately. An I/O
+/// error (not connected), so the Python side treats it as Redis being unreachable: a lookup
+/// falls back to the database.
+pub fn untrusted() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, UNTRUSTED))
+}
+
+const UNTRUSTED: &str = "the primary has not been confirmed by a majority of the sentinels lately: not read";
+
+/// Is this the error of a lookup refused by `Pool::checkout` (no connection failed)?
+pub fn is_untrusted(err: &redis::RedisError) -> bool {
+    err.is_io_error() && err.to_string().contains(UNTRUSTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_untrusted_refusal_is_told_apart_from_a_connection_failure() {
+        assert!(is_untrusted(&untrusted()));
+        let refused = redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(!is_untrusted(&refused));
+        assert!(crate::errors::is_connectivity(&untrusted())); // the Python side falls back
     }
 }

@@ -11,8 +11,22 @@
 //!   (no `READONLY`, no error) and only the sentinels can tell. While none answers, this
 //!   backs off to every `RECHECK_MAX`.
 //!
+//! A primary is *confirmed* only when a majority of the configured sentinels (`n / 2 + 1`)
+//! name it in one asking: a sentinel stranded with the old primary on a minority side goes on
+//! naming it, and must not be believed. One answer is enough to find a node to connect to
+//! (when none is known, or the known one fails or stepped down; always `ROLE`-checked), never
+//! to confirm it. Confirmations are kept with the primary's generation: they settle only the
+//! revocations sent to that primary (journal.rs).
+//!
+//! A primary not confirmed for `TRUSTED_FOR` (the sentinels unreachable or split: this process
+//! may be on the old primary's side of a partition while a new one takes the revocations) is
+//! not trusted: lookups don't read it (`Resolver::trusted`; they fail as if Redis were down,
+//! and the Python side falls back to the database), and the in-process cache's listener ends
+//! its session (flushing the cache). Revocations are still sent to it, and journaled.
+//!
 //! One thread asks at a time; the others go on with the primary known meanwhile (`refresh`)
-//! or wait for the answer (`connect` after a failure): each asking costs at most, per
+//! or wait for the answer (`connect` after a failure). The sentinels are asked in turn (the
+//! last one that answered first) until a majority agree: each asking costs at most, per
 //! sentinel, one connect timeout and one socket timeout.
 
 use std::io;
@@ -27,7 +41,10 @@ use redis::{
 
 /// How long a primary's address is used before the sentinels are asked again.
 pub const RECHECK: Duration = Duration::from_secs(1);
-/// While no sentinel answers, the re-check backs off, doubling up to this (each try may cost
+/// How long after the last majority confirmation a primary is trusted for lookups: three
+/// re-checks (`RECHECK`), so that one or two lost askings cost nothing.
+pub const TRUSTED_FOR: Duration = Duration::from_secs(3);
+/// While no majority answers, the re-check backs off, doubling up to this (each try may cost
 /// a call a connect timeout per sentinel).
 const RECHECK_MAX: Duration = Duration::from_secs(8);
 
@@ -59,14 +76,14 @@ struct State {
     primary: Option<Primary>,
     /// When the sentinels were last asked (answered or not).
     asked_at: Option<Instant>,
-    /// When they last named `primary`.
-    confirmed_at: Option<Instant>,
+    /// When a majority of them last named a primary, and its generation.
+    confirmed: Option<(u64, Instant)>,
     /// Ask again on the next use: a connection to the primary was lost.
     due: bool,
     /// How many times they have been asked: a thread that saw a failure asks again only if no
     /// other thread has since.
     askings: u64,
-    /// Askings in a row that no sentinel answered.
+    /// Askings in a row that no majority answered.
     unanswered: u32,
 }
 
@@ -131,7 +148,8 @@ impl Resolver {
 
     /// A new connection to the primary, verified by `ROLE`, and the generation it belongs to.
     /// `open` connects with the pool's timeouts. If the known primary can't be reached or is
-    /// no longer one, the sentinels are asked again and their answer tried once.
+    /// no longer one, the sentinels are asked again and their answer tried once (a majority's,
+    /// else the node most of those that answered name).
     pub fn connect(&self, open: impl Fn(&Client) -> RedisResult<Connection>) -> RedisResult<(Connection, u64)> {
         let (primary, askings) = self.known_or_asked()?;
         let first = match self.open_verified(&primary, &open) {
@@ -150,7 +168,8 @@ impl Resolver {
 
     /// On each use of the pool: after `RECHECK` (or sooner after a lost connection), ask the
     /// sentinels whether the primary is still the one they name. One thread asks; the others
-    /// don't wait. A failed asking keeps the known primary (connections to it still verify).
+    /// don't wait. Without a majority the known primary is kept (connections to it still
+    /// verify), unconfirmed: after `TRUSTED_FOR` lookups no longer read it.
     pub fn refresh(&self) {
         {
             let state = self.state.lock();
@@ -161,7 +180,7 @@ impl Resolver {
             }
         }
         if let Some(_asking) = self.asking.try_lock() {
-            let _ = self.ask_and_store();
+            let _ = self.ask_and_store(false);
         }
     }
 
@@ -182,9 +201,22 @@ impl Resolver {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// When the sentinels last named the current primary.
-    pub fn confirmed_at(&self) -> Option<Instant> {
-        self.state.lock().confirmed_at
+    /// When a majority of the sentinels last named a primary, and its generation.
+    pub fn confirmed(&self) -> Option<(u64, Instant)> {
+        self.state.lock().confirmed
+    }
+
+    /// May lookups read the primary of `generation`: is it the current one, confirmed by a
+    /// majority of the sentinels within `TRUSTED_FOR`?
+    pub fn trusted(&self, generation: u64) -> bool {
+        let state = self.state.lock();
+        let current = state.primary.as_ref().is_some_and(|p| p.generation == generation);
+        current && state.confirmed.is_some_and(|(g, at)| g == generation && at.elapsed() < TRUSTED_FOR)
+    }
+
+    /// The generation of the primary known now, if any.
+    pub fn known_generation(&self) -> Option<u64> {
+        self.state.lock().primary.as_ref().map(|p| p.generation)
     }
 
     /// `host:port` of the primary last named, if any.
@@ -205,35 +237,48 @@ impl Resolver {
         Ok((primary, askings))
     }
 
-    /// Ask the sentinels, unless another thread has since `askings`: then use its answer.
+    /// Ask the sentinels, unless another thread has since `askings`: then use its outcome,
+    /// answered or not (so a call waits for at most the one asking in flight, never for a
+    /// queue of them behind hung sentinels).
     fn ask_unless_asked_since(&self, askings: u64) -> RedisResult<Primary> {
         let _asking = self.asking.lock();
         {
             let state = self.state.lock();
             if state.askings != askings {
-                if let Some(primary) = &state.primary {
-                    return Ok(primary.clone());
-                }
+                return match &state.primary {
+                    Some(primary) => Ok(primary.clone()),
+                    None => Err(unavailable(format!(
+                        "no sentinel named the primary of {:?} when last asked (by another call, just now)",
+                        self.service
+                    ))),
+                };
             }
         }
-        self.ask_and_store()
+        self.ask_and_store(true)
     }
 
-    /// Ask the sentinels in turn (the last one that answered first); keep the first answer.
-    /// The caller holds `asking`.
-    fn ask_and_store(&self) -> RedisResult<Primary> {
+    /// Ask the sentinels (see `ask_sentinels`). A majority's answer confirms the primary it
+    /// names (a new one gets a new generation). Without a majority, the known primary is kept
+    /// (unconfirmed) unless `switch` (it failed, or none is known) and those that answered
+    /// name another node: then that one is the candidate, unconfirmed. The caller holds
+    /// `asking`.
+    fn ask_and_store(&self, switch: bool) -> RedisResult<Primary> {
         let answer = self.ask_sentinels();
         let known = {
             let mut state = self.state.lock();
             state.askings += 1;
             state.asked_at = Some(Instant::now());
             state.due = false;
-            state.unanswered = if answer.is_ok() { 0 } else { state.unanswered.saturating_add(1) };
+            let majority = answer.as_ref().is_ok_and(|answer| answer.majority);
+            state.unanswered = if majority { 0 } else { state.unanswered.saturating_add(1) };
             state.primary.clone()
         };
-        let (host, port) = answer?;
-        if let Some(primary) = known.filter(|p| p.host == host && p.port == port) {
-            self.state.lock().confirmed_at = Some(Instant::now());
+        let Answer { host, port, majority } = answer?;
+        let same = known.as_ref().is_some_and(|p| p.host == host && p.port == port);
+        if let Some(primary) = known.filter(|_| same || !(majority || switch)) {
+            if same && majority {
+                self.state.lock().confirmed = Some((primary.generation, Instant::now()));
+            }
             return Ok(primary);
         }
         let addr = match self.node.addr() {
@@ -247,26 +292,60 @@ impl Resolver {
         let primary = Primary { host, port, client, generation };
         let mut state = self.state.lock();
         state.primary = Some(primary.clone());
-        state.confirmed_at = Some(Instant::now());
+        if majority {
+            state.confirmed = Some((generation, Instant::now()));
+        }
         Ok(primary)
     }
 
-    fn ask_sentinels(&self) -> RedisResult<(String, u16)> {
+    /// Ask the sentinels in turn (the last one that answered first), until a majority of them
+    /// (`n / 2 + 1`) name the same node, or all have been asked: that node, or else the one
+    /// named most often (the first named, on a tie), unconfirmed.
+    fn ask_sentinels(&self) -> RedisResult<Answer> {
         let count = self.sentinels.len();
+        let needed = count / 2 + 1;
         let start = self.preferred.load(Ordering::Relaxed) % count;
         let mut failures = Vec::with_capacity(count);
+        let mut named: Vec<((String, u16), usize)> = Vec::with_capacity(count);
+        let mut answered = false;
         for index in (start..count).chain(0..start) {
             let (name, client) = &self.sentinels[index];
             match self.ask(client) {
                 Ok(Some(addr)) => {
-                    self.preferred.store(index, Ordering::Relaxed);
-                    return Ok(addr);
+                    if !answered {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        answered = true;
+                    }
+                    let votes = if let Some((_, votes)) = named.iter_mut().find(|(known, _)| *known == addr) {
+                        *votes += 1;
+                        *votes
+                    } else {
+                        named.push((addr.clone(), 1));
+                        1
+                    };
+                    if votes >= needed {
+                        let (host, port) = addr;
+                        return Ok(Answer { host, port, majority: true });
+                    }
                 }
                 Ok(None) => failures.push(format!("{name}: knows no primary named {:?}", self.service)),
                 Err(err) => failures.push(format!("{name}: {err}")),
             }
         }
-        Err(unavailable(format!("no sentinel named the primary of {:?} ({})", self.service, failures.join("; "))))
+        let mut best: Option<&((String, u16), usize)> = None;
+        for entry in &named {
+            if !best.is_some_and(|(_, votes)| *votes >= entry.1) {
+                best = Some(entry);
+            }
+        }
+        match best {
+            Some(((host, port), _)) => Ok(Answer { host: host.clone(), port: *port, majority: false }),
+            None => Err(unavailable(format!(
+                "no sentinel named the primary of {:?} ({})",
+                self.service,
+                failures.join("; ")
+            ))),
+        }
     }
 
     fn ask(&self, sentinel: &Client) -> RedisResult<Option<(String, u16)>> {
@@ -308,6 +387,14 @@ impl Resolver {
             ))),
         }
     }
+}
+
+/// What the sentinels asked named.
+struct Answer {
+    host: String,
+    port: u16,
+    /// Named by a majority of the configured sentinels: a confirmation.
+    majority: bool,
 }
 
 /// The first element of a `ROLE` reply: "master", "slave" or "sentinel".

@@ -18,7 +18,10 @@
 //!
 //! In Sentinel mode both connections go to the primary the sentinels name (each verified by
 //! `ROLE`), and the session ends, flushing the cache, as soon as they name another: a primary
-//! cut off by a failover may go on answering heartbeats while the writes go elsewhere.
+//! cut off by a failover may go on answering heartbeats while the writes go elsewhere. For the
+//! same reason it ends (and no new one starts) once a majority of the sentinels has not
+//! confirmed the primary for `sentinel::TRUSTED_FOR`: this process may be on the old primary's
+//! side of a partition, where nothing tells it of the failover.
 //!
 //! What tracking can't see: `SWAPDB` sends no invalidation (don't swap the cache's database),
 //! and a write to the same key name in another database of the same server does (harmless).
@@ -104,6 +107,9 @@ fn session(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool
     if beat_generation != generation {
         return Err(primary_changed());
     }
+    if !connector.trusted(generation) {
+        return Err(crate::pool::untrusted());
+    }
     let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut listener)?;
     redis::cmd("CLIENT")
         .arg("TRACKING")
@@ -130,13 +136,16 @@ struct Primary<'a> {
 }
 
 impl Primary<'_> {
-    /// Still the primary the sentinels name (asked at most every `sentinel::RECHECK`)?
+    /// Still the primary the sentinels name (asked at most every `sentinel::RECHECK`), and
+    /// confirmed by a majority of them lately?
     fn check(&self) -> RedisResult<()> {
         self.connector.refresh();
-        if self.connector.generation() == self.generation {
-            Ok(())
-        } else {
+        if self.connector.generation() != self.generation {
             Err(primary_changed())
+        } else if !self.connector.trusted(self.generation) {
+            Err(crate::pool::untrusted())
+        } else {
+            Ok(())
         }
     }
 }

@@ -181,21 +181,27 @@ def load() -> dict[str, Any]:
 
 
 def sentinel_addresses(value: Any, where: str) -> tuple[tuple[str, int], ...]:
-    """SENTINELS as redis-py's Sentinel takes them: a non-empty list of (host, port) pairs."""
-    problem = f"{where} must be a non-empty list of (host, port) pairs, got {value!r}."
+    """SENTINELS as redis-py's Sentinel takes them: a non-empty list of (host, port) pairs.
+
+    An error names the entry's position and type, never its value: a URL written there
+    (`sentinel://:password@host:26379`, as Celery takes them) would put a password in logs."""
+    problem = f"{where} must be a non-empty list of (host, port) pairs"
     if not isinstance(value, (list, tuple)) or not value:
-        raise ImproperlyConfigured(problem)
+        raise ImproperlyConfigured(f"{problem}, got a {type(value).__name__}{' (empty)' if not value else ''}.")
     addresses = []
-    for pair in value:
+    for index, pair in enumerate(value):
+        bad = f"{problem}: entry {index} is a {type(pair).__name__}"
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ImproperlyConfigured(problem)
+            raise ImproperlyConfigured(f"{bad}, not a (host, port) pair.")
         host, port = pair
         if isinstance(port, str) and port.isdigit():
             port = int(port)
         if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int):
-            raise ImproperlyConfigured(problem)
+            raise ImproperlyConfigured(
+                f"{bad} of ({type(host).__name__}, {type(pair[1]).__name__}), not (a host name, a port number)."
+            )
         if not 0 < port < 65536:
-            raise ImproperlyConfigured(f"{where}: {port} is not a TCP port.")
+            raise ImproperlyConfigured(f"{where}: entry {index}'s port {port} is not a TCP port.")
         addresses.append((host, port))
     return tuple(addresses)
 
@@ -278,6 +284,12 @@ def _sentinel_cache_target(alias: str, url: str, options: dict[str, Any]) -> Red
             f"CACHES[{alias!r}]['LOCATION'] is {redacted(url)!r}: with SENTINELS it must be "
             "redis://service_name/db, naming the service the sentinels monitor."
         )
+    # redis-py's SentinelConnectionPool reaches TLS data nodes (SentinelManagedSSLConnection)
+    # from CONNECTION_POOL_KWARGS' `ssl`, with a redis:// LOCATION (a rediss:// one makes it
+    # connect to the service's name itself): take TLS and its CA from there too.
+    pool_kwargs = options.get("CONNECTION_POOL_KWARGS") or {}
+    if isinstance(pool_kwargs, dict) and _truthy(pool_kwargs.get("ssl")):
+        target = replace(target, tls=True, tls_ca_certs=pool_kwargs.get("ssl_ca_certs") or target.tls_ca_certs)
     return replace(
         target,
         host=None,
@@ -285,6 +297,13 @@ def _sentinel_cache_target(alias: str, url: str, options: dict[str, Any]) -> Red
         sentinel_service_name=target.host,
         **sentinel_options(options.get("SENTINEL_KWARGS") or {}, f"{where}['SENTINEL_KWARGS']"),
     )
+
+
+def _truthy(value: Any) -> bool:
+    """A flag as redis-py reads one from kwargs or a URL query (True, 1, "true", "yes", ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "y", "on")
+    return bool(value)
 
 
 def _explicit_sentinel_target() -> RedisTarget:
