@@ -267,11 +267,17 @@ impl TokenCache {
     /// deletion (503) rather than let a failover lose it. In Sentinel mode it is also kept a
     /// while (journal.rs), and sent again if the catch-up of a newer primary missed it.
     fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
-        let wait_ms = self.wait_ms;
+        let (wait_ms, io_timeout) = (self.wait_ms, self.pool.io_timeout());
         let (revoked, generation) = self.call_tagged(use_breaker, false, |conn, _| {
             let (removed, tombstone, replicas) = call.invoke(conn)?;
             if replicas > 0 {
-                let acknowledged: i64 = redis::cmd("WAIT").arg(1).arg(wait_ms).query(conn)?;
+                // Redis answers a timed-out WAIT at its next tick (up to 1000/hz ms late): the
+                // read may take the wait plus a socket timeout; a late reply is a refusal, not
+                // a connection failure.
+                conn.set_read_timeout(Some(Duration::from_millis(wait_ms) + io_timeout))?;
+                let acknowledged: RedisResult<i64> = redis::cmd("WAIT").arg(1).arg(wait_ms).query(conn);
+                conn.set_read_timeout(Some(io_timeout))?;
+                let acknowledged = acknowledged?;
                 if acknowledged < 1 {
                     return Err(redis::RedisError::from((
                         redis::ErrorKind::Client,

@@ -30,7 +30,13 @@ local lift = ARGV[6]
 local tombstone_ms = tonumber(ARGV[2])
 local seed, prefix = ARGV[3], ARGV[4]
 local replicas = 0
-for _ in string.gmatch(redis.call('INFO', 'replication'), 'state=online') do replicas = replicas + 1 end
+-- Only replicas that acknowledge: a real one announces its port and acks every second (lag 0
+-- or 1). A replication-stream consumer that never sends REPLCONF (redis-cli --replica's SYNC,
+-- some CDC tools: port 0, lag growing) would make every WAIT time out.
+local info = redis.call('INFO', 'replication')
+for port, lag in string.gmatch(info, 'port=(%d+),state=online,offset=%-?%d+,lag=(%d+)') do
+  if tonumber(port) > 0 and tonumber(lag) <= 1 then replicas = replicas + 1 end
+end
 local now = redis.call('TIME')
 local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tombstone_ms
 local counter, removed = 0, 0
