@@ -7,6 +7,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -52,19 +54,20 @@ const SEED: &str = "5eed5eed5eed5eed";
 const RECORD: &str = "NEWGEN01record";
 
 /// lookup.lua on the token `KEY`/`ID`; `prefix` non-empty reads the record's user row too.
-fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, prefix: &str) -> T {
+fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, prefix: &str) -> TestResult<T> {
     let mut invocation = LOOKUP.prepare_invoke();
     invocation.key(KEY).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(FRESH).arg(60_000);
     invocation.arg(u8::from(create)).arg(prefix).arg(SEED);
-    invocation.invoke(conn).unwrap()
+    Ok(invocation.invoke(conn)?)
 }
 
-fn lookup(conn: &mut Connection, create: bool) -> (Option<String>, Option<String>) {
+fn lookup(conn: &mut Connection, create: bool) -> TestResult<(Option<String>, Option<String>)> {
     lookup_script(conn, create, "")
 }
 
-fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> i64 {
-    FILL.key(KEY)
+fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> TestResult<i64> {
+    Ok(FILL
+        .key(KEY)
         .key(INDEX)
         .arg(format!("r:{ID}"))
         .arg(format!("g:{ID}"))
@@ -75,15 +78,14 @@ fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> i64 {
         .arg(60_000)
         .arg(ID_BYTES)
         .arg("abc")
-        .invoke(conn)
-        .unwrap()
+        .invoke(conn)?)
 }
 
-fn fill(conn: &mut Connection, generation: &str) -> i64 {
+fn fill(conn: &mut Connection, generation: &str) -> TestResult<i64> {
     fill_with(conn, generation, RECORD.as_bytes())
 }
 
-fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
+fn revoke(conn: &mut Connection, tombstone_ms: u64) -> TestResult<i64> {
     let (removed, _tombstone, _replicas): (i64, String, i64) = REVOKE
         .key(KEY)
         .key(INDEX)
@@ -97,143 +99,140 @@ fn revoke(conn: &mut Connection, tombstone_ms: u64) -> i64 {
         .arg(ID)
         .arg(ID_BYTES)
         .arg(format!("{ID}abc"))
-        .invoke(conn)
-        .unwrap();
-    removed
+        .invoke(conn)?;
+    Ok(removed)
 }
 
-fn revoke_user(conn: &mut Connection) -> i64 {
-    let (removed, _tombstone, _replicas): (i64, String, i64) = REVOKE
-        .key(INDEX)
-        .key(LEGACY_INDEX)
-        .arg(0)
-        .arg(60_000)
-        .arg(SEED)
-        .arg("knox")
-        .arg(1)
-        .arg("")
-        .invoke(conn)
-        .unwrap();
-    removed
+fn revoke_user(conn: &mut Connection) -> TestResult<i64> {
+    let (removed, _tombstone, _replicas): (i64, String, i64) =
+        REVOKE.key(INDEX).key(LEGACY_INDEX).arg(0).arg(60_000).arg(SEED).arg("knox").arg(1).arg("").invoke(conn)?;
+    Ok(removed)
 }
 
 #[test]
-fn lifecycle() {
-    let Some((_server, mut conn)) = start() else { return };
+fn lifecycle() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     // A read-only lookup of an unknown token writes nothing.
-    assert_eq!(lookup(&mut conn, false), (None, None));
-    assert!(!conn.exists::<_, bool>(KEY).unwrap());
+    assert_eq!(lookup(&mut conn, false)?, (None, None));
+    assert!(!conn.exists::<_, bool>(KEY)?);
     // Creating a generation, then filling with it.
-    let (_, generation) = lookup(&mut conn, true);
-    let generation = generation.unwrap();
+    let (_, generation) = lookup(&mut conn, true)?;
+    let generation = generation.ok_or("lookup created no generation")?;
     assert_eq!(generation, FRESH);
-    assert_eq!(fill(&mut conn, "stalestalestale0"), 0, "a wrong generation never fills");
-    assert_eq!(fill(&mut conn, &generation), 1);
+    assert_eq!(fill(&mut conn, "stalestalestale0")?, 0, "a wrong generation never fills");
+    assert_eq!(fill(&mut conn, &generation)?, 1);
     // One field per cached token: the record carries its generation, the g: field is gone.
-    assert_eq!(lookup(&mut conn, false), (Some(RECORD.into()), Some("NEWGEN01".into())));
-    assert_eq!(conn.hlen::<_, i64>(KEY).unwrap(), 1);
-    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES).unwrap(), "abc");
-    assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0 && conn.pttl::<_, i64>(INDEX).unwrap() > 0);
+    assert_eq!(lookup(&mut conn, false)?, (Some(RECORD.into()), Some("NEWGEN01".into())));
+    assert_eq!(conn.hlen::<_, i64>(KEY)?, 1);
+    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES)?, "abc");
+    assert!(conn.pttl::<_, i64>(KEY)? > 0 && conn.pttl::<_, i64>(INDEX)? > 0);
     // A re-read fills under the record's generation; the old lookup's one is spent.
-    assert_eq!(fill(&mut conn, &generation), 0, "a generation fills once");
-    assert_eq!(fill_with(&mut conn, "NEWGEN01", b"NEWGEN02record"), 1);
+    assert_eq!(fill(&mut conn, &generation)?, 0, "a generation fills once");
+    assert_eq!(fill_with(&mut conn, "NEWGEN01", b"NEWGEN02record")?, 1);
     // Revocation: record gone, generation renewed, index pruned, tombstone blocks fills.
-    assert_eq!(revoke(&mut conn, 60_000), 1);
-    let (record, new_generation) = lookup(&mut conn, true);
+    assert_eq!(revoke(&mut conn, 60_000)?, 1);
+    let (record, new_generation) = lookup(&mut conn, true)?;
     assert_eq!(record, None);
-    let new_generation = new_generation.unwrap();
+    let new_generation = new_generation.ok_or("lookup created no generation")?;
     assert_eq!(new_generation, format!("{SEED}:1"));
-    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES).unwrap());
-    assert_eq!(fill(&mut conn, "NEWGEN02"), 0, "the record's generation fails");
-    assert_eq!(fill(&mut conn, &new_generation), 0, "the tombstone stands");
+    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES)?);
+    assert_eq!(fill(&mut conn, "NEWGEN02")?, 0, "the record's generation fails");
+    assert_eq!(fill(&mut conn, &new_generation)?, 0, "the tombstone stands");
     // Without a tombstone (the after-commit revocation), a new generation can fill again.
-    let _: () = conn.hdel(KEY, format!("t:{ID}")).unwrap();
-    assert_eq!(revoke(&mut conn, 0), 0);
-    let (_, latest) = lookup(&mut conn, true);
-    assert_eq!(fill(&mut conn, &latest.unwrap()), 1);
+    let _: () = conn.hdel(KEY, format!("t:{ID}"))?;
+    assert_eq!(revoke(&mut conn, 0)?, 0);
+    let (_, latest) = lookup(&mut conn, true)?;
+    assert_eq!(fill(&mut conn, &latest.ok_or("lookup created no generation")?)?, 1);
+    Ok(())
 }
 
 #[test]
-fn a_lapsed_tombstone_is_removed_by_the_fill_it_no_longer_blocks() {
-    let Some((_server, mut conn)) = start() else { return };
-    let _ = lookup(&mut conn, true);
-    let _: () = conn.hset(KEY, format!("t:{ID}"), "1").unwrap(); // long past
-    assert_eq!(fill(&mut conn, FRESH), 1);
-    assert!(!conn.hexists::<_, _, bool>(KEY, format!("t:{ID}")).unwrap());
+fn a_lapsed_tombstone_is_removed_by_the_fill_it_no_longer_blocks() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let _ = lookup(&mut conn, true)?;
+    let _: () = conn.hset(KEY, format!("t:{ID}"), "1")?; // long past
+    assert_eq!(fill(&mut conn, FRESH)?, 1);
+    assert!(!conn.hexists::<_, _, bool>(KEY, format!("t:{ID}"))?);
+    Ok(())
 }
 
 #[test]
-fn revoking_a_user_reaches_both_index_layouts() {
-    let Some((_server, mut conn)) = start() else { return };
+fn revoking_a_user_reaches_both_index_layouts() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     // This release's index (HASH) and the previous release's (SET), each naming one token.
-    let _ = lookup(&mut conn, true);
-    assert_eq!(fill(&mut conn, FRESH), 1);
+    let _ = lookup(&mut conn, true)?;
+    assert_eq!(fill(&mut conn, FRESH)?, 1);
     let legacy_key = "knox:token:xyz";
     let legacy_id = "fedcba9876543210fedcba9876543210";
-    let _: () = conn.hset(legacy_key, format!("r:{legacy_id}"), "{\"v\":1}").unwrap();
-    let _: () = conn.sadd(LEGACY_INDEX, format!("{legacy_id}xyz")).unwrap();
-    assert_eq!(revoke_user(&mut conn), 2);
-    assert!(!conn.hexists::<_, _, bool>(KEY, format!("r:{ID}")).unwrap());
-    assert!(!conn.hexists::<_, _, bool>(legacy_key, format!("r:{legacy_id}")).unwrap());
-    assert!(conn.hexists::<_, _, bool>(legacy_key, format!("t:{legacy_id}")).unwrap());
-    assert!(!conn.exists::<_, bool>(INDEX).unwrap() && !conn.exists::<_, bool>(LEGACY_INDEX).unwrap());
+    let _: () = conn.hset(legacy_key, format!("r:{legacy_id}"), "{\"v\":1}")?;
+    let _: () = conn.sadd(LEGACY_INDEX, format!("{legacy_id}xyz"))?;
+    assert_eq!(revoke_user(&mut conn)?, 2);
+    assert!(!conn.hexists::<_, _, bool>(KEY, format!("r:{ID}"))?);
+    assert!(!conn.hexists::<_, _, bool>(legacy_key, format!("r:{legacy_id}"))?);
+    assert!(conn.hexists::<_, _, bool>(legacy_key, format!("t:{legacy_id}"))?);
+    assert!(!conn.exists::<_, bool>(INDEX)? && !conn.exists::<_, bool>(LEGACY_INDEX)?);
+    Ok(())
 }
 
 #[test]
-fn wrong_types_are_misses_then_replaced() {
-    let Some((_server, mut conn)) = start() else { return };
-    let _: () = conn.set(KEY, "left by another tool").unwrap();
-    let _: () = conn.set(INDEX, "junk").unwrap();
-    assert_eq!(lookup(&mut conn, false), (None, None));
-    assert_eq!(fill(&mut conn, "anything"), 0);
-    let (_, generation) = lookup(&mut conn, true);
-    assert_eq!(fill(&mut conn, &generation.unwrap()), 1);
-    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES).unwrap(), "abc");
-    let _: () = conn.set(KEY, "again").unwrap();
-    assert_eq!(revoke(&mut conn, 1000), 0);
-    assert_eq!(redis::cmd("TYPE").arg(KEY).query::<String>(&mut conn).unwrap(), "hash");
+fn wrong_types_are_misses_then_replaced() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let _: () = conn.set(KEY, "left by another tool")?;
+    let _: () = conn.set(INDEX, "junk")?;
+    assert_eq!(lookup(&mut conn, false)?, (None, None));
+    assert_eq!(fill(&mut conn, "anything")?, 0);
+    let (_, generation) = lookup(&mut conn, true)?;
+    assert_eq!(fill(&mut conn, &generation.ok_or("lookup created no generation")?)?, 1);
+    assert_eq!(conn.hget::<_, _, String>(INDEX, ID_BYTES)?, "abc");
+    let _: () = conn.set(KEY, "again")?;
+    assert_eq!(revoke(&mut conn, 1000)?, 0);
+    assert_eq!(redis::cmd("TYPE").arg(KEY).query::<String>(&mut conn)?, "hash");
+    Ok(())
 }
 
 #[test]
-fn garbage_generation_and_tombstone_are_replaced_and_every_key_gets_a_ttl() {
-    let Some((_server, mut conn)) = start() else { return };
+fn garbage_generation_and_tombstone_are_replaced_and_every_key_gets_a_ttl() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     // Planted with no TTL: a generation this code never writes, an unreadable tombstone.
-    let _: () = conn.hset_multiple(KEY, &[(format!("g:{ID}"), "junk"), (format!("t:{ID}"), "soon")]).unwrap();
-    assert_eq!(conn.pttl::<_, i64>(KEY).unwrap(), -1);
-    assert_eq!(lookup(&mut conn, false), (None, None), "junk generation reads as missing");
-    assert_eq!(fill(&mut conn, "junk"), 0, "nor can it be presented");
-    assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0, "a refused fill still gives the key a TTL");
-    let (_, generation) = lookup(&mut conn, true);
-    let generation = generation.unwrap();
+    let _: () = conn.hset_multiple(KEY, &[(format!("g:{ID}"), "junk"), (format!("t:{ID}"), "soon")])?;
+    assert_eq!(conn.pttl::<_, i64>(KEY)?, -1);
+    assert_eq!(lookup(&mut conn, false)?, (None, None), "junk generation reads as missing");
+    assert_eq!(fill(&mut conn, "junk")?, 0, "nor can it be presented");
+    assert!(conn.pttl::<_, i64>(KEY)? > 0, "a refused fill still gives the key a TTL");
+    let (_, generation) = lookup(&mut conn, true)?;
+    let generation = generation.ok_or("lookup created no generation")?;
     assert_eq!(generation, FRESH, "replaced by a fresh one");
     // The unreadable tombstone stands one more lease, rewritten as a deadline, then lapses.
-    assert_eq!(fill(&mut conn, &generation), 0);
-    let tombstone: String = conn.hget(KEY, format!("t:{ID}")).unwrap();
+    assert_eq!(fill(&mut conn, &generation)?, 0);
+    let tombstone: String = conn.hget(KEY, format!("t:{ID}"))?;
     assert!(tombstone.parse::<i64>().is_ok(), "{tombstone}");
-    let _: () = conn.hset(KEY, format!("t:{ID}"), "1").unwrap(); // as if the lease had passed
-    assert_eq!(fill(&mut conn, &generation), 1);
-    assert!(conn.pttl::<_, i64>(KEY).unwrap() > 0 && conn.pttl::<_, i64>(INDEX).unwrap() > 0);
+    let _: () = conn.hset(KEY, format!("t:{ID}"), "1")?; // as if the lease had passed
+    assert_eq!(fill(&mut conn, &generation)?, 1);
+    assert!(conn.pttl::<_, i64>(KEY)? > 0 && conn.pttl::<_, i64>(INDEX)? > 0);
+    Ok(())
 }
 
 #[test]
-fn a_key_without_ttl_gets_one_from_a_creating_lookup() {
-    let Some((_server, mut conn)) = start() else { return };
-    let _: () = conn.hset(KEY, "unrelated", "x").unwrap();
-    let _ = lookup(&mut conn, true);
-    let ttl = conn.pttl::<_, i64>(KEY).unwrap();
+fn a_key_without_ttl_gets_one_from_a_creating_lookup() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let _: () = conn.hset(KEY, "unrelated", "x")?;
+    let _ = lookup(&mut conn, true)?;
+    let ttl = conn.pttl::<_, i64>(KEY)?;
     assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    Ok(())
 }
 
 #[test]
-fn previous_release_generations_are_still_honoured() {
-    let Some((_server, mut conn)) = start() else { return };
+fn previous_release_generations_are_still_honoured() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     // The previous release wrote 32-hex generations, and `seed:n` ones when revoking.
     for old in ["0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef:3"] {
-        let _: () = conn.del(KEY).unwrap();
-        let _: () = conn.hset(KEY, format!("g:{ID}"), old).unwrap();
-        assert_eq!(lookup(&mut conn, true).1.as_deref(), Some(old));
-        assert_eq!(fill(&mut conn, old), 1);
+        let _: () = conn.del(KEY)?;
+        let _: () = conn.hset(KEY, format!("g:{ID}"), old)?;
+        assert_eq!(lookup(&mut conn, true)?.1.as_deref(), Some(old));
+        assert_eq!(fill(&mut conn, old)?, 1);
     }
+    Ok(())
 }
 
 // --- user rows (USER_CACHE) -------------------------------------------------------------
@@ -247,31 +246,31 @@ fn record_for(pk: crate::record::UserPk) -> Vec<u8> {
 
 type UserReply = (Option<Vec<u8>>, Option<String>, Option<String>, Option<String>, Option<String>);
 
-fn lookup_with_user(conn: &mut Connection) -> UserReply {
+fn lookup_with_user(conn: &mut Connection) -> TestResult<UserReply> {
     lookup_script(conn, false, "knox")
 }
 
-fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> i64 {
-    FILL.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).invoke(conn).unwrap()
+fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> TestResult<i64> {
+    Ok(FILL.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).invoke(conn)?)
 }
 
 /// Returns the tombstone. Each call seeds its generations anew, as the client does.
-fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift: &str) -> String {
+fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift: &str) -> TestResult<String> {
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seed = format!("{:016x}", 0x5eed_0000 + CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let (_removed, tombstone, _replicas): (i64, String, i64) =
-        REVOKE.key(key).arg(0).arg(tombstone_ms).arg(seed).arg("knox").arg(0).arg(lift).invoke(conn).unwrap();
-    tombstone
+        REVOKE.key(key).arg(0).arg(tombstone_ms).arg(seed).arg("knox").arg(0).arg(lift).invoke(conn)?;
+    Ok(tombstone)
 }
 
-fn revoke_row(conn: &mut Connection, key: &str, tombstone_ms: u64) -> String {
+fn revoke_row(conn: &mut Connection, key: &str, tombstone_ms: u64) -> TestResult<String> {
     revoke_row_lifting(conn, key, tombstone_ms, "")
 }
 
 #[test]
-fn a_hit_reads_the_user_row_the_record_names_in_the_same_round_trip() {
+fn a_hit_reads_the_user_row_the_record_names_in_the_same_round_trip() -> TestResult {
     use crate::record::UserPk;
-    let Some((_server, mut conn)) = start() else { return };
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     let uuid = "6b6e6f78-0000-4000-8000-00000000002a";
     for (pk, user_key) in [
         (UserPk::Int(42), "knox:user:42:ix".to_owned()),
@@ -286,77 +285,81 @@ fn a_hit_reads_the_user_row_the_record_names_in_the_same_round_trip() {
         (UserPk::Str(uuid.into()), format!("knox:user:{uuid}:ix")),
         (UserPk::Str("alice:{x}".into()), "knox:user:alice:{x}:ix".to_owned()),
     ] {
-        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn)?;
         let record = record_for(pk);
-        let _: () = conn.hset(KEY, format!("r:{ID}"), &record).unwrap();
+        let _: () = conn.hset(KEY, format!("r:{ID}"), &record)?;
         // No row yet: its generation is created (the caller reads the row and fills).
-        let (found, generation, named, row, row_generation) = lookup_with_user(&mut conn);
+        let (found, generation, named, row, row_generation) = lookup_with_user(&mut conn)?;
         assert_eq!(found.as_deref(), Some(&record[..]));
         assert_eq!(generation.as_deref(), Some("RECGEN01"));
         assert_eq!(named.as_deref(), Some(user_key.as_str()));
         assert_eq!((row, row_generation.as_deref()), (None, Some(SEED)));
-        assert!(conn.pttl::<_, i64>(&user_key).unwrap() > 0);
-        assert_eq!(fill_user(&mut conn, &user_key, SEED, "ROWGEN01row"), 1);
-        let (_, _, _, row, row_generation) = lookup_with_user(&mut conn);
+        assert!(conn.pttl::<_, i64>(&user_key)? > 0);
+        assert_eq!(fill_user(&mut conn, &user_key, SEED, "ROWGEN01row")?, 1);
+        let (_, _, _, row, row_generation) = lookup_with_user(&mut conn)?;
         assert_eq!((row.as_deref(), row_generation.as_deref()), (Some("ROWGEN01row"), Some("ROWGEN01")));
-        assert_eq!(conn.hlen::<_, i64>(&user_key).unwrap(), 1, "one field per cached row");
+        assert_eq!(conn.hlen::<_, i64>(&user_key)?, 1, "one field per cached row");
     }
+    Ok(())
 }
 
 #[test]
-fn no_user_row_without_a_record_or_from_garbage() {
-    let Some((_server, mut conn)) = start() else { return };
-    assert_eq!(lookup_with_user(&mut conn), (None, None, None, None, None));
-    let _: () = conn.hset(KEY, format!("r:{ID}"), "short garbage, no user key in it").unwrap();
-    let (_, _, named, row, row_generation) = lookup_with_user(&mut conn);
+fn no_user_row_without_a_record_or_from_garbage() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    assert_eq!(lookup_with_user(&mut conn)?, (None, None, None, None, None));
+    let _: () = conn.hset(KEY, format!("r:{ID}"), "short garbage, no user key in it")?;
+    let (_, _, named, row, row_generation) = lookup_with_user(&mut conn)?;
     assert_eq!((named, row, row_generation), (None, None, None));
-    assert_eq!(conn.keys::<_, Vec<String>>("knox:user:*").unwrap(), Vec::<String>::new());
+    assert_eq!(conn.keys::<_, Vec<String>>("knox:user:*")?, Vec::<String>::new());
+    Ok(())
 }
 
 #[test]
-fn a_user_row_has_the_lease_of_a_token() {
-    let Some((_server, mut conn)) = start() else { return };
+fn a_user_row_has_the_lease_of_a_token() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
     let user_key = "knox:user:42:ix";
-    let _: () = conn.hset(KEY, format!("r:{ID}"), record_for(crate::record::UserPk::Int(42))).unwrap();
-    let seen = lookup_with_user(&mut conn).4.unwrap();
+    let _: () = conn.hset(KEY, format!("r:{ID}"), record_for(crate::record::UserPk::Int(42)))?;
+    let seen = lookup_with_user(&mut conn)?.4.ok_or("lookup created no row generation")?;
     // A revocation (a user save) between lookup and fill: the fill is refused...
-    let tombstone = revoke_row(&mut conn, user_key, 60_000);
-    assert_eq!(fill_user(&mut conn, user_key, &seen, "ROWGEN01row"), 0);
+    let tombstone = revoke_row(&mut conn, user_key, 60_000)?;
+    assert_eq!(fill_user(&mut conn, user_key, &seen, "ROWGEN01row")?, 0);
     // ...and so is one under the new generation while the tombstone stands.
-    let fresh = lookup_with_user(&mut conn).4.unwrap();
+    let fresh = lookup_with_user(&mut conn)?.4.ok_or("lookup created no row generation")?;
     assert!(fresh.ends_with(":1") && fresh != seen, "{fresh}");
-    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row"), 0);
+    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row")?, 0);
     // Once the write has committed, the second call lifts the tombstone it wrote (only that
     // one: another, even with the same deadline, guards a write still open) and renews the
     // generation again.
-    let deadline = tombstone.split(':').next().unwrap();
-    revoke_row_lifting(&mut conn, user_key, 0, &format!("{deadline}:0123456789abcdef"));
-    assert!(conn.hexists::<_, _, bool>(user_key, "ut").unwrap());
-    revoke_row_lifting(&mut conn, user_key, 0, &tombstone);
-    assert!(!conn.hexists::<_, _, bool>(user_key, "ut").unwrap());
-    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row"), 0, "the generation moved on");
-    let latest = lookup_with_user(&mut conn).4.unwrap();
-    assert_eq!(fill_user(&mut conn, user_key, &latest, "ROWGEN01row"), 1);
+    let deadline = tombstone.split(':').next().ok_or("empty tombstone")?;
+    revoke_row_lifting(&mut conn, user_key, 0, &format!("{deadline}:0123456789abcdef"))?;
+    assert!(conn.hexists::<_, _, bool>(user_key, "ut")?);
+    revoke_row_lifting(&mut conn, user_key, 0, &tombstone)?;
+    assert!(!conn.hexists::<_, _, bool>(user_key, "ut")?);
+    assert_eq!(fill_user(&mut conn, user_key, &fresh, "ROWGEN01row")?, 0, "the generation moved on");
+    let latest = lookup_with_user(&mut conn)?.4.ok_or("lookup created no row generation")?;
+    assert_eq!(fill_user(&mut conn, user_key, &latest, "ROWGEN01row")?, 1);
     // A cached row is deleted by a revocation.
-    revoke_row(&mut conn, user_key, 0);
-    assert!(!conn.hexists::<_, _, bool>(user_key, "u").unwrap());
+    revoke_row(&mut conn, user_key, 0)?;
+    assert!(!conn.hexists::<_, _, bool>(user_key, "u")?);
+    Ok(())
 }
 
 #[test]
-fn revoking_every_token_of_a_user_keeps_the_user_rows_tombstone() {
-    let Some((_server, mut conn)) = start() else { return };
-    let _ = lookup(&mut conn, true);
-    assert_eq!(fill(&mut conn, FRESH), 1);
-    revoke_row(&mut conn, INDEX, 60_000); // a user save in flight
-    assert_eq!(revoke_user(&mut conn), 1);
-    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES).unwrap());
-    assert!(conn.hexists::<_, _, bool>(INDEX, "ut").unwrap() && conn.hexists::<_, _, bool>(INDEX, "ug").unwrap());
+fn revoking_every_token_of_a_user_keeps_the_user_rows_tombstone() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let _ = lookup(&mut conn, true)?;
+    assert_eq!(fill(&mut conn, FRESH)?, 1);
+    revoke_row(&mut conn, INDEX, 60_000)?; // a user save in flight
+    assert_eq!(revoke_user(&mut conn)?, 1);
+    assert!(!conn.hexists::<_, _, bool>(INDEX, ID_BYTES)?);
+    assert!(conn.hexists::<_, _, bool>(INDEX, "ut")? && conn.hexists::<_, _, bool>(INDEX, "ug")?);
+    Ok(())
 }
 
 #[test]
-fn a_revocation_reports_the_replicas_online() {
-    let Some((_server, mut conn)) = start() else { return };
-    let reply: redis::RedisResult<(i64, String, i64)> = REVOKE
+fn a_revocation_reports_the_replicas_online() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let (removed, _tombstone, replicas): (i64, String, i64) = REVOKE
         .key(KEY)
         .key(INDEX)
         .key(LEGACY_INDEX)
@@ -369,17 +372,18 @@ fn a_revocation_reports_the_replicas_online() {
         .arg(ID)
         .arg(ID_BYTES)
         .arg(format!("{ID}abc"))
-        .invoke(&mut conn);
+        .invoke(&mut conn)?;
     // No replica: nothing to WAIT for.
-    assert!(matches!(reply, Ok((0, _, 0))), "{reply:?}");
+    assert_eq!((removed, replicas), (0, 0));
+    Ok(())
 }
 
 #[test]
-fn each_server_process_is_an_incarnation_of_its_own() {
-    let Some((_server, mut conn)) = start() else { return };
-    let first = crate::incarnation::learn(&mut conn).ok();
-    assert!(first.is_some());
-    assert_eq!(crate::incarnation::learn(&mut conn).ok(), first);
-    let Some((_other, mut other)) = start() else { return };
-    assert_ne!(crate::incarnation::learn(&mut other).ok(), first);
+fn each_server_process_is_an_incarnation_of_its_own() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let first = crate::incarnation::learn(&mut conn)?;
+    assert_eq!(crate::incarnation::learn(&mut conn)?, first);
+    let Some((_other, mut other)) = start() else { return Ok(()) };
+    assert_ne!(crate::incarnation::learn(&mut other).ok(), Some(first));
+    Ok(())
 }
