@@ -183,7 +183,7 @@ impl Journal {
 mod tests {
     use super::*;
 
-    fn revocation() -> Arc<Revocation> {
+    pub(super) fn revocation() -> Arc<Revocation> {
         Arc::new(Revocation {
             keys: vec!["knox:token:x".into()],
             n: 1,

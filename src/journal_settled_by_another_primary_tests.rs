@@ -13,22 +13,8 @@
 //! unreachable, or backed off to 8 s, while the failover happened). The catch-up then re-sends
 //! none of them, and the new primary still holds the tokens' records.
 
+use super::tests::revocation;
 use super::*;
-
-fn revocation() -> Arc<Revocation> {
-    Arc::new(Revocation {
-        keys: vec!["knox:token:x".into()],
-        n: 1,
-        tombstone_ms: 1,
-        seed: "s".into(),
-        prefix: "knox".into(),
-        pairs: 0,
-        lift: String::new(),
-        ids: vec![],
-        id_fields: vec![],
-        legacy_members: vec![],
-    })
-}
 
 #[test]
 fn a_new_primarys_confirmation_does_not_settle_revocations_sent_to_the_old_one() {
