@@ -14,7 +14,7 @@ use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
 use crate::breaker::Breaker;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::hashing::field_id;
-use crate::incarnation::Incarnation;
+use crate::incarnation::{is_role_changed, Incarnation, Server};
 use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
@@ -24,9 +24,14 @@ use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
 use crate::user_row::{UserRow, Value};
 
-pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
-pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fill.lua")));
-pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
+// Each script that trusts or writes a record first checks that the server has not changed
+// role since the connection learned its incarnation (its last argument: the master_replid).
+pub(crate) static LOOKUP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/lookup.lua"))));
+pub(crate) static FILL: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/fill.lua"))));
+pub(crate) static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/claim.lua"))));
 pub(crate) static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
 
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
@@ -133,7 +138,7 @@ impl TokenCache {
         let lease_ms = self.lease_ms;
         let prefix = if with_user { self.prefix.as_str() } else { "" };
         py.detach(|| {
-            self.call_in(|conn, incarnation| {
+            self.call_in(|conn, server| {
                 LOOKUP
                     .key(key)
                     .arg(&fields)
@@ -142,8 +147,9 @@ impl TokenCache {
                     .arg(u8::from(create))
                     .arg(prefix)
                     .arg(&candidates[1])
+                    .arg(&server.replid)
                     .invoke(conn)
-                    .map(|reply| (reply, incarnation))
+                    .map(|reply| (reply, server.incarnation))
             })
         })
     }
@@ -239,7 +245,7 @@ impl TokenCache {
 
     /// `call`, with `op` told the incarnation of the server on the connection it runs on (each
     /// try: a retry after a restart goes to another one).
-    fn call_in<T>(&self, op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>) -> Result<T> {
+    fn call_in<T>(&self, op: impl Fn(&mut Connection, &Server) -> RedisResult<T>) -> Result<T> {
         self.call_tagged(true, true, op).map(|(value, _)| value)
     }
 
@@ -249,7 +255,7 @@ impl TokenCache {
         &self,
         use_breaker: bool,
         trusted_only: bool,
-        op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>,
+        op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
             PROCESS.bump(Counter::ErrorCircuitOpen);
@@ -297,7 +303,7 @@ impl TokenCache {
     fn attempt<T>(
         &self,
         trusted_only: bool,
-        op: impl Fn(&mut Connection, Incarnation) -> RedisResult<T>,
+        op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         let mut retried = false;
         loop {
@@ -315,7 +321,7 @@ impl TokenCache {
             if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, self.pool.io_timeout()) {
                 return Err(self.failed(&err));
             }
-            match op(&mut checkout.conn, checkout.incarnation) {
+            match op(&mut checkout.conn, &checkout.server) {
                 Ok(value) => {
                     let generation = checkout.generation;
                     self.pool.checkin(checkout);
@@ -336,6 +342,15 @@ impl TokenCache {
                     // Sentinel: a failover demoted the node (a replica writes nothing: the
                     // command had no effect); once more, on the primary the sentinels name now.
                     if !retried && is_read_only(&err) && self.pool.primary_stepped_down() {
+                        retried = true;
+                        continue;
+                    }
+                    // A REPLICAOF sent by hand since this connection opened (the script ran
+                    // nothing): the other idle connections learned the same stale incarnation.
+                    if !retried && is_role_changed(&err) {
+                        PROCESS.bump(Counter::RoleChanged);
+                        self.pool.clear();
+                        self.pool.connection_lost(); // Sentinel: ask where the primary is
                         retried = true;
                         continue;
                     }
@@ -696,7 +711,7 @@ impl TokenCache {
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
         let (reply, incarnation): (Vec<Option<Vec<u8>>>, Incarnation) = py.detach(|| {
-            self.call_in(|conn, incarnation| {
+            self.call_in(|conn, server| {
                 LOOKUP
                     .key(&key)
                     .arg("u")
@@ -706,8 +721,9 @@ impl TokenCache {
                     .arg(u8::from(create))
                     .arg("")
                     .arg("")
+                    .arg(&server.replid)
                     .invoke(conn)
-                    .map(|reply| (reply, incarnation))
+                    .map(|reply| (reply, server.incarnation))
             })
         })?;
         let mut reply = reply.into_iter();
@@ -749,12 +765,13 @@ impl TokenCache {
         let lease_ms = self.lease_ms;
         let fields = [format!("r:{id}"), format!("g:{id}"), format!("t:{id}")];
         let stored: i64 = py.detach(|| {
-            self.call_in(|conn, incarnation| {
-                if incarnation != seen {
+            self.call_in(|conn, server| {
+                if server.incarnation != seen {
                     return Ok(0); // Redis restarted or failed over since the lookup
                 }
                 // Stored with a generation of its own: the next fill (a re-read) presents that one.
-                let encoded = record.encode(&self.record_keys[0], token_key, &id, random_generation(), incarnation);
+                let encoded =
+                    record.encode(&self.record_keys[0], token_key, &id, random_generation(), server.incarnation);
                 FILL.key(&keys[0])
                     .key(&keys[1])
                     .arg(&fields)
@@ -764,6 +781,7 @@ impl TokenCache {
                     .arg(lease_ms)
                     .arg(&index_field[..])
                     .arg(token_key)
+                    .arg(&server.replid)
                     .invoke(conn)
             })
         })?;
@@ -794,12 +812,12 @@ impl TokenCache {
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
         let stored: i64 = py.detach(|| {
-            self.call_in(|conn, incarnation| {
-                if incarnation != seen {
+            self.call_in(|conn, server| {
+                if server.incarnation != seen {
                     return Ok(0); // Redis restarted or failed over since the lookup
                 }
                 let mut stored_row = random_generation().to_vec();
-                stored_row.extend_from_slice(&row.encode(&self.record_keys[0], &name, incarnation));
+                stored_row.extend_from_slice(&row.encode(&self.record_keys[0], &name, server.incarnation));
                 FILL.key(&key)
                     .arg("u")
                     .arg("ug")
@@ -808,6 +826,7 @@ impl TokenCache {
                     .arg(&stored_row)
                     .arg(ttl_ms)
                     .arg(lease_ms)
+                    .arg(&server.replid)
                     .invoke(conn)
             })
         })?;
@@ -824,9 +843,10 @@ impl TokenCache {
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
         let claimed: Option<Vec<u8>> = py.detach(|| {
-            self.call_in(|conn, incarnation| {
-                let claimed: Option<Vec<u8>> = CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).invoke(conn)?;
-                Ok(claimed.map(|g| incarnation.prefix(&g)))
+            self.call_in(|conn, server| {
+                let claimed: Option<Vec<u8>> =
+                    CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(&server.replid).invoke(conn)?;
+                Ok(claimed.map(|g| server.incarnation.prefix(&g)))
             })
         })?;
         Ok(claimed.map(|g| PyBytes::new(py, &g).unbind()))
@@ -1066,7 +1086,13 @@ mod tests {
 
     #[test]
     fn scripts_reference_only_fields_they_document() {
-        for src in [include_str!("lua/lookup.lua"), include_str!("lua/fill.lua"), include_str!("lua/revoke.lua")] {
+        for src in [
+            include_str!("lua/same_server.lua"),
+            include_str!("lua/lookup.lua"),
+            include_str!("lua/fill.lua"),
+            include_str!("lua/claim.lua"),
+            include_str!("lua/revoke.lua"),
+        ] {
             assert!(!src.contains("KEYS[0]"), "Lua arrays start at 1");
         }
     }

@@ -12,9 +12,15 @@
 //!   old primary promoted back after a failover to another node and back), so a node that
 //!   goes A → replica → A again is another incarnation too, although its `run_id` is the same.
 //!
-//! A connection can't outlive its server process, and under Sentinel no connection outlives a
-//! role change (Sentinel sends `CLIENT KILL TYPE normal` with every `REPLICAOF` it sends), so
-//! what a connection learned when it opened names the incarnation of every reply on it.
+//! A connection can't outlive its server process, but it does outlive a role change made by
+//! hand (`REPLICAOF` sent by an operator or a script, not by Sentinel: Sentinel also sends
+//! `CLIENT KILL TYPE normal`): the node then serves another dataset (its new primary's) on the
+//! same connections, under another `master_replid`. So every script that trusts or writes a
+//! record first compares the server's `master_replid` with the one the connection learned
+//! (`lua/same_server.lua`, one `INFO replication` inside the script: about 2 µs of server time)
+//! and refuses to run on a mismatch; the client then drops its idle connections and retries
+//! once on a new one, which learns the new incarnation. `run_id` needs no such check: a
+//! restart closes every connection.
 //!
 //! The incarnation is 16 bytes of SHA-256 over both: it goes into the MAC of every record
 //! and user row (a restored record fails to verify under the new incarnation), one byte of it
@@ -78,8 +84,25 @@ impl Incarnation {
     }
 }
 
+/// What a connection learned of its server when it opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    pub incarnation: Incarnation,
+    /// `master_replid` as the server spelled it: every script checks it is still the same
+    /// (`lua/same_server.lua`).
+    pub replid: String,
+}
+
+/// The error code `lua/same_server.lua` replies with.
+pub const ROLE_CHANGED: &str = "KNOXREDIS_ROLE_CHANGED";
+
+/// Did a script refuse to run because the server's role changed since the connection opened?
+pub fn is_role_changed(err: &RedisError) -> bool {
+    err.code() == Some(ROLE_CHANGED)
+}
+
 /// Ask the server on this new connection who it is (one round trip).
-pub fn learn(conn: &mut Connection) -> RedisResult<Incarnation> {
+pub fn learn(conn: &mut Connection) -> RedisResult<Server> {
     let (server, replication): (String, String) =
         redis::pipe().cmd("INFO").arg("server").cmd("INFO").arg("replication").query(conn).map_err(|err| {
             if crate::errors::is_connectivity(&err) {
@@ -101,7 +124,8 @@ pub fn learn(conn: &mut Connection) -> RedisResult<Incarnation> {
             "the server's INFO has no run_id: can't tell a restarted server from the one that wrote a record",
         )));
     };
-    Ok(Incarnation::of(run_id, field(&replication, "master_replid").unwrap_or("")))
+    let replid = field(&replication, "master_replid").unwrap_or("").to_owned();
+    Ok(Server { incarnation: Incarnation::of(run_id, &replid), replid })
 }
 
 /// The value of `name:value` in an INFO reply.

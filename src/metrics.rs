@@ -64,6 +64,9 @@ pub enum Counter {
     LocalEviction,
     /// `LOCAL_CACHE_SIZE`: invalidations applied (Redis' pushes, and this process's own).
     LocalInvalidation,
+    /// A script refused to run: the server took another role (a `REPLICAOF` sent by hand)
+    /// since the connection learned its incarnation; idle connections dropped, call retried.
+    RoleChanged,
     ConnectionOpened,
 }
 
@@ -235,6 +238,7 @@ fn counter_name(counter: usize) -> Option<&'static str> {
         Some("local_hits"),
         Some("local_evictions"),
         Some("local_invalidations"),
+        Some("role_changes"),
         Some("connections_opened"),
     ];
     NAMES[counter]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
-use crate::incarnation::{self, Incarnation};
+use crate::incarnation::{self, Server};
 use crate::metrics::{Counter, PROCESS};
 use crate::sentinel::{Resolver, SentinelConfig};
 
@@ -32,7 +32,7 @@ struct Idle {
     conn: Connection,
     pid: u32,
     generation: u64,
-    incarnation: Incarnation,
+    server: Server,
 }
 
 pub struct Pool {
@@ -104,13 +104,13 @@ impl Connector {
 }
 
 /// A connection, whether it came from the pool (a reused one may be stale after a restart),
-/// the generation of the primary it goes to, and the incarnation of the server that answers
-/// on it.
+/// the generation of the primary it goes to, and what it learned of the server that answers
+/// on it (its incarnation).
 pub struct Checkout {
     pub conn: Connection,
     pub reused: bool,
     pub generation: u64,
-    pub incarnation: Incarnation,
+    pub server: Server,
 }
 
 impl Pool {
@@ -163,8 +163,8 @@ impl Pool {
         loop {
             let idle = self.idle.lock().pop();
             match idle {
-                Some(Idle { conn, pid: owner, generation, incarnation }) if owner == pid && generation == current => {
-                    return Ok(Checkout { conn, reused: true, generation, incarnation });
+                Some(Idle { conn, pid: owner, generation, server }) if owner == pid && generation == current => {
+                    return Ok(Checkout { conn, reused: true, generation, server });
                 }
                 // Inherited from the parent (dropping closes only the child's descriptor), or
                 // opened to a node that is no longer the primary.
@@ -173,8 +173,8 @@ impl Pool {
             }
         }
         let (mut conn, generation) = self.connector.connect_tagged()?;
-        let incarnation = incarnation::learn(&mut conn)?;
-        Ok(Checkout { conn, reused: false, generation, incarnation })
+        let server = incarnation::learn(&mut conn)?;
+        Ok(Checkout { conn, reused: false, generation, server })
     }
 
     /// The socket timeout: what a call may wait, at most, for another's work on a connection.
@@ -187,10 +187,10 @@ impl Pool {
     }
 
     pub fn checkin(&self, checkout: Checkout) {
-        let Checkout { conn, generation, incarnation, .. } = checkout;
+        let Checkout { conn, generation, server, .. } = checkout;
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { conn, pid: std::process::id(), generation, incarnation });
+            idle.push(Idle { conn, pid: std::process::id(), generation, server });
         }
     }
 

@@ -60,11 +60,18 @@ const SEED: &str = "5eed5eed5eed5eed";
 /// A record as fill stores it: its own 8-byte generation, then the (here opaque) body.
 const RECORD: &str = "NEWGEN01record";
 
+/// The server's `master_replid`, the last argument of lookup, fill and claim (`same_server.lua`).
+fn replid(conn: &mut Connection) -> TestResult<String> {
+    let info: String = redis::cmd("INFO").arg("replication").query(conn)?;
+    Ok(crate::incarnation::field(&info, "master_replid").unwrap_or_default().to_owned())
+}
+
 /// lookup.lua on the token `KEY`/`ID`; `prefix` non-empty reads the record's user row too.
 fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, prefix: &str) -> TestResult<T> {
+    let replid = replid(conn)?;
     let mut invocation = LOOKUP.prepare_invoke();
     invocation.key(KEY).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(FRESH).arg(60_000);
-    invocation.arg(u8::from(create)).arg(prefix).arg(SEED);
+    invocation.arg(u8::from(create)).arg(prefix).arg(SEED).arg(replid);
     Ok(invocation.invoke(conn)?)
 }
 
@@ -73,6 +80,7 @@ fn lookup(conn: &mut Connection, create: bool) -> TestResult<(Option<String>, Op
 }
 
 fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> TestResult<i64> {
+    let replid = replid(conn)?;
     Ok(FILL
         .key(KEY)
         .key(INDEX)
@@ -85,6 +93,7 @@ fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> TestResu
         .arg(60_000)
         .arg(ID_BYTES)
         .arg("abc")
+        .arg(replid)
         .invoke(conn)?)
 }
 
@@ -258,7 +267,10 @@ fn lookup_with_user(conn: &mut Connection) -> TestResult<UserReply> {
 }
 
 fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> TestResult<i64> {
-    Ok(FILL.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).invoke(conn)?)
+    let replid = replid(conn)?;
+    let mut invocation = FILL.prepare_invoke();
+    invocation.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).arg(replid);
+    Ok(invocation.invoke(conn)?)
 }
 
 /// Returns the tombstone. Each call seeds its generations anew, as the client does.
@@ -392,5 +404,29 @@ fn each_server_process_is_an_incarnation_of_its_own() -> TestResult {
     assert_eq!(crate::incarnation::learn(&mut conn)?, first);
     let Some((_other, mut other)) = start() else { return Ok(()) };
     assert_ne!(crate::incarnation::learn(&mut other).ok(), Some(first));
+    Ok(())
+}
+
+#[test]
+fn scripts_refuse_to_run_on_a_server_that_took_another_role() -> TestResult {
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let gen = lookup(&mut conn, true)?.1.ok_or("no generation")?;
+    // What a connection opened before a REPLICAOF by hand would still present.
+    let stale = "0".repeat(40);
+    let mut invocation = LOOKUP.prepare_invoke();
+    invocation.key(KEY).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(FRESH).arg(60_000);
+    invocation.arg(1).arg("").arg(SEED).arg(&stale);
+    let refused: redis::RedisResult<redis::Value> = invocation.invoke(&mut conn);
+    let err = refused.err().ok_or("a lookup ran on a stale incarnation")?;
+    assert!(crate::incarnation::is_role_changed(&err), "{err}");
+    let mut invocation = FILL.prepare_invoke();
+    invocation.key(KEY).key(INDEX).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(format!("t:{ID}"));
+    invocation.arg(&gen).arg(RECORD).arg(60_000).arg(60_000).arg(ID_BYTES).arg("abc").arg(&stale);
+    let refused: redis::RedisResult<i64> = invocation.invoke(&mut conn);
+    assert!(refused.is_err_and(|err| crate::incarnation::is_role_changed(&err)));
+    let record: Option<String> = conn.hget(KEY, format!("r:{ID}"))?;
+    assert_eq!(record, None, "the refused fill wrote nothing");
+    // With the server's own, the same fill lands.
+    assert_eq!(fill(&mut conn, &gen)?, 1);
     Ok(())
 }

@@ -40,6 +40,7 @@ COUNTERS = {
     "local_hits",
     "local_evictions",
     "local_invalidations",
+    "role_changes",
     "lookups_hit",
     "lookups_miss",
     "lookups_garbage",

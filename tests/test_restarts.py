@@ -6,7 +6,8 @@ the snapshot, those of tokens revoked since included. A record is trusted only b
 incarnation of Redis that it was written to (its run_id and replication id, learned once per
 connection), so each such record is a miss, read once from the database (the cold start), and
 a fill whose lookup ran before the restart is refused even though its generation is back. The
-same after a Sentinel failover, for records the new primary got from the old one."""
+same after a Sentinel failover, for records the new primary got from the old one, and after a
+role change made by hand, which leaves the clients' connections open."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import redis as redis_py
 from knox.models import AuthToken
 
+import knox_redis
 from knox_redis import cache
 from tests.helpers import accepted, authenticate, queries_of, record_exists
 from tests.servers import RedisServer, SentinelSetup, SentinelUnavailable
@@ -73,6 +75,56 @@ def test_a_token_revoked_after_the_snapshot_stays_revoked_after_a_restart(persis
     assert after["other_incarnation"] - before["other_incarnation"] == 2
     assert after["hits"] - before["hits"] == 1
     assert not accepted(revoked)
+
+
+def wait_until(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("local_cache_size", [0, 100], ids=["redis", "in-process"])
+def test_a_role_change_by_hand_does_not_bring_a_revoked_token_back(persistent, make_token, settings, local_cache_size):
+    """An operator's REPLICAOF (not Sentinel's, which also kills the clients' connections) turns
+    the node this process talks to into a replica of another that missed a logout. The pooled
+    connections stay open and the replicated records carry the incarnation they learned; every
+    script checks the server's master_replid first, so the first call on one of them is
+    refused there and retried on a new connection, which reads those records as misses."""
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": local_cache_size}
+    if local_cache_size:
+        wait_until(lambda: cache.get_client().local_cache_live, "the listener never went live")
+    other = RedisServer().start()
+    try:
+        primary, replica = conn_to(persistent), conn_to(other)
+        for conn in (primary, replica):
+            conn.config_set("repl-diskless-sync-delay", 0)  # a full sync at once, not in 5 s
+        replica.replicaof("127.0.0.1", persistent.port)
+        wait_until(lambda: replica.info("replication")["master_link_status"] == "up", "replica never synced")
+        revoked, valid = make_token(), make_token()
+        for token in (revoked, valid):
+            assert accepted(token)
+            assert queries_to_authenticate(token) == 1  # hits, on pooled connections
+        primary.set("knox-test:replicated", 1)  # WAIT waits for this connection's writes
+        assert primary.execute_command("WAIT", 1, 2000) == 1
+        assert record_exists(replica, revoked)
+
+        replica.replicaof("NO", "ONE")  # cut off: it misses the logout that follows
+        wait_until(lambda: primary.info("replication")["connected_slaves"] == 0, "the replica never left")
+        AuthToken.objects.filter(token_key=revoked[:15]).delete()
+        assert not accepted(revoked)
+
+        primary.replicaof("127.0.0.1", other.port)  # by hand: it now serves the other's dataset
+        wait_until(lambda: primary.info("replication")["master_link_status"] == "up", "never synced back")
+        assert record_exists(primary, revoked)  # back, under the incarnation the pool learned
+        before = knox_redis.stats()["role_changes"]
+        assert not accepted(revoked)
+        assert knox_redis.stats()["role_changes"] > before
+        assert accepted(valid)  # from the database: on a replica, nothing is trusted nor written
+        assert not accepted(revoked)
+    finally:
+        other.stop()
+        shutil.rmtree(other.dir, ignore_errors=True)
 
 
 def test_a_fill_in_flight_across_a_restart_is_refused(persistent, make_token, monkeypatch):

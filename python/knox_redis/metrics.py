@@ -192,6 +192,15 @@ FAMILIES = (
         "LOCAL_CACHE_SIZE: invalidations applied to the in-process cache (Redis' pushes and own revocations).",
         "local_invalidations",
     ),
+    _one(
+        "knox_redis_role_changes",
+        "counter",
+        (
+            "Calls that found their Redis had taken another role since the connection opened (a REPLICAOF "
+            "sent by hand): refused there, idle connections dropped, retried on a new one."
+        ),
+        "role_changes",
+    ),
     _one("knox_redis_connections_opened", "counter", "Connections to Redis opened.", "connections_opened"),
     _one("knox_redis_connections_idle", "gauge", "Idle pooled connections to Redis.", "connections_idle"),
     _one(
