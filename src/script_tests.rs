@@ -430,3 +430,33 @@ fn scripts_refuse_to_run_on_a_server_that_took_another_role() -> TestResult {
     assert_eq!(fill(&mut conn, &gen)?, 1);
     Ok(())
 }
+
+#[test]
+fn a_catch_up_re_sends_every_kept_revocation_even_after_a_script_flush() -> TestResult {
+    use crate::journal::{Journal, Revocation};
+    use std::sync::Arc;
+    let Some((_server, mut conn)) = start() else { return Ok(()) };
+    let journal = Journal::default();
+    let keys: Vec<String> = (0..600).map(|i| format!("knox:token:k{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let call = Revocation {
+            keys: vec![key.clone(), INDEX.into(), LEGACY_INDEX.into()],
+            n: 1,
+            tombstone_ms: 60_000,
+            seed: SEED.into(),
+            prefix: "knox".into(),
+            pairs: 0,
+            lift: String::new(),
+            ids: vec![ID.into()],
+            id_fields: vec![ID_BYTES.to_vec()],
+            legacy_members: vec![format!("{ID}k{i}")],
+        };
+        journal.record(1, Arc::new(call), None);
+    }
+    redis::cmd("SCRIPT").arg("FLUSH").exec(&mut conn)?;
+    journal.catch_up(&mut conn, 2, Duration::from_secs(1))?;
+    for key in &keys {
+        assert!(conn.hexists::<_, _, bool>(key, format!("t:{ID}"))?, "{key} not revoked on the new primary");
+    }
+    Ok(())
+}
