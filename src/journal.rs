@@ -210,7 +210,7 @@ impl Journal {
 
     /// Drop the revocations `settled` settles (see `record`): called after each call on the
     /// primary too, so that a burst followed by quiet doesn't stay kept (to be re-sent, one
-    /// round trip each, by the next failover's catch-up). Cheap when there is nothing to drop.
+    /// batch of round trips, by the next failover's catch-up). Cheap when there is nothing to drop.
     pub fn settle(&self, settled: Option<(u64, Instant)>) {
         let mut kept = self.kept.lock();
         if !kept.entries.is_empty() {
