@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,14 @@ from rest_framework.test import APIClient
 
 from knox_redis import cache
 from tests import installed
-from tests.servers import RedisServer, TcpProxy, redis_server_binary, redis_server_version
+from tests.servers import (
+    ClusterSetup,
+    ClusterUnavailable,
+    RedisServer,
+    TcpProxy,
+    redis_server_binary,
+    redis_server_version,
+)
 
 _server: RedisServer | None = None
 
@@ -40,6 +48,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _server.stop()
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _cluster_runs["started"]:
+        starts = ", ".join(f"{seconds:.1f} s" for seconds in _cluster_runs["started"])
+        terminalreporter.write_line(
+            f"knox_redis tests: Redis Cluster started in {starts}; restored before "
+            f"{_cluster_runs['restores']} tests in {_cluster_runs['restore_seconds']:.1f} s in all"
+        )
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         (
@@ -55,6 +72,44 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def redis_server() -> RedisServer:
     assert _server is not None
     return _server
+
+
+# The session's Redis Cluster: how long it took to start (each time), and the restores before tests.
+_cluster_runs: dict = {"started": [], "restores": 0, "restore_seconds": 0.0}
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    """One Redis Cluster for the session (3 masters, a replica each; tests/servers.py), started
+    by the first test that asks for `cluster` (a few seconds) and stopped at the end. Skips when
+    this redis-server can't run one (no cluster mode, no redis-cli)."""
+    setup = ClusterSetup()
+    try:
+        setup.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    _cluster_runs["started"].append(setup.startup_seconds)
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def cluster(cluster_setup: ClusterSetup) -> ClusterSetup:
+    """The session's Redis Cluster as it started: every node up, each first master master with
+    its first replica, every slot on its first master, no keys. A test may fail it over, kill
+    nodes, migrate slots: the next test gets it restored (`ClusterSetup.reset()`), or, should
+    that fail, a new cluster (on new ports: read `seed_urls` and the nodes from the fixture)."""
+    began = time.monotonic()
+    try:
+        cluster_setup.reset()
+    except Exception as exc:
+        print(f"the Redis Cluster could not be restored ({exc}): starting a new one")
+        cluster_setup.stop()
+        cluster_setup.start()
+        _cluster_runs["started"].append(cluster_setup.startup_seconds)
+    _cluster_runs["restores"] += 1
+    _cluster_runs["restore_seconds"] += time.monotonic() - began
+    return cluster_setup
 
 
 @pytest.fixture
