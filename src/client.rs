@@ -12,7 +12,9 @@ use redis::io::tcp::TcpSettings;
 use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
 
 use crate::breaker::Breaker;
+use crate::cluster::{self, Cluster, Redirect};
 use crate::errors::{is_connectivity, Error, Result};
+use crate::fanout::{by_slot, fan_out, Routed};
 use crate::hashing::field_id;
 use crate::incarnation::{is_role_changed, Incarnation, Server};
 use crate::journal::{Journal, Revocation};
@@ -32,7 +34,13 @@ pub(crate) static FILL: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/fill.lua"))));
 pub(crate) static CLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/claim.lua"))));
-pub(crate) static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/revoke.lua")));
+pub(crate) static REVOKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("lua/revocation.lua"), include_str!("lua/revoke.lua"))));
+// Redis Cluster only: a revocation's part in one slot, and a token's user index entry.
+/// Loaded (`SCRIPT LOAD`) at the head of each node's pipeline, then run by `EVALSHA`.
+const REVOKE_SLOT_SOURCE: &str = concat!(include_str!("lua/revocation.lua"), include_str!("lua/revoke_slot.lua"));
+pub(crate) static REVOKE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE_SLOT_SOURCE));
+pub(crate) static INDEX: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/index.lua")));
 
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
 type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
@@ -41,13 +49,20 @@ type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
 /// None)`, as `lookup` returns it to Python.
 type LookupReply = (Option<Py<PyAny>>, Option<Py<PyBytes>>, Option<DecodedUserRow>, Option<Py<PyBytes>>);
 
+/// lookup.lua's reply, the incarnation of the server that gave it, and that of the server
+/// that gave the user row (another node on a Cluster).
+type RawLookup = (Vec<Option<Vec<u8>>>, Incarnation, Incarnation);
+
 /// `(user row or None, generation or None)`, as `lookup_user` returns it to Python.
 type UserLookupReply = (Option<DecodedUserRow>, Option<Py<PyBytes>>);
 
 /// Client for the token records of one key prefix on one Redis primary.
 #[pyclass(name = "TokenCache", module = "knox_redis._knox_redis", frozen)]
 pub struct TokenCache {
-    pool: Pool,
+    /// The server (or the Sentinel primary); on a Cluster, the first seed's (for `command`).
+    pool: Arc<Pool>,
+    /// `REDIS_CLUSTER_NODES`: calls go to the primary serving their key's slot.
+    cluster: Option<Cluster>,
     breaker: Breaker,
     prefix: String,
     lease_ms: u64,
@@ -123,22 +138,26 @@ impl TokenCache {
         Ok(Some((i64::from(row.fresh_until_s) * 1_000_000, values)))
     }
 
-    /// lookup.lua's reply for this token (see `lookup`), and the incarnation of the server
-    /// that gave it.
+    /// lookup.lua's reply for this token (see `lookup`), the incarnation of the server that
+    /// gave it, and that of the server that gave the user row (the same one, except on a
+    /// Cluster).
     fn lookup_in_redis(
         &self,
         py: Python<'_>,
         key: &str,
+        token_key: &str,
         id: &str,
         create: bool,
         with_user: bool,
-    ) -> Result<(Vec<Option<Vec<u8>>>, Incarnation)> {
+    ) -> Result<RawLookup> {
         let fields = [format!("r:{id}"), format!("g:{id}")];
         let candidates = [new_generation(), new_generation()];
         let lease_ms = self.lease_ms;
-        let prefix = if with_user { self.prefix.as_str() } else { "" };
+        // On a Cluster the user's row lives in another slot: read it in a second call.
+        let in_script = with_user && self.cluster.is_none();
+        let prefix = if in_script { self.prefix.as_str() } else { "" };
         py.detach(|| {
-            self.call_in(|conn, server| {
+            let (mut reply, incarnation): (Vec<Option<Vec<u8>>>, Incarnation) = self.call_in(key, |conn, server| {
                 LOOKUP
                     .key(key)
                     .arg(&fields)
@@ -150,7 +169,45 @@ impl TokenCache {
                     .arg(&server.replid)
                     .invoke(conn)
                     .map(|reply| (reply, server.incarnation))
-            })
+            })?;
+            if !with_user || in_script {
+                return Ok((reply, incarnation, incarnation));
+            }
+            // The user key the record names, if it verifies (what lookup.lua reads from it).
+            let record = reply.first().and_then(Option::as_deref);
+            let Some(user) =
+                record.and_then(|raw| Record::decode(raw, &self.record_keys, token_key, id, incarnation).ok())
+            else {
+                return Ok((reply, incarnation, incarnation));
+            };
+            let user_key = self.user_key_name(&user.user_pk);
+            // The row's generation is created if missing, as lookup.lua does for a found record.
+            let row: Result<(Vec<Option<Vec<u8>>>, Incarnation)> = self.call_in(&user_key, |conn, server| {
+                LOOKUP
+                    .key(&user_key)
+                    .arg("u")
+                    .arg("ug")
+                    .arg(&candidates[1])
+                    .arg(lease_ms)
+                    .arg(1)
+                    .arg("")
+                    .arg("")
+                    .arg(&server.replid)
+                    .invoke(conn)
+                    .map(|reply| (reply, server.incarnation))
+            });
+            reply.truncate(2);
+            reply.resize(2, None);
+            match row {
+                Ok((row, row_incarnation)) => {
+                    let mut row = row.into_iter();
+                    reply.extend([Some(user_key.into_bytes()), row.next().flatten(), row.next().flatten()]);
+                    Ok((reply, incarnation, row_incarnation))
+                }
+                // The token's node answered: a hit without the row (the user is read from the
+                // database), not a failed lookup.
+                Err(_) => Ok((reply, incarnation, incarnation)),
+            }
         })
     }
 
@@ -164,7 +221,7 @@ impl TokenCache {
         token_key: &str,
         id: &str,
         with_user: bool,
-        incarnation: Incarnation,
+        (incarnation, row_incarnation): (Incarnation, Incarnation),
     ) -> PyResult<(LookupReply, Option<String>, Option<bool>)> {
         let mut values = reply.iter().cloned();
         let (raw, generation) = (values.next().flatten(), values.next().flatten());
@@ -204,11 +261,11 @@ impl TokenCache {
         if with_user && user_key.as_deref() == Some(expected.as_bytes()) {
             let name = user_pk_text(&record.user_pk);
             row = match raw_row {
-                Some(stored) => self.user_row_to_py(py, &stored, &name, incarnation)?,
+                Some(stored) => self.user_row_to_py(py, &stored, &name, row_incarnation)?,
                 None => None,
             };
             PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
-            row_generation_py = row_generation.map(|g| PyBytes::new(py, &incarnation.prefix(&g)).unbind());
+            row_generation_py = row_generation.map(|g| PyBytes::new(py, &row_incarnation.prefix(&g)).unbind());
             row_found = Some(row.is_some());
         }
         let user_pk = user_pk_to_py(py, record.user_pk)?;
@@ -234,19 +291,20 @@ impl TokenCache {
     /// `sentinel::TRUSTED_FOR`): what these calls read or write would be served from a node
     /// that may no longer be the primary (the caller falls back as when Redis is down).
     fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(true, true, |conn, _| op(conn)).map(|(value, _)| value)
+        self.call_tagged(true, true, None, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
     fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(use_breaker, false, |conn, _| op(conn)).map(|(value, _)| value)
+        self.call_tagged(use_breaker, false, None, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
-    /// `call`, with `op` told the incarnation of the server on the connection it runs on (each
-    /// try: a retry after a restart goes to another one).
-    fn call_in<T>(&self, op: impl Fn(&mut Connection, &Server) -> RedisResult<T>) -> Result<T> {
-        self.call_tagged(true, true, op).map(|(value, _)| value)
+    /// `call` of a command on `key` (on a Cluster, sent to the primary serving its slot), with
+    /// `op` told the incarnation of the server on the connection it runs on (each try: a retry
+    /// after a restart goes to another one).
+    fn call_in<T>(&self, key: &str, op: impl Fn(&mut Connection, &Server) -> RedisResult<T>) -> Result<T> {
+        self.call_tagged(true, true, Some(key), op).map(|(value, _)| value)
     }
 
     /// `call_in`, and the generation of the primary that answered (Sentinel; else 0); with
@@ -255,6 +313,7 @@ impl TokenCache {
         &self,
         use_breaker: bool,
         trusted_only: bool,
+        key: Option<&str>,
         op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         if use_breaker && !self.breaker.allow() {
@@ -263,7 +322,7 @@ impl TokenCache {
         }
         // One observation per call that goes to Redis: connecting and the retry included.
         let started = Instant::now();
-        let result = self.attempt(trusted_only, op);
+        let result = self.attempt(trusted_only, key, op);
         PROCESS.observe(started.elapsed());
         result
     }
@@ -274,7 +333,7 @@ impl TokenCache {
     /// while (journal.rs), and sent again if the catch-up of a newer primary missed it.
     fn call_revocation(&self, use_breaker: bool, call: &Arc<Revocation>) -> Result<(i64, String)> {
         let (wait_ms, io_timeout) = (self.wait_ms, self.pool.io_timeout());
-        let (revoked, generation) = self.call_tagged(use_breaker, false, |conn, _| {
+        let (revoked, generation) = self.call_tagged(use_breaker, false, None, |conn, _| {
             let (removed, tombstone, replicas) = call.invoke(conn)?;
             if replicas > 0 {
                 // Redis answers a timed-out WAIT at its next tick (up to 1000/hz ms late): the
@@ -295,19 +354,148 @@ impl TokenCache {
             Ok((removed, tombstone))
         })?;
         if self.pool.is_sentinel() && self.journal.record(generation, Arc::clone(call), self.pool.settled()) {
-            self.call_tagged(false, false, |conn, _| call.replay(conn))?;
+            self.call_tagged(false, false, None, |conn, _| call.replay(conn))?;
         }
         Ok(revoked)
+    }
+
+    /// A revocation on a Cluster (see fanout.rs): one round trip to the nodes of the users'
+    /// indexes to read the tokens they list (logoutall), then one to every node holding a key
+    /// to revoke (in parallel, a script per slot, each node's indexes pruned in the same
+    /// pipeline, `WAIT 1` where a primary has replicas), all within one deadline: the socket
+    /// timeout per round trip, plus the wait.
+    fn revoke_in_cluster(&self, cluster: &Cluster, use_breaker: bool, call: &Revocation) -> Result<(i64, String)> {
+        if use_breaker && !self.breaker.allow() {
+            PROCESS.bump(Counter::ErrorCircuitOpen);
+            return Err(Error::CircuitOpen);
+        }
+        let started = Instant::now();
+        let io_timeout = self.pool.io_timeout();
+        let deadline = started + 2 * io_timeout + Duration::from_millis(self.wait_ms);
+        let result = self.revoke_in_cluster_by(cluster, call, deadline);
+        PROCESS.observe(started.elapsed());
+        match result {
+            Ok(revoked) => {
+                self.breaker.record_success();
+                Ok(revoked)
+            }
+            Err(err) => Err(self.failed(&err)),
+        }
+    }
+
+    fn revoke_in_cluster_by(
+        &self,
+        cluster: &Cluster,
+        call: &Revocation,
+        deadline: Instant,
+    ) -> RedisResult<(i64, String)> {
+        let n = call.n;
+        // Tokens: (token key, hex id); index entries to prune: (index key, raw id).
+        let mut tokens: Vec<(String, String)> = (0..n).map(|i| (call.keys[i].clone(), call.ids[i].clone())).collect();
+        let mut pruned: Vec<(String, Vec<u8>)> =
+            (0..n).map(|i| (call.keys[n + i].clone(), call.id_fields[i].clone())).collect();
+        // The users whose indexed tokens all go (KEYS pairs: the index, then the previous
+        // release's SET, which never existed on a Cluster).
+        let indexes: Vec<String> = (0..call.pairs).map(|p| call.keys[3 * n + 2 * p].clone()).collect();
+        if !indexes.is_empty() {
+            let reads: Vec<Routed> = indexes
+                .iter()
+                .map(|key| Routed { key: key.clone(), cmd: redis::cmd("HGETALL").arg(key).clone() })
+                .collect();
+            for (key, reply) in indexes.iter().zip(fan_out(cluster, &reads, deadline, None, None)?) {
+                // Another tool's value under our name (WRONGTYPE) lists nothing of ours.
+                let items: Vec<redis::Value> = match reply {
+                    Ok(redis::Value::Array(items)) => items,
+                    Ok(redis::Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                    _ => continue,
+                };
+                for pair in items.chunks(2) {
+                    if let [redis::Value::BulkString(field), redis::Value::BulkString(token_key)] = pair {
+                        if field.len() == 16 {
+                            let token_key = String::from_utf8_lossy(token_key);
+                            tokens.push((self.token_key_name(&token_key), hex::encode(field)));
+                            pruned.push((key.clone(), field.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let rows: Vec<String> = call.keys[3 * n + 2 * call.pairs..].to_vec();
+        // One script per slot: its tokens, then its user rows.
+        let mut entries: Vec<(String, Option<String>)> = tokens.into_iter().map(|(key, id)| (key, Some(id))).collect();
+        entries.extend(rows.into_iter().map(|key| (key, None)));
+        let mut commands = Vec::new();
+        for (_, group) in by_slot(entries) {
+            let (token_entries, row_entries): (Vec<_>, Vec<_>) = group.into_iter().partition(|(_, id)| id.is_some());
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(REVOKE_SLOT.get_hash()).arg(token_entries.len() + row_entries.len());
+            for (key, _) in token_entries.iter().chain(&row_entries) {
+                cmd.arg(key);
+            }
+            cmd.arg(token_entries.len()).arg(call.tombstone_ms).arg(&call.seed).arg(&call.lift);
+            for (_, id) in &token_entries {
+                cmd.arg(id.as_deref().unwrap_or_default());
+            }
+            let key = token_entries.first().or(row_entries.first()).map(|(key, _)| key.clone()).unwrap_or_default();
+            commands.push(Routed { key, cmd });
+        }
+        let scripts = commands.len();
+        // One HDEL per index (keys of one slot may be different indexes).
+        let mut by_index: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        for (key, field) in pruned {
+            match by_index.iter_mut().find(|(known, _)| *known == key) {
+                Some((_, fields)) => fields.push(field),
+                None => by_index.push((key, vec![field])),
+            }
+        }
+        for (key, fields) in by_index {
+            let mut cmd = redis::cmd("HDEL");
+            cmd.arg(&key).arg(fields);
+            commands.push(Routed { key, cmd });
+        }
+        let load = redis::cmd("SCRIPT").arg("LOAD").arg(REVOKE_SLOT_SOURCE).clone();
+        let replies = fan_out(cluster, &commands, deadline, Some(self.wait_ms), Some(&load))?;
+        let (mut removed, mut tombstone) = (0, String::new());
+        for reply in replies.into_iter().take(scripts) {
+            let (deleted, user_tombstone, _replicas): (i64, String, i64) = redis::from_redis_value(reply?)?;
+            removed += deleted;
+            if tombstone.is_empty() {
+                tombstone = user_tombstone;
+            }
+        }
+        Ok((removed, tombstone))
+    }
+
+    /// The pool a call on `key` goes to: the server's, or on a Cluster the primary's serving
+    /// the key's slot (any primary for a call on no key).
+    fn pool_for(&self, key: Option<&str>) -> RedisResult<Arc<Pool>> {
+        match (&self.cluster, key) {
+            (Some(cluster), Some(key)) => cluster.pool_for(cluster::slot(key.as_bytes())).map(|(pool, _)| pool),
+            (Some(cluster), None) => cluster.any(),
+            (None, _) => Ok(Arc::clone(&self.pool)),
+        }
     }
 
     fn attempt<T>(
         &self,
         trusted_only: bool,
+        key: Option<&str>,
         op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         let mut retried = false;
+        // Cluster: where a redirection sends the next try, and whether `ASKING` goes first.
+        let mut redirected: Option<(Arc<Pool>, bool)> = None;
+        let mut redirects = 0;
+        let deadline = Instant::now() + self.pool.io_timeout();
         loop {
-            let mut checkout = match self.pool.checkout(trusted_only) {
+            let (pool, asking) = match redirected.take() {
+                Some(target) => target,
+                None => match self.pool_for(key) {
+                    Ok(pool) => (pool, false),
+                    Err(err) => return Err(self.failed(&err)),
+                },
+            };
+            let mut checkout = match pool.checkout(trusted_only) {
                 Ok(checkout) => checkout,
                 // Not a connection failure: neither the breaker nor the resolver hears of it
                 // (the sentinels are asked on their schedule; in-memory, this costs nothing).
@@ -318,16 +506,21 @@ impl TokenCache {
                 Err(err) => return Err(self.failed(&err)),
             };
             // Sentinel: a newer primary first gets the revocations the old one may have lost.
-            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, self.pool.io_timeout()) {
+            if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, pool.io_timeout()) {
                 return Err(self.failed(&err));
             }
-            match op(&mut checkout.conn, &checkout.server) {
+            let result = if asking {
+                redis::cmd("ASKING").exec(&mut checkout.conn).and_then(|()| op(&mut checkout.conn, &checkout.server))
+            } else {
+                op(&mut checkout.conn, &checkout.server)
+            };
+            match result {
                 Ok(value) => {
                     let generation = checkout.generation;
-                    self.pool.checkin(checkout);
+                    pool.checkin(checkout);
                     self.breaker.record_success();
-                    if self.pool.is_sentinel() {
-                        self.journal.settle(self.pool.settled());
+                    if pool.is_sentinel() {
+                        self.journal.settle(pool.settled());
                     }
                     return Ok((value, generation));
                 }
@@ -335,13 +528,13 @@ impl TokenCache {
                     let reused = checkout.reused;
                     drop(checkout);
                     if reused && !retried && err.is_connection_dropped() && !err.is_timeout() {
-                        self.pool.clear();
+                        pool.clear();
                         retried = true;
                         continue;
                     }
                     // Sentinel: a failover demoted the node (a replica writes nothing: the
                     // command had no effect); once more, on the primary the sentinels name now.
-                    if !retried && is_read_only(&err) && self.pool.primary_stepped_down() {
+                    if !retried && is_read_only(&err) && pool.primary_stepped_down() {
                         retried = true;
                         continue;
                     }
@@ -349,22 +542,58 @@ impl TokenCache {
                     // nothing): the other idle connections learned the same stale incarnation.
                     if !retried && is_role_changed(&err) {
                         PROCESS.bump(Counter::RoleChanged);
-                        self.pool.clear();
-                        self.pool.connection_lost(); // Sentinel: ask where the primary is
+                        pool.clear();
+                        pool.connection_lost(); // Sentinel: ask where the primary is
                         retried = true;
                         continue;
                     }
-                    return Err(self.failed(&err));
+                    // Cluster: the slot lives elsewhere (MOVED), is migrating (ASK), or its
+                    // keys are split by a migration (TRYAGAIN): within the socket timeout.
+                    if let (Some(cluster), Some(redirect)) = (&self.cluster, Redirect::of(&err)) {
+                        if redirects < cluster::MAX_REDIRECTS && Instant::now() < deadline {
+                            redirects += 1;
+                            redirected = match redirect {
+                                Redirect::Moved { slot, to } => {
+                                    cluster.moved(slot, &to);
+                                    // There (a call on no key, `command`, learns it this way too).
+                                    match cluster.pool_at(&to) {
+                                        Ok(target) if !to.is_empty() => Some((target, false)),
+                                        _ => None,
+                                    }
+                                }
+                                Redirect::Ask { to, .. } if to.is_empty() => Some((pool, true)),
+                                Redirect::Ask { to, .. } => match cluster.pool_at(&to) {
+                                    Ok(target) => Some((target, true)),
+                                    Err(err) => return Err(self.failed(&err)),
+                                },
+                                Redirect::TryAgain => {
+                                    std::thread::sleep(
+                                        cluster::TRY_AGAIN.min(deadline.saturating_duration_since(Instant::now())),
+                                    );
+                                    None
+                                }
+                            };
+                            continue;
+                        }
+                    }
+                    return Err(self.failed_on(&pool, &err));
                 }
             }
         }
     }
 
     fn failed(&self, err: &redis::RedisError) -> Error {
+        self.failed_on(&self.pool, err)
+    }
+
+    fn failed_on(&self, pool: &Pool, err: &redis::RedisError) -> Error {
         let kind = ErrorKind::of(err);
         PROCESS.error(kind);
         if is_connectivity(err) {
-            self.pool.connection_lost(); // Sentinel: ask where the primary is on the next use
+            pool.connection_lost(); // Sentinel: ask where the primary is on the next use
+            if let Some(cluster) = &self.cluster {
+                cluster.node_lost(); // a failover may be under way: ask for the slot map again
+            }
             if self.breaker.record_failure() {
                 PROCESS.tripped(kind);
             }
@@ -540,7 +769,7 @@ impl TokenCache {
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new(),
         local_cache_size = 0, sentinels = Vec::new(), sentinel_service_name = None, sentinel_username = None,
-        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None
+        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None, cluster_nodes = Vec::new()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -567,7 +796,16 @@ impl TokenCache {
         sentinel_password: Option<String>,
         sentinel_tls: bool,
         sentinel_tls_ca_certs: Option<String>,
+        cluster_nodes: Vec<(String, u16)>,
     ) -> PyResult<Self> {
+        if !cluster_nodes.is_empty() {
+            cluster::check_settings(!sentinels.is_empty() || unix_path.is_some(), db, local_cache_size, key_prefix)?;
+        }
+        // Cluster: `host` and `port` name the first seed.
+        let (host, port) = match cluster_nodes.first() {
+            Some((host, port)) => (Some(host.clone()), *port),
+            None => (host, port),
+        };
         // Sentinel mode: `host` and `port` are a placeholder; the sentinels give the address.
         let sentinel = if sentinels.is_empty() {
             None
@@ -607,15 +845,22 @@ impl TokenCache {
             .set_redis_settings(redis_info)
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
         let io_timeout = seconds(socket_timeout, "socket_timeout")?;
-        let pool = Pool::new(PoolConfig {
+        let config = PoolConfig {
             info,
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
             io_timeout,
             max_idle,
             root_cert,
             sentinel,
-        })
-        .map_err(|e| Error::from_redis(&e))?;
+        };
+        let cluster = (!cluster_nodes.is_empty()).then(|| {
+            let seeds = cluster_nodes
+                .iter()
+                .map(|(host, port)| config.info.clone().set_addr(cluster::with_host(config.info.addr(), host, *port)))
+                .collect();
+            Cluster::new(seeds, config.clone())
+        });
+        let pool = Arc::new(Pool::new(config).map_err(|e| Error::from_redis(&e))?);
         if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
             return Err(PyTypeError::new_err("breaker_cooldown must be >= 0 seconds"));
         }
@@ -631,6 +876,7 @@ impl TokenCache {
             (None, None)
         };
         Ok(TokenCache {
+            cluster,
             journal: Journal::default(),
             wait_ms: (io_timeout.as_millis() as u64 / 2).max(1),
             local,
@@ -682,13 +928,15 @@ impl TokenCache {
         }
         let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
         let key = self.token_key_name(token_key);
-        let (reply, incarnation) = if let Some(entry) = cached {
-            (entry.reply, entry.incarnation)
+        let (reply, incarnation, row_incarnation) = if let Some(entry) = cached {
+            (entry.reply, entry.incarnation, entry.incarnation)
         } else {
-            let (reply, incarnation) = self.lookup_in_redis(py, &key, &id, create, with_user)?;
-            (Arc::new(reply), incarnation)
+            let (reply, incarnation, row_incarnation) =
+                self.lookup_in_redis(py, &key, token_key, &id, create, with_user)?;
+            (Arc::new(reply), incarnation, row_incarnation)
         };
-        let (decoded, user_key, row_found) = self.decode_reply(py, &reply, token_key, &id, with_user, incarnation)?;
+        let (decoded, user_key, row_found) =
+            self.decode_reply(py, &reply, token_key, &id, with_user, (incarnation, row_incarnation))?;
         let result = match build {
             Some(build) => build.call1(decoded)?.unbind(),
             None => decoded.into_pyobject(py)?.into_any().unbind(),
@@ -711,7 +959,7 @@ impl TokenCache {
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
         let (reply, incarnation): (Vec<Option<Vec<u8>>>, Incarnation) = py.detach(|| {
-            self.call_in(|conn, server| {
+            self.call_in(&key, |conn, server| {
                 LOOKUP
                     .key(&key)
                     .arg("u")
@@ -765,24 +1013,29 @@ impl TokenCache {
         let lease_ms = self.lease_ms;
         let fields = [format!("r:{id}"), format!("g:{id}"), format!("t:{id}")];
         let stored: i64 = py.detach(|| {
-            self.call_in(|conn, server| {
+            // Cluster: the user's index lists the token before its record exists (on the
+            // token's node, which may be another: fill.lua can't add it in the same call).
+            if self.cluster.is_some() {
+                self.call_in(&keys[1], |conn, _| {
+                    INDEX.key(&keys[1]).arg(&index_field[..]).arg(token_key).arg(ttl_ms).invoke::<i64>(conn)
+                })?;
+            }
+            self.call_in(&keys[0], |conn, server| {
                 if server.incarnation != seen {
                     return Ok(0); // Redis restarted or failed over since the lookup
                 }
                 // Stored with a generation of its own: the next fill (a re-read) presents that one.
                 let encoded =
                     record.encode(&self.record_keys[0], token_key, &id, random_generation(), server.incarnation);
-                FILL.key(&keys[0])
-                    .key(&keys[1])
-                    .arg(&fields)
-                    .arg(generation)
-                    .arg(&encoded)
-                    .arg(ttl_ms)
-                    .arg(lease_ms)
-                    .arg(&index_field[..])
-                    .arg(token_key)
-                    .arg(&server.replid)
-                    .invoke(conn)
+                let mut invocation = FILL.key(&keys[0]);
+                if self.cluster.is_none() {
+                    invocation.key(&keys[1]);
+                }
+                invocation.arg(&fields).arg(generation).arg(&encoded).arg(ttl_ms).arg(lease_ms);
+                if self.cluster.is_none() {
+                    invocation.arg(&index_field[..]).arg(token_key);
+                }
+                invocation.arg(&server.replid).invoke(conn)
             })
         })?;
         PROCESS.bump(if stored == 1 { Counter::Fill } else { Counter::FillRefused });
@@ -812,7 +1065,7 @@ impl TokenCache {
         let ttl_ms = ttl_ms.max(1);
         let lease_ms = self.lease_ms;
         let stored: i64 = py.detach(|| {
-            self.call_in(|conn, server| {
+            self.call_in(&key, |conn, server| {
                 if server.incarnation != seen {
                     return Ok(0); // Redis restarted or failed over since the lookup
                 }
@@ -843,7 +1096,7 @@ impl TokenCache {
         let candidate = new_generation();
         let lease_ms = self.lease_ms;
         let claimed: Option<Vec<u8>> = py.detach(|| {
-            self.call_in(|conn, server| {
+            self.call_in(&key, |conn, server| {
                 let claimed: Option<Vec<u8>> =
                     CLAIM.key(&key).arg(&id).arg(&candidate).arg(lease_ms).arg(&server.replid).invoke(conn)?;
                 Ok(claimed.map(|g| server.incarnation.prefix(&g)))
@@ -922,7 +1175,10 @@ impl TokenCache {
             id_fields,
             legacy_members,
         });
-        let revoked: Result<(i64, String)> = py.detach(|| self.call_revocation(use_breaker, &call));
+        let revoked: Result<(i64, String)> = py.detach(|| match &self.cluster {
+            Some(cluster) => self.revoke_in_cluster(cluster, use_breaker, &call),
+            None => self.call_revocation(use_breaker, &call),
+        });
         self.forget_locally(&touched);
         let (removed, tombstone) = match revoked {
             Ok(revoked) => revoked,
@@ -1006,6 +1262,9 @@ impl TokenCache {
     /// in-process cache (settings changed, tests): the client is done with.
     fn reset(&self, py: Python<'_>) {
         self.pool.clear();
+        if let Some(cluster) = &self.cluster {
+            cluster.clear();
+        }
         self.breaker.reset();
         if let Some(listener) = &self.listener {
             py.detach(|| listener.stop(true));
@@ -1060,7 +1319,8 @@ impl TokenCache {
         for (name, value) in self.metrics.since_created() {
             dict.set_item(name, value)?;
         }
-        dict.set_item("idle_connections", self.pool.idle_count())?;
+        let idle = self.pool.idle_count() + self.cluster.as_ref().map_or(0, Cluster::idle_count);
+        dict.set_item("idle_connections", idle)?;
         if self.pool.is_sentinel() {
             dict.set_item("revocations_kept", self.journal.len())?;
         }

@@ -2,7 +2,9 @@
 
 mod breaker;
 mod client;
+mod cluster;
 mod errors;
+mod fanout;
 mod hashing;
 mod incarnation;
 mod journal;

@@ -15,6 +15,7 @@ use crate::incarnation::{self, Server};
 use crate::metrics::{Counter, PROCESS};
 use crate::sentinel::{Resolver, SentinelConfig};
 
+#[derive(Clone)]
 pub struct PoolConfig {
     /// The server; in Sentinel mode, the data nodes' settings (database, credentials, TLS),
     /// whose address the sentinels give.
@@ -208,6 +209,20 @@ impl Pool {
     pub fn connection_lost(&self) {
         if let Route::Sentinel(resolver) = &self.connector.route {
             resolver.mark_due();
+        }
+    }
+
+    /// `host:port` of the configured server (Cluster: the node this pool goes to); "" for a
+    /// unix socket or under Sentinel.
+    pub fn address(&self) -> String {
+        match &self.connector.route {
+            Route::Fixed(client) => match client.get_connection_info().addr() {
+                redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                    crate::cluster::address(host, i64::from(*port))
+                }
+                _ => String::new(),
+            },
+            Route::Sentinel(_) => String::new(),
         }
     }
 

@@ -50,6 +50,7 @@ const RECHECK_MAX: Duration = Duration::from_secs(8);
 
 /// The sentinels of one service, and how to talk to them (their credentials and TLS may differ
 /// from the data nodes').
+#[derive(Clone)]
 pub struct SentinelConfig {
     pub sentinels: Vec<(String, u16)>,
     pub service_name: String,

@@ -80,6 +80,9 @@ class TokenCache:
         sentinel_password: str | None = None,
         sentinel_tls: bool = False,
         sentinel_tls_ca_certs: str | None = None,
+        # Redis Cluster: these seed nodes tell the slot map (each call goes to the primary of
+        # its key's slot); host and port are then unused. Credentials and TLS as above.
+        cluster_nodes: list[tuple[str, int]] = ...,
     ) -> Self: ...
     @overload
     def lookup(

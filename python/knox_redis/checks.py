@@ -204,6 +204,18 @@ CONDITIONAL_COMMANDS = (
         when=lambda server: True,
     ),
     _Needed(
+        "cluster|slots",
+        ("CLUSTER", "SLOTS"),
+        "on a Redis Cluster (REDIS_CLUSTER_NODES), each process asks where the slots live",
+        when=lambda server: bool(_setting("REDIS_CLUSTER_NODES", None)),
+    ),
+    _Needed(
+        "asking",
+        ("ASKING",),  # a flag for the next command only: harmless
+        "on a Redis Cluster, a key whose slot is migrating is asked for at the new node after ASKING",
+        when=lambda server: bool(_setting("REDIS_CLUSTER_NODES", None)),
+    ),
+    _Needed(
         "publish",
         # Nobody listens on this channel: 0 receivers. (SUBSCRIBE, which the listener also
         # needs, can't be probed on a pooled connection; the README's line allows it.)

@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     # The sentinels' own credentials and TLS, as django-redis' OPTIONS["SENTINEL_KWARGS"]:
     # username, password, ssl, ssl_ca_certs (other keys are ignored: the timeouts above apply).
     "SENTINEL_KWARGS": None,
+    # Redis Cluster: a list of redis:// or rediss:// URLs of seed nodes (any of the cluster's
+    # nodes; they tell where each slot lives). Username, password and TLS options in each URL
+    # as in REDIS_URL (they must agree); database 0 only. REDIS_URL and CACHE_ALIAS are then
+    # unused.
+    "REDIS_CLUSTER_NODES": None,
 }
 
 REDIS_BACKENDS = (
@@ -85,10 +90,14 @@ class RedisTarget:
     sentinel_password: str | None = field(default=None, repr=False)
     sentinel_tls: bool = False
     sentinel_tls_ca_certs: str | None = None
+    # Redis Cluster: the seed nodes (host and port unused); credentials and TLS above.
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def where(self) -> str:
         """The server, as messages name it."""
+        if self.cluster_nodes:
+            return "the Redis Cluster of " + ", ".join(f"{host}:{port}" for host, port in self.cluster_nodes)
         if self.sentinels:
             return f"the primary of Sentinel service {self.sentinel_service_name!r}"
         return self.unix_path or f"{self.host}:{self.port}"
@@ -161,6 +170,26 @@ def load() -> dict[str, Any]:
         raise ImproperlyConfigured("REST_KNOX_REDIS['SIGNING_KEY_FALLBACKS'] must be a list of secrets.")
     if values["REDIS_URL"] is not None and not isinstance(values["REDIS_URL"], str):
         raise ImproperlyConfigured("REST_KNOX_REDIS['REDIS_URL'] must be a redis:// URL string.")
+    nodes = values["REDIS_CLUSTER_NODES"]
+    if nodes is not None:
+        if not isinstance(nodes, (list, tuple)) or not nodes or not all(isinstance(url, str) for url in nodes):
+            raise ImproperlyConfigured(
+                "REST_KNOX_REDIS['REDIS_CLUSTER_NODES'] must be a non-empty list of redis:// or rediss:// URLs."
+            )
+        if values["SENTINELS"] is not None:
+            raise ImproperlyConfigured(
+                "REST_KNOX_REDIS: REDIS_CLUSTER_NODES and SENTINELS name two topologies; set one of them."
+            )
+        if "{" in prefix or "}" in prefix:
+            raise ImproperlyConfigured(
+                "REST_KNOX_REDIS['REDIS_KEY_PREFIX'] can't hold '{' or '}' on a Redis Cluster: a hash tag there "
+                "would put every key in one slot."
+            )
+        if values["LOCAL_CACHE_SIZE"]:
+            raise ImproperlyConfigured(
+                "REST_KNOX_REDIS['LOCAL_CACHE_SIZE'] is not supported on a Redis Cluster yet (CLIENT TRACKING "
+                "is per node): set it to 0 with REDIS_CLUSTER_NODES."
+            )
     if values["SENTINELS"] is not None:
         values["SENTINELS"] = sentinel_addresses(values["SENTINELS"], "REST_KNOX_REDIS['SENTINELS']")
         name = values["SENTINEL_SERVICE_NAME"]
@@ -240,7 +269,10 @@ def _number(values: dict[str, Any], name: str, *, low: float, high: float) -> No
 
 def redis_target() -> RedisTarget:
     """The primary Redis of REDIS_URL, or of the LOCATION of the cache named by CACHE_ALIAS;
-    with Sentinel (SENTINELS here, or in the cache's OPTIONS), the primary of the service."""
+    with Sentinel (SENTINELS here, or in the cache's OPTIONS), the primary of the service;
+    with REDIS_CLUSTER_NODES, the cluster those seed nodes belong to."""
+    if knox_redis_settings.REDIS_CLUSTER_NODES:
+        return _cluster_target(knox_redis_settings.REDIS_CLUSTER_NODES)
     if knox_redis_settings.SENTINELS:
         return _explicit_sentinel_target()
     if knox_redis_settings.REDIS_URL:
@@ -271,6 +303,30 @@ def redis_target() -> RedisTarget:
     # The first server is the primary for both backends; the rest are read replicas that may
     # lag behind a revocation, so they are never used.
     return parse_redis_url(location[0].strip(), options=options)
+
+
+def _cluster_target(urls: list[str] | tuple[str, ...]) -> RedisTarget:
+    """REDIS_CLUSTER_NODES: every URL parsed as REDIS_URL is; they must agree on credentials and
+    TLS (one set is used for every node the cluster names), and on database 0."""
+    where = "REST_KNOX_REDIS['REDIS_CLUSTER_NODES']"
+    targets = [parse_redis_url(url, options={}) for url in urls]
+    first = targets[0]
+    for url, target in zip(urls, targets, strict=True):
+        if target.unix_path or not target.host:
+            raise ImproperlyConfigured(f"{where}: {redacted(url)!r} must name a node by host and port.")
+        if target.db != 0:
+            raise ImproperlyConfigured(f"{where}: {redacted(url)!r} names database {target.db}; a cluster has 0 only.")
+        if (target.username, target.password, target.tls, target.tls_ca_certs) != (
+            first.username,
+            first.password,
+            first.tls,
+            first.tls_ca_certs,
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: {redacted(url)!r} differs from the first node's credentials or TLS; every node is "
+                "reached with the same ones."
+            )
+    return replace(first, cluster_nodes=tuple((t.host or "", t.port) for t in targets))
 
 
 def _sentinel_cache_target(alias: str, url: str, options: dict[str, Any]) -> RedisTarget:

@@ -1,0 +1,190 @@
+"""knox_redis on a Redis Cluster (REDIS_CLUSTER_NODES): each call goes to the primary of its
+key's slot, a revocation to every node holding a key it revokes, and neither a failover nor a
+slot migration re-admits a revoked token."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+from knox.models import AuthToken
+
+import knox_redis
+from knox_redis import cache
+from tests.conftest import auth_header, basic_header
+from tests.helpers import accepted, queries_of
+from tests.traffic import Traffic, failed_calls, login, whoami
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def on_cluster(cluster, settings):
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
+        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
+    }
+    return cluster
+
+
+def record_node(cluster, token: str):
+    key = cache.get_client().token_key(token[:15])
+    return cluster.node_for_key(key), key
+
+
+def test_login_hit_and_logout(on_cluster, client, user):
+    token = client.post("/api/login/", **basic_header("alice", "pw")).json()["token"]
+    node, key = record_node(on_cluster, token)
+    with node.client() as conn:
+        assert any(f.startswith(b"r:") for f in conn.hkeys(key))  # written through, on its node
+    ok, sql = queries_of(lambda: accepted(token))
+    assert ok
+    assert len(sql) == 1  # a hit: the user by primary key
+    assert client.post("/api/logout/", **auth_header(token)).status_code == 204
+    assert not accepted(token)
+    with node.client() as conn:
+        assert not any(f.startswith(b"r:") for f in conn.hkeys(key))
+
+
+def test_logoutall_reaches_every_node(on_cluster, client, make_token, user):
+    tokens = [make_token() for _ in range(12)]
+    for token in tokens:
+        assert accepted(token)  # cached, each on its slot's primary
+    nodes = {record_node(on_cluster, t)[0].port for t in tokens}
+    assert len(nodes) > 1, "the tokens should spread over the masters"
+    assert client.post("/api/logoutall/", **auth_header(tokens[0])).status_code == 204
+    for token in tokens:
+        assert not accepted(token)
+        node, key = record_node(on_cluster, token)
+        with node.client() as conn:
+            assert not any(f.startswith(b"r:") for f in conn.hkeys(key))
+
+
+def test_user_cache_on_a_cluster(on_cluster, settings, make_token, user):
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "USER_CACHE": True}
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)  # the row cached now, on the user's own slot
+    ok, sql = queries_of(lambda: accepted(token))
+    assert ok
+    assert sql == []  # token and row from two nodes, no query
+    user.is_active = False
+    user.save()
+    assert not accepted(token)  # the row revoked before the save returned
+
+
+def test_a_cluster_failover_readmits_no_revoked_token(on_cluster, client, make_token, user):
+    revoked, kept = make_token(), make_token()
+    for token in (revoked, kept):
+        assert accepted(token)
+    master = record_node(on_cluster, revoked)[0]
+    AuthToken.objects.filter(token_key=revoked[:15]).delete()
+    assert not accepted(revoked)
+    on_cluster.failover(master)
+    assert not accepted(revoked)
+    assert accepted(kept)
+    assert accepted(kept)
+
+
+def test_lookups_follow_a_slot_migration(on_cluster, make_token, user):
+    token = make_token()
+    assert accepted(token)
+    source, key = record_node(on_cluster, token)
+    target = next(m for m in on_cluster.masters() if m is not source)
+    seen: list[str] = []
+
+    def traffic(step: str) -> None:
+        seen.append(step)
+        assert accepted(token)
+
+    on_cluster.migrate_slot(on_cluster.keyslot(key), target, pause=traffic)
+    assert record_node(on_cluster, token)[0] is target
+    assert accepted(token)
+    AuthToken.objects.filter(token_key=token[:15]).delete()
+    assert not accepted(token)
+    assert "migrating" in seen
+
+
+def test_local_cache_is_refused_on_a_cluster(on_cluster, settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "LOCAL_CACHE_SIZE": 100}
+    with pytest.raises(ImproperlyConfigured, match="LOCAL_CACHE_SIZE"):
+        cache.get_client()
+
+
+def run_traffic_through(cluster, event, *, before: float = 1.0, after: float = 2.0) -> Traffic:
+    """Threads log in, authenticate and log out (and one logs out tokens cached before) while
+    `event` changes the cluster: no 500, no token accepted once its logout returned."""
+    names = [f"user{i}" for i in range(4)]
+    for name in names:
+        get_user_model().objects.create_user(username=name, password="pw")
+    cache.get_client()  # built here, not in the threads
+    client = Client()
+    older = [login(client, "user0") for _ in range(int((before + after) / 0.05) + 40)]
+    assert {whoami(client, token) for token in older} == {200}
+    stats_before = knox_redis.stats()
+    traffic = Traffic(names, older)
+    traffic.start()
+    try:
+        time.sleep(before)
+        started = time.monotonic()
+        event()
+        took = time.monotonic() - started
+        hits_at_recovery = knox_redis.stats()["lookups_hit"]
+        time.sleep(after)
+    finally:
+        traffic.finish()
+    stats = knox_redis.stats()
+    fallbacks = failed_calls(stats) - failed_calls(stats_before)
+    print(f"\n{traffic.summary()}; Redis calls failed or short-circuited: {fallbacks}; event took {took:.1f}s")
+    assert not traffic.errors, traffic.errors
+    assert not traffic.accepted_revoked, traffic.accepted_revoked
+    assert {whoami(client, token) for token, _ in traffic.revoked} == {401}
+    kinds = {(kind, status) for kind, status in traffic.statuses}
+    assert kinds <= {
+        ("login", 200),
+        ("auth", 200),
+        ("logout", 204),
+        ("logout", 503),
+        ("auth while logout refused", 200),
+        ("auth revoked", 401),
+    }, traffic.summary()
+    assert traffic.statuses[("logout", 204)] >= 8, traffic.summary()
+    assert stats["lookups_hit"] > hits_at_recovery, stats  # served by the cluster again
+    return traffic
+
+
+@pytest.mark.slow
+def test_traffic_through_a_cluster_failover(on_cluster, transactional_db):
+    masters = on_cluster.masters()
+    run_traffic_through(on_cluster, lambda: [on_cluster.failover(master) for master in masters])
+
+
+@pytest.mark.slow
+def test_traffic_through_a_killed_master(on_cluster, transactional_db):
+    """SIGKILL: its slots answer nothing until the others flag it and its replica is elected
+    (node timeout 500 ms); meanwhile lookups there fall back to the database and logouts of
+    its tokens are refused (503)."""
+    master = on_cluster.masters()[0]
+    run_traffic_through(on_cluster, lambda: on_cluster.kill_master(master))
+
+
+@pytest.mark.slow
+def test_traffic_through_a_slot_migration(on_cluster, transactional_db):
+    """The slots of the users' indexes (written by every login's fill) and of tokens the
+    traffic logs out move to another master mid-traffic: ASK while the keys move, MOVED after."""
+    native = cache.get_client()
+
+    def migrate() -> None:
+        users = get_user_model().objects.filter(username__startswith="user")
+        keys = [native.user_key(u.pk) for u in users]
+        keys += [native.token_key(t.token_key) for t in AuthToken.objects.order_by("-created")[:4]]
+        for slot in sorted({on_cluster.keyslot(key) for key in keys}):
+            source = on_cluster.master_for_slot(slot)
+            on_cluster.migrate_slot(slot, next(m for m in on_cluster.masters() if m is not source))
+
+    run_traffic_through(on_cluster, migrate)
