@@ -1223,21 +1223,46 @@ impl TokenCache {
     /// One command, for operators' tools (`manage.py knox_redis`, system checks): INFO, SCAN,
     /// UNLINK, CONFIG GET, MEMORY USAGE... Under the same timeouts, not through the breaker
     /// (an operator asks now). Replies: None, int, bytes, str (status), float, bool, list,
-    /// dict; an error reply raises `CacheError`.
-    fn command<'py>(&self, py: Python<'py>, args: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyAny>> {
+    /// dict; an error reply raises `CacheError`. On a Cluster, `node` (one of `primaries`)
+    /// says where; without it, a primary (a command on a key there is redirected to the
+    /// key's node).
+    #[pyo3(signature = (args, node = None))]
+    fn command<'py>(&self, py: Python<'py>, args: Vec<Vec<u8>>, node: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
         let Some((name, rest)) = args.split_first() else {
             return Err(Error::Invalid("a command needs a name".into()).into());
         };
-        let reply: redis::Value = py.detach(|| {
-            self.call_with(false, |conn| {
-                let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
-                for arg in rest {
-                    cmd.arg(arg);
-                }
-                cmd.query(conn)
-            })
+        let run = |conn: &mut Connection| {
+            let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
+            for arg in rest {
+                cmd.arg(arg);
+            }
+            cmd.query(conn)
+        };
+        let reply: redis::Value = py.detach(|| match (node, &self.cluster) {
+            (None, _) => self.call_with(false, run),
+            (Some(node), Some(cluster)) => {
+                let pool = cluster.pool_at(node).map_err(|e| Error::from_redis(&e))?;
+                let mut checkout = pool.checkout(false).map_err(|e| Error::from_redis(&e))?;
+                let reply = run(&mut checkout.conn).map_err(|e| Error::from_redis(&e))?;
+                pool.checkin(checkout);
+                Ok(reply)
+            }
+            (Some(_), None) => Err(Error::Invalid("`node` is for a Redis Cluster only".into())),
         })?;
         reply_to_py(py, reply)
+    }
+
+    /// On a Cluster, `host:port` of every primary as the slot map names them (asked for first
+    /// if none is known); empty otherwise.
+    fn primaries(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let Some(cluster) = &self.cluster else { return Ok(Vec::new()) };
+        py.detach(|| {
+            if cluster.primaries().is_empty() {
+                cluster.refresh().map_err(|e| Error::from_redis(&e))?;
+            }
+            Ok::<_, Error>(cluster.primaries().iter().map(ToString::to_string).collect())
+        })
+        .map_err(Into::into)
     }
 
     /// For `check --deploy` (`LOCAL_CACHE_SIZE`): may this user subscribe to these channels?

@@ -31,6 +31,9 @@ use crate::pool::{Pool, PoolConfig};
 pub const SLOTS: u16 = 16_384;
 /// The map is asked for again at most this often (each MOVED asks for it).
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
+/// And at least this often: it also says which replicas each primary has (the cluster lists
+/// those it would promote), which a revocation waits for.
+const MAX_AGE: Duration = Duration::from_secs(1);
 /// Redirections one call follows at most (a slot moves once; a few more cover a failover
 /// seen mid-call), all within the call's socket timeout.
 pub const MAX_REDIRECTS: usize = 5;
@@ -223,7 +226,8 @@ impl Cluster {
     pub fn pool_for(&self, slot: u16) -> RedisResult<(Arc<Pool>, Arc<str>)> {
         let stale = {
             let refreshed = self.refreshed.lock();
-            refreshed.1 && refreshed.0.map_or(true, |at| at.elapsed() >= REFRESH_EVERY)
+            let age = refreshed.0.map(|at| at.elapsed());
+            age.map_or(true, |age| (refreshed.1 && age >= REFRESH_EVERY) || age >= MAX_AGE)
         };
         if stale || self.map.read().owner(slot).is_none() {
             // A failed refresh keeps the map it had: a known owner is still worth trying.

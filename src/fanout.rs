@@ -6,10 +6,11 @@
 //! not a socket timeout per reply (nor per node). A command a node answers with a redirection
 //! is sent again in another round, within the same deadline: to the node a `MOVED` names (the
 //! map is corrected), after `ASKING` to the node an `ASK` names, or after a pause for
-//! `TRYAGAIN`. With `wait_ms`, each node that has a replica (as the map lists them, or as a
-//! script's reply reports them) is sent `WAIT 1 wait_ms` after its commands, on the same
-//! connection, and a node whose replicas don't acknowledge in time fails the call: as on a
-//! single primary, a revocation a failover could lose is refused.
+//! `TRYAGAIN`. With `wait_ms`, each node that has a replica (as the map lists them: the cluster
+//! leaves out replicas it flagged as failed; or as a script's reply reports them) is sent
+//! `WAIT 1 wait_ms` after its commands, on the same connection, and a node whose replicas don't
+//! acknowledge in time fails the call: as on a single primary, a revocation a failover could
+//! lose is refused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -189,7 +190,12 @@ impl Round<'_> {
         };
         if let Some(acknowledged) = acknowledged {
             let count: i64 = redis::from_redis_value(acknowledged)?;
-            if count < 1 && replicas_reported > 0 {
+            // A replica the map lists must acknowledge, even one the primary no longer counts
+            // online (no ack for a second: cut off by a partition, as its primary may be): the
+            // cluster promotes such a replica, not a lagging one's absence, and a primary on
+            // the minority side takes writes until the node timeout.
+            if count < 1 && (waits || replicas_reported > 0) {
+                self.cluster.node_lost(); // the map may be stale: ask again on the next use
                 return Err(RedisError::from((
                     redis::ErrorKind::Client,
                     "no replica acknowledged the revocation in time (WAIT 1)",

@@ -188,3 +188,65 @@ def test_traffic_through_a_slot_migration(on_cluster, transactional_db):
             on_cluster.migrate_slot(slot, next(m for m in on_cluster.masters() if m is not source))
 
     run_traffic_through(on_cluster, migrate)
+
+
+def test_the_management_command_sees_every_node(on_cluster, make_token, user):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    tokens = [make_token() for _ in range(12)]
+    for token in tokens:
+        assert accepted(token)
+    nodes = {record_node(on_cluster, t)[0].port for t in tokens}
+    assert len(nodes) > 1
+    out = StringIO()
+    call_command("knox_redis", "--json", "stats", stdout=out)
+    # Every token's key and the user's index, wherever they live.
+    assert json.loads(out.getvalue())["keys"] == len(tokens) + 1
+    out = StringIO()
+    call_command("knox_redis", "--json", "purge", "--noinput", stdout=out)
+    assert json.loads(out.getvalue())["removed"] == len(tokens) + 1
+    for master in on_cluster.masters():
+        with master.client() as conn:
+            assert conn.dbsize() == 0
+
+
+def test_a_revocation_its_masters_replica_cannot_acknowledge_is_refused(on_cluster, client, make_token, user):
+    """The replica is cut off (SIGSTOP) and not yet flagged as failed: the cluster could still
+    promote it, without the revocation. Refused (503: the token stays valid everywhere), as
+    long as the slot map lists that replica; taken again once it answers."""
+    import signal
+
+    token = make_token()
+    assert accepted(token)
+    master = record_node(on_cluster, token)[0]
+    replica = on_cluster.replica_of(master)
+    time.sleep(1.1)  # the slot map asked for again (each second), listing the replica now that
+    assert accepted(token)  # it has replicated something (the cluster leaves out one at offset 0)
+    # As with Redis' default node timeout (15 s): the replica is not flagged as failed for a
+    # while after its primary stopped counting it online (no ack for a second).
+    live = [node for node in on_cluster.nodes if node.alive and node is not replica]
+    for node in live:
+        with node.client() as conn:
+            conn.config_set("cluster-node-timeout", 10_000)
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        assert client.post("/api/logout/", **auth_header(token)).status_code == 503
+        time.sleep(1.5)
+        with master.client() as conn:
+            assert conn.info("replication")["slave0"]["lag"] > 1  # no longer counted online
+        assert client.post("/api/logout/", **auth_header(token)).status_code == 503
+        assert accepted(token)  # nothing was deleted
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+        for node in live:
+            with node.client() as conn:
+                conn.config_set("cluster-node-timeout", on_cluster.node_timeout_ms)
+    deadline = time.monotonic() + 10
+    while (status := client.post("/api/logout/", **auth_header(token)).status_code) == 503:
+        assert time.monotonic() < deadline, "the revocation was never taken again"
+        time.sleep(0.1)
+    assert status == 204
+    assert not accepted(token)

@@ -582,10 +582,17 @@ def _user_pk_field() -> Any:
 # --- operators' tools -------------------------------------------------------------------
 
 
-def redis_command(*args: str | bytes | int) -> Any:
+def redis_command(*args: str | bytes | int, node: str | None = None) -> Any:
     """One Redis command through the native client (timeouts, TLS, auth as configured), for
-    `manage.py knox_redis` and the system checks. Raises CacheError."""
-    return get_client().command([a if isinstance(a, bytes) else str(a).encode() for a in args])
+    `manage.py knox_redis` and the system checks; on a Redis Cluster, to `node` (one of
+    `redis_nodes()`) if given. Raises CacheError."""
+    return get_client().command([a if isinstance(a, bytes) else str(a).encode() for a in args], node)
+
+
+def redis_nodes() -> list[str | None]:
+    """Where a command must go to reach every key: each primary of a Redis Cluster, else the
+    one server (None)."""
+    return list(get_client().primaries()) or [None]
 
 
 def key_pattern() -> str:

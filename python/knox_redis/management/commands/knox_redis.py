@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -78,15 +79,11 @@ class Command(BaseCommand):
 
     def stats(self, **options: Any) -> dict[str, Any]:
         keys, sampled, sampled_bytes = 0, 0, 0
-        cursor = b"0"
-        while True:
-            cursor, batch = cache.redis_command("SCAN", cursor, "MATCH", cache.key_pattern(), "COUNT", SCAN_COUNT)
+        for node, batch in _scan(cache.key_pattern()):
             keys += len(batch)
             for key in batch[: max(0, MEMORY_SAMPLE - sampled)]:
-                sampled_bytes += cache.redis_command("MEMORY", "USAGE", key) or 0
+                sampled_bytes += cache.redis_command("MEMORY", "USAGE", key, node=node) or 0
                 sampled += 1
-            if cursor in (b"0", 0, "0"):
-                break
         memory = _info(cache.redis_command("INFO", "memory"))
         persistence = _info(cache.redis_command("INFO", "persistence"))
         result = {
@@ -139,13 +136,12 @@ class Command(BaseCommand):
         if interactive and not _confirm(f"Remove every key matching {pattern!r} from Redis? [y/N] "):
             raise CommandError("Purge cancelled.")
         removed = 0
-        cursor = b"0"
-        while True:
-            cursor, batch = cache.redis_command("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-            if batch:
-                removed += cache.redis_command("UNLINK", *batch)
-            if cursor in (b"0", 0, "0"):
-                break
+        for node, batch in _scan(pattern):
+            if node is None:
+                removed += cache.redis_command("UNLINK", *batch) if batch else 0
+            else:
+                # A Cluster refuses keys of several slots in one command: one at a time.
+                removed += sum(cache.redis_command("UNLINK", key, node=node) for key in batch)
         self.say(options, f"Removed {removed} key(s) matching {pattern}.")
         return {"removed": removed}
 
@@ -176,6 +172,18 @@ def clear_expired_tokens(batch_size: int, sender: type) -> int:
             if token.pk not in kept:
                 token_expired.send(sender=sender, username=token.user.get_username(), source="clear_expired")
     return total
+
+
+def _scan(pattern: str) -> Iterator[tuple[str | None, list[bytes]]]:
+    """Every key matching `pattern`, in SCAN's batches, with the node it is on: each primary of
+    a Redis Cluster in turn (a SCAN sees one node's keys), else the one server (None)."""
+    for node in cache.redis_nodes():
+        cursor = b"0"
+        while True:
+            cursor, batch = cache.redis_command("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, node=node)
+            yield node, batch
+            if cursor in (b"0", 0, "0"):
+                break
 
 
 def _config(name: str) -> str | None:
