@@ -10,6 +10,7 @@ mod local;
 mod metrics;
 mod pool;
 mod record;
+mod resp;
 #[cfg(test)]
 mod script_tests;
 mod sentinel;
