@@ -3,6 +3,7 @@
 mod breaker;
 mod client;
 mod errors;
+mod feed;
 mod hashing;
 mod incarnation;
 mod journal;
