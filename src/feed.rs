@@ -115,10 +115,16 @@ impl Feed {
         let Some(id) = id else {
             return Err(RedisError::from((redis::ErrorKind::UnexpectedReturnType, "CLIENT ID: not an integer")));
         };
-        let mut tracking = redis::cmd("CLIENT");
-        tracking.arg("TRACKING").arg("ON").arg("REDIRECT").arg(id).arg("BCAST").arg("PREFIX").arg(format!("{prefix}:"));
-        let mut subscribe = redis::cmd("SUBSCRIBE");
-        subscribe.arg(INVALIDATE).arg(channel);
+        let tracking = redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("REDIRECT")
+            .arg(id)
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(format!("{prefix}:"))
+            .clone();
+        let subscribe = redis::cmd("SUBSCRIBE").arg(INVALIDATE).arg(channel).clone();
         let second = [("CLIENT TRACKING", tracking), ("SUBSCRIBE", subscribe)];
         round_trip(&mut stream, &mut buf, &second, target.io_timeout)?;
         // SUBSCRIBE confirms each channel in a reply of its own: the second one is read here.
