@@ -1299,6 +1299,16 @@ impl TokenCache {
         }
     }
 
+    /// For tests only (not part of the API): hold the tracking listener's thread just before
+    /// it would read its socket, as if the OS didn't run it (`hold=True`; True once it is
+    /// held, within a second), or let it go. Shows that requests apply Redis' pushes
+    /// themselves. A method of this object rather than a setting, so nothing outside a test
+    /// that calls it can turn it on.
+    fn _hold_listener(&self, py: Python<'_>, hold: bool) -> bool {
+        let Some(listener) = &self.listener else { return false };
+        py.detach(|| listener.hold(hold, Duration::from_secs(1)))
+    }
+
     /// Is the in-process cache serving hits (its listener live)? False without one.
     #[getter]
     fn local_cache_live(&self) -> bool {

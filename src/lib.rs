@@ -5,6 +5,7 @@ mod client;
 mod cluster;
 mod errors;
 mod fanout;
+mod feed;
 mod hashing;
 mod incarnation;
 mod journal;
@@ -12,6 +13,7 @@ mod local;
 mod metrics;
 mod pool;
 mod record;
+mod resp;
 #[cfg(test)]
 mod script_tests;
 mod sentinel;

@@ -1,27 +1,38 @@
 //! The in-process cache (`LOCAL_CACHE_SIZE`): lookup replies kept in this process, so a repeat
-//! hit makes no network call. Kept coherent by Redis' client-side caching (tracking.rs pushes
-//! every change to a key under the prefix here), under four rules:
+//! hit makes no network call. Kept coherent by Redis' client-side caching (tracking.rs: Redis
+//! pushes every change to a key under the prefix to this process's feed), under five rules:
 //!
+//! - no entry is served while the feed may hold an invalidation not yet applied: `get` first
+//!   drains the feed itself (`Feed::settle`: one `recv` that finds nothing, in the common
+//!   case), and if it can't (the listener thread is draining it at that moment, or only part
+//!   of a reply has arrived) the request is a local miss and asks Redis;
 //! - an entry fetched before an invalidation of one of its keys is never stored after it: a
 //!   fetch takes a ticket (the invalidation count) before its round trip, and the store is
 //!   refused if any invalidation since then names one of the entry's keys, or if the log that
-//!   tells has been trimmed past the ticket;
+//!   tells has been trimmed past the ticket. (A push that reaches the socket during the fetch
+//!   and is applied only after the store still drops the entry: the first rule applies it
+//!   before anything is served.);
 //! - entries are served only while the listener is live (a heartbeat sent through Redis came
 //!   back within the last second); otherwise the cache is flushed and bypassed;
 //! - a flush (FLUSHDB/FLUSHALL, a reconnect) empties it;
 //! - only found records are stored: an unknown token never takes a slot.
 //!
-//! Bounded: at capacity, the oldest entry goes (FIFO). Every method checks the pid: a forked
-//! child never touches what the parent's threads may have held locked at the fork.
+//! Locks, always taken in this order: the feed slot, the feed, the entries (`state`); the
+//! listener takes the feed alone, then the entries. Bounded: at capacity, the oldest entry
+//! goes (FIFO). Every method checks the pid first: a forked child never touches what the
+//! parent's threads may have held locked at the fork (the feed's lock included: a child
+//! serves nothing locally from a parent's cache, and closes its copy of the feed's socket
+//! without the lock, `close_inherited`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pyo3::{Py, PyAny};
 
+use crate::feed::Feed;
 use crate::incarnation::Incarnation;
 use crate::metrics::{Counter, PROCESS};
 
@@ -82,6 +93,11 @@ pub struct Local {
     state: Mutex<State>,
     /// Why the listener's last session ended, if it failed (cleared by a heartbeat).
     last_error: Mutex<Option<String>>,
+    /// The live session's feed (tracking.rs), set once it has subscribed and cleared before
+    /// its socket closes.
+    feed: Mutex<Option<Arc<Feed>>>,
+    /// Its socket's descriptor (-1: none), readable without a lock by a forked child.
+    feed_fd: AtomicI32,
 }
 
 impl Local {
@@ -93,6 +109,39 @@ impl Local {
             live_until: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             last_error: Mutex::new(None),
+            feed: Mutex::new(None),
+            feed_fd: AtomicI32::new(-1),
+        }
+    }
+
+    /// A session has subscribed: requests drain its feed before serving (`get`).
+    pub fn attach(&self, feed: Arc<Feed>) {
+        if self.ours() {
+            self.feed_fd.store(feed.fd(), Ordering::Release);
+            *self.feed.lock() = Some(feed);
+        }
+    }
+
+    /// The session is ending (its feed already `end`ed, its socket not yet closed).
+    pub fn detach(&self) {
+        if self.ours() {
+            self.feed_fd.store(-1, Ordering::Release);
+            self.feed.lock().take();
+        }
+    }
+
+    /// In a forked child: close the child's copy of the parent's feed socket (the parent's
+    /// stays open), without touching any lock. Otherwise the connection would outlive the
+    /// parent's session in the child, and Redis would go on pushing to a socket nobody reads.
+    pub fn close_inherited(&self) {
+        if self.ours() {
+            return;
+        }
+        let fd = self.feed_fd.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: the parent's feed socket, open in this process (its `Feed` is never
+            // dropped here: the thread that owned it doesn't exist in a child), closed once.
+            unsafe { libc::close(fd) };
         }
     }
 
@@ -141,6 +190,25 @@ impl Local {
 
     /// The entry for this token, if one may be served now.
     pub fn get(&self, token_key: &str, field: &str, with_user: bool) -> Option<Entry> {
+        if !self.ours() {
+            return None;
+        }
+        // Everything that reached the feed's socket before now is applied first (a flush or
+        // an invalidation, a heartbeat too); if that can't be done now, this is a miss.
+        {
+            let feed = self.feed.lock();
+            match &*feed {
+                Some(feed) if feed.settle(self) => {}
+                Some(_) => return None,
+                None => {
+                    drop(feed);
+                    if !self.state.lock().entries.is_empty() {
+                        self.flush();
+                    }
+                    return None;
+                }
+            }
+        }
         if !self.is_live() {
             if self.ours() && !self.state.lock().entries.is_empty() {
                 self.flush();
@@ -268,6 +336,45 @@ fn unlink(state: &mut State, slot: &Slot, entry: &Entry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// A cache with a feed over a socket the test writes Redis' side of.
+    struct Live {
+        local: Local,
+        feed: Arc<Feed>,
+        redis: UnixStream,
+    }
+
+    impl std::ops::Deref for Live {
+        type Target = Local;
+        fn deref(&self) -> &Local {
+            &self.local
+        }
+    }
+
+    impl Live {
+        fn push(&mut self, bytes: &[u8]) {
+            let Ok(()) = self.redis.write_all(bytes) else { panic!("the test's socket refused a write") };
+        }
+    }
+
+    fn attached(capacity: usize) -> Live {
+        let Ok((ours, redis)) = UnixStream::pair() else { panic!("no socket pair") };
+        let Ok(feed) = Feed::over(ours, "k:heartbeat:1") else { panic!("no feed") };
+        let feed = Arc::new(feed);
+        let local = Local::new(capacity);
+        local.attach(Arc::clone(&feed));
+        Live { local, feed, redis }
+    }
+
+    fn invalidation(keys: &[&str]) -> Vec<u8> {
+        let mut out = format!("*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*{}\r\n", keys.len()).into_bytes();
+        for key in keys {
+            out.extend_from_slice(format!("${}\r\n{key}\r\n", key.len()).as_bytes());
+        }
+        out
+    }
 
     fn entry(token_key: &str, user_key: &str) -> Entry {
         Entry {
@@ -280,10 +387,10 @@ mod tests {
         }
     }
 
-    fn live(capacity: usize) -> Local {
-        let local = Local::new(capacity);
-        local.heartbeat(Instant::now());
-        local
+    fn live(capacity: usize) -> Live {
+        let live = attached(capacity);
+        live.heartbeat(Instant::now());
+        live
     }
 
     /// A ticket from a cache the test made live (none from a dead one: that is a test's bug).
@@ -335,7 +442,7 @@ mod tests {
 
     #[test]
     fn nothing_is_served_or_stored_without_a_recent_heartbeat() {
-        let local = Local::new(10);
+        let local = attached(10);
         assert!(local.ticket().is_none());
         local.heartbeat(Instant::now());
         local.store(ticket_of(&local), "tk", "id", true, entry("k:token:tk", "k:user:1:ix"));
@@ -394,5 +501,70 @@ mod tests {
         assert_eq!(local.len(), 2);
         assert!(local.get("a", "id", false).is_none());
         assert!(local.get("c", "id", false).is_some());
+    }
+
+    #[test]
+    fn a_push_waiting_in_the_socket_is_applied_before_a_hit() {
+        // No listener thread here at all: the request itself finds the push.
+        let mut local = live(10);
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.get("tk", "id", false).is_some());
+        local.push(&invalidation(&["k:other", "k:token:tk"]));
+        assert!(local.get("tk", "id", false).is_none());
+        assert_eq!(local.len(), 0);
+    }
+
+    #[test]
+    fn part_of_a_push_is_a_miss_until_the_rest_comes() {
+        let mut local = live(10);
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        let push = invalidation(&["k:token:tk"]);
+        local.push(&push[..push.len() - 3]);
+        assert!(local.get("tk", "id", false).is_none(), "served with a push half read");
+        assert_eq!(local.len(), 1); // not applied yet: it can't be parsed
+        local.push(&push[push.len() - 3..]);
+        assert!(local.get("tk", "id", false).is_none());
+        assert_eq!(local.len(), 0);
+    }
+
+    #[test]
+    fn a_feed_someone_else_is_draining_is_a_miss() {
+        let local = live(10);
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        assert!(local.feed.while_held(|| local.get("tk", "id", false)).is_none());
+        assert!(local.get("tk", "id", false).is_some());
+    }
+
+    #[test]
+    fn a_null_invalidation_flushes_and_a_heartbeat_drained_by_a_request_counts() {
+        let mut local = attached(10);
+        let Some(sent) = Instant::now().checked_sub(Duration::from_millis(5)) else { return };
+        let Ok(()) = local.feed.beat_sent(1, sent) else { panic!("beat refused") };
+        local.push(b"*3\r\n$7\r\nmessage\r\n$13\r\nk:heartbeat:1\r\n$1\r\n1\r\n");
+        assert!(!local.is_live());
+        assert!(local.get("tk", "id", false).is_none());
+        assert!(local.is_live(), "the echo drained by a request vouches as the listener's would");
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.push(b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n$-1\r\n");
+        assert!(local.get("tk", "id", false).is_none());
+        assert_eq!(local.len(), 0);
+    }
+
+    #[test]
+    fn a_broken_or_ended_feed_serves_nothing() {
+        let mut local = live(10);
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.push(b"HTTP/1.1 400 Bad Request\r\n");
+        assert!(local.get("tk", "id", false).is_none());
+        assert!(!local.is_live());
+        assert_eq!(local.len(), 0);
+
+        let local = live(10);
+        local.store(ticket_of(&local), "tk", "id", false, entry("k:token:tk", "k:user:1:ix"));
+        local.feed.end("the session ended");
+        assert!(local.get("tk", "id", false).is_none());
+        local.detach();
+        assert!(local.get("tk", "id", false).is_none());
+        assert_eq!(local.len(), 0, "no feed: flushed");
     }
 }

@@ -49,6 +49,9 @@ pub struct Connector {
     route: Route,
     connect_timeout: Duration,
     io_timeout: Duration,
+    /// The data nodes' PEM roots (`PoolConfig::root_cert`), for a connection this crate opens
+    /// itself.
+    root_cert: Option<Arc<Vec<u8>>>,
 }
 
 #[derive(Clone)]
@@ -77,6 +80,34 @@ impl Connector {
         conn.set_write_timeout(Some(self.io_timeout))?;
         PROCESS.bump(Counter::ConnectionOpened);
         Ok(conn)
+    }
+
+    /// Where `connect_tagged` connects now, and the generation of that primary: for a
+    /// connection this crate opens itself (tracking.rs' feed). In Sentinel mode, the primary
+    /// known (None before any), unverified: the caller checks `ROLE` on its connection, and
+    /// calls this after `connect_tagged` so that the resolver has found and verified one.
+    pub fn target(&self) -> Option<(ConnectionInfo, u64)> {
+        match &self.route {
+            Route::Fixed(client) => Some((client.get_connection_info().clone(), 0)),
+            Route::Sentinel(resolver) => resolver.current(),
+        }
+    }
+
+    /// The PEM roots to verify a `rediss://` data node with, if not the system's.
+    pub fn root_cert(&self) -> Option<&[u8]> {
+        self.root_cert.as_deref().map(Vec::as_slice)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.route, Route::Sentinel(_))
     }
 
     /// Sentinel mode: ask the sentinels again if it is time to (see `Resolver::refresh`).
@@ -116,6 +147,7 @@ pub struct Checkout {
 
 impl Pool {
     pub fn new(config: PoolConfig) -> RedisResult<Self> {
+        let root_cert = config.root_cert.clone().map(Arc::new);
         let route = match config.sentinel {
             Some(sentinel) => Route::Sentinel(Arc::new(Resolver::new(
                 sentinel,
@@ -133,7 +165,12 @@ impl Pool {
             })),
         };
         Ok(Pool {
-            connector: Connector { route, connect_timeout: config.connect_timeout, io_timeout: config.io_timeout },
+            connector: Connector {
+                route,
+                connect_timeout: config.connect_timeout,
+                io_timeout: config.io_timeout,
+                root_cert,
+            },
             max_idle: config.max_idle,
             idle: Mutex::new(Vec::new()),
         })

@@ -220,6 +220,12 @@ impl Resolver {
         self.state.lock().primary.as_ref().map(|p| p.generation)
     }
 
+    /// The primary known now (its connection settings and generation), for a connection opened
+    /// by other means than `connect` (tracking.rs' feed), which verifies `ROLE` itself.
+    pub fn current(&self) -> Option<(ConnectionInfo, u64)> {
+        self.state.lock().primary.as_ref().map(|p| (p.client.get_connection_info().clone(), p.generation))
+    }
+
     /// `host:port` of the primary last named, if any.
     pub fn primary(&self) -> Option<String> {
         self.state.lock().primary.as_ref().map(|p| format!("{}:{}", p.host, p.port))
@@ -399,7 +405,7 @@ struct Answer {
 }
 
 /// The first element of a `ROLE` reply: "master", "slave" or "sentinel".
-fn role_name(reply: &redis::Value) -> Option<&str> {
+pub(crate) fn role_name(reply: &redis::Value) -> Option<&str> {
     let redis::Value::Array(items) = reply else { return None };
     match items.first()? {
         redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from django.db import connection, connections
@@ -65,3 +67,51 @@ def in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, box
+
+
+def served_locally(token: str) -> bool:
+    """Accepted, and from this process's in-process cache (LOCAL_CACHE_SIZE), not Redis."""
+    from knox_redis import cache
+
+    before = cache.get_client().stats()["local_hits"]
+    return accepted(token) and cache.get_client().stats()["local_hits"] > before
+
+
+def served_locally_soon(token: str, within: float = 3.0) -> None:
+    """Wait until the token is served from the process: a reply kept before the push of the
+    login's own write arrived is rightly dropped by it, so it may take a few requests."""
+    deadline = time.monotonic() + within
+    while not served_locally(token):
+        assert time.monotonic() < deadline, "never served from the process"
+        time.sleep(0.02)
+
+
+def held_listener_then(write: Callable[[], Any]) -> None:
+    """Hold the tracking listener's thread where it would read its socket (as if the OS didn't
+    run it), run `write` (a change to a cached key made by another client), and release it.
+    While it is held, requests must apply Redis' push themselves."""
+    from knox_redis import cache
+
+    native = cache.get_client()
+    assert native._hold_listener(True), native.local_cache_error
+    try:
+        write()
+    finally:
+        native._hold_listener(False)
+
+
+def a_write_behind_the_process_stops_the_next_local_hit(token: str, write: Callable[[], Any]) -> None:
+    """`token` is served from the process; with the listener's thread held, `write` changes the
+    token's key in Redis (another client: nothing in this process knows), and the very next
+    request is not served from the process: it found Redis' push in the socket itself."""
+    from knox_redis import cache
+
+    served_locally_soon(token)
+    native = cache.get_client()
+
+    def then_next_request() -> None:
+        write()
+        assert native.local_cache_live  # not the heartbeat lapsing: the push, read by the request
+        assert not served_locally(token)
+
+    held_listener_then(then_next_request)

@@ -82,3 +82,35 @@ def test_wrong_password_falls_back_to_the_database(client, make_token, settings,
     for _ in range(3):
         assert client.get("/api/whoami/", **auth_header(token)).status_code == 200
     assert cache.get_client().stats()["errors"] >= 1
+
+
+@pytest.mark.parametrize("via", ["unix socket", "ACL user"])
+def test_the_local_cache_listener_connects_as_the_pool_does(via, make_token, settings, server_with):
+    """LOCAL_CACHE_SIZE: the listener's own connection (not redis-rs') goes where the pool's
+    do, with the same credentials, and requests read Redis' pushes from it themselves."""
+    import tempfile
+    import time
+
+    from tests.helpers import a_write_behind_the_process_stops_the_next_local_hit
+
+    if via == "unix socket":
+        path = os.path.join(tempfile.mkdtemp(prefix="kr-"), "redis.sock")  # short: sun_path is 108 bytes
+        server_with("--unixsocket", path, "--unixsocketperm", "700")
+        url = f"unix://{path}?db=2"
+        writer = redis_py.Redis(unix_socket_path=path, db=2)
+    else:
+        from tests.test_checks import acl_user, readme_acl
+
+        server = server_with("--requirepass", "s3cret", *acl_user(*readme_acl()))  # the README's rules
+        url = f"redis://knox:knoxpw@127.0.0.1:{server.port}/0"
+        writer = redis_py.Redis(port=server.port, password="s3cret")
+    settings.REST_KNOX_REDIS = {**settings.REST_KNOX_REDIS, "REDIS_URL": url, "LOCAL_CACHE_SIZE": 100}
+    native = cache.get_client()
+    deadline = time.monotonic() + 10
+    while not native.local_cache_live:
+        assert time.monotonic() < deadline, native.local_cache_error
+        time.sleep(0.01)
+    token = make_token(write_through=True)
+    a_write_behind_the_process_stops_the_next_local_hit(
+        token, lambda: writer.hset(f"knox:token:{token[:15]}", "unrelated", "x")
+    )

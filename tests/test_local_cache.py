@@ -14,7 +14,13 @@ from django.db import connections
 from knox.models import AuthToken
 
 from knox_redis import cache
-from tests.helpers import accepted
+from tests.helpers import (
+    a_write_behind_the_process_stops_the_next_local_hit,
+    accepted,
+    held_listener_then,
+    served_locally,
+    served_locally_soon,
+)
 
 
 @pytest.fixture
@@ -179,6 +185,57 @@ def test_a_revocation_by_another_process_stops_the_token_there(local_cache, make
     assert "error" not in result, result
     assert result["delay"] < 1.0
     print(f"revocation seen by the other process after {result['delay'] * 1000:.2f} ms")
+
+
+def revoke_in_child(token: str) -> None:
+    """Another process: its own client (nothing inherited), a logout through the ORM."""
+    connections.close_all()
+    AuthToken.objects.filter(token_key=token[:15]).delete()
+    connections.close_all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_the_next_request_sees_another_process_revocation_while_the_listener_cant_run(local_cache, make_token):
+    """The listener thread held where it would read its socket (as if the OS didn't run it on
+    a loaded machine): another process logs the token out, and the very next request here
+    rejects it. It drained Redis' push from the socket itself (the push is written before the
+    logout's reply: tracking.rs), not waiting for the thread or for the heartbeat to lapse."""
+    token = make_token(write_through=True)
+    served_locally_soon(token)
+    connections.close_all()
+    invalidations = stats()["local_invalidations"]
+
+    def another_process_logs_out() -> None:
+        child = multiprocessing.get_context("fork").Process(target=revoke_in_child, args=(token,))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert cache.get_client().local_cache_live  # the heartbeat still vouches: not what stops it
+        assert not accepted(token)
+        assert cache.get_client()._hold_listener(True)  # still held all along
+
+    held_listener_then(another_process_logs_out)
+    assert stats()["local_invalidations"] > invalidations
+
+
+def test_a_push_is_applied_by_the_next_request_while_the_listener_cant_run(local_cache, make_token, redis_conn):
+    token = make_token(write_through=True)
+    settled()
+    a_write_behind_the_process_stops_the_next_local_hit(
+        token, lambda: redis_conn.hset(f"knox:token:{token[:15]}", "unrelated", "x")
+    )
+
+
+def test_flushall_reaches_the_next_request_while_the_listener_cant_run(local_cache, make_token, redis_conn):
+    token = make_token(write_through=True)
+    served_locally_soon(token)
+
+    def flush_then_next_request() -> None:
+        redis_conn.flushall()
+        assert not served_locally(token)  # the null invalidation, applied by this request
+        assert stats()["local_entries"] <= 1  # at most what that request kept again
+
+    held_listener_then(flush_then_next_request)
 
 
 # --- holes a review found (each failed before its fix) ------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from knox_redis import _knox_redis, cache
 from tests.conftest import auth_header
+from tests.helpers import a_write_behind_the_process_stops_the_next_local_hit
 from tests.servers import free_port, redis_server_binary
 
 
@@ -172,6 +173,42 @@ def test_authentication_over_rediss(tls_server, settings, client, make_token):
     assert stats["errors"] == 0, stats
     assert client.post("/api/logout/", **auth_header(token)).status_code == 204
     assert client.get("/api/whoami/", **auth_header(token)).status_code == 401
+
+
+def test_the_local_cache_over_rediss(tls_server, settings, make_token):
+    """LOCAL_CACHE_SIZE over TLS: the listener's own TLS connection verifies the server with
+    the same private CA as the pool, and requests read its TLS records themselves."""
+    port, ca = tls_server
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_URL": f"rediss://localhost:{port}/0?ssl_ca_certs={ca}",
+        "LOCAL_CACHE_SIZE": 100,
+    }
+    native = cache.get_client()
+    deadline = time.monotonic() + 10
+    while not native.local_cache_live:
+        assert time.monotonic() < deadline, native.local_cache_error
+        time.sleep(0.01)
+    token = make_token(write_through=True)
+    a_write_behind_the_process_stops_the_next_local_hit(
+        token, lambda: cache.redis_command("HSET", native.token_key(token[:15]), "unrelated", "x")
+    )
+
+
+def test_the_local_cache_listener_refuses_an_untrusted_certificate(tls_server, settings):
+    port, _ca = tls_server
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_URL": f"rediss://localhost:{port}/0",
+        "LOCAL_CACHE_SIZE": 100,
+    }
+    native = cache.get_client()
+    deadline = time.monotonic() + 10
+    while native.local_cache_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "certificate" in native.local_cache_error.lower(), native.local_cache_error
+    assert not native.local_cache_live
 
 
 def test_sentinel_over_tls(tls_server, settings, client, make_token, tmp_path):
