@@ -11,10 +11,9 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyString};
 use redis::io::tcp::TcpSettings;
 use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
 
-use crate::breaker::Breaker;
 use crate::cluster::{self, Cluster, Redirect};
 use crate::errors::{is_connectivity, Error, Result};
-use crate::fanout::{by_slot, fan_out, Routed};
+use crate::fanout::{fan_out, Routed};
 use crate::hashing::field_id;
 use crate::incarnation::{is_role_changed, Incarnation, Server};
 use crate::journal::{Journal, Revocation};
@@ -28,19 +27,31 @@ use crate::user_row::{UserRow, Value};
 
 // Each script that trusts or writes a record first checks that the server has not changed
 // role since the connection learned its incarnation (its last argument: the master_replid).
-pub(crate) static LOOKUP: LazyLock<Script> =
-    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/lookup.lua"))));
-pub(crate) static FILL: LazyLock<Script> =
-    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/fill.lua"))));
-pub(crate) static CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(concat!(include_str!("lua/same_server.lua"), include_str!("lua/claim.lua"))));
+const LOOKUP_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include_str!("lua/lookup.lua"));
+const FILL_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include_str!("lua/fill.lua"));
+const CLAIM_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include_str!("lua/claim.lua"));
+const INDEX_SOURCE: &str = include_str!("lua/index.lua");
+pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP_SOURCE));
+pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_SOURCE));
+pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_SOURCE));
 pub(crate) static REVOKE: LazyLock<Script> =
     LazyLock::new(|| Script::new(concat!(include_str!("lua/revocation.lua"), include_str!("lua/revoke.lua"))));
 // Redis Cluster only: a revocation's part in one slot, and a token's user index entry.
 /// Loaded (`SCRIPT LOAD`) at the head of each node's pipeline, then run by `EVALSHA`.
 const REVOKE_SLOT_SOURCE: &str = concat!(include_str!("lua/revocation.lua"), include_str!("lua/revoke_slot.lua"));
 pub(crate) static REVOKE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE_SLOT_SOURCE));
-pub(crate) static INDEX: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/index.lua")));
+pub(crate) static INDEX: LazyLock<Script> = LazyLock::new(|| Script::new(INDEX_SOURCE));
+
+/// Cluster: before a command is sent after `ASKING` to a node that may never have run these
+/// scripts (redis-rs would load one after NOSCRIPT and send it again, without `ASKING`: the
+/// node would answer MOVED, back to where the slot still officially lives).
+fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for source in [LOOKUP_SOURCE, FILL_SOURCE, CLAIM_SOURCE, INDEX_SOURCE] {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+    }
+    pipe.exec(conn)
+}
 
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
 type DecodedUserRow = (i64, Vec<(String, Py<PyAny>)>);
@@ -63,7 +74,6 @@ pub struct TokenCache {
     pool: Arc<Pool>,
     /// `REDIS_CLUSTER_NODES`: calls go to the primary serving their key's slot.
     cluster: Option<Cluster>,
-    breaker: Breaker,
     prefix: String,
     lease_ms: u64,
     /// The signing key first, then the fallbacks that still verify during a rotation.
@@ -316,14 +326,13 @@ impl TokenCache {
         key: Option<&str>,
         op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
-        if use_breaker && !self.breaker.allow() {
-            PROCESS.bump(Counter::ErrorCircuitOpen);
-            return Err(Error::CircuitOpen);
-        }
         // One observation per call that goes to Redis: connecting and the retry included.
         let started = Instant::now();
-        let result = self.attempt(trusted_only, key, op);
-        PROCESS.observe(started.elapsed());
+        let result = self.attempt(use_breaker, trusted_only, key, op);
+        // (A call its node's breaker short-circuited sent nothing.)
+        if !matches!(result, Err(Error::CircuitOpen)) {
+            PROCESS.observe(started.elapsed());
+        }
         result
     }
 
@@ -364,23 +373,21 @@ impl TokenCache {
     /// to revoke (in parallel, a script per slot, each node's indexes pruned in the same
     /// pipeline, `WAIT 1` where a primary has replicas), all within one deadline: the socket
     /// timeout per round trip, plus the wait.
-    fn revoke_in_cluster(&self, cluster: &Cluster, use_breaker: bool, call: &Revocation) -> Result<(i64, String)> {
-        if use_breaker && !self.breaker.allow() {
-            PROCESS.bump(Counter::ErrorCircuitOpen);
-            return Err(Error::CircuitOpen);
-        }
+    /// (It always tries, ignoring the nodes' breakers: a logout must, and which nodes it
+    /// needs is known only once the indexes are read.)
+    fn revoke_in_cluster(&self, cluster: &Cluster, call: &Revocation) -> Result<(i64, String)> {
         let started = Instant::now();
         let io_timeout = self.pool.io_timeout();
         let deadline = started + 2 * io_timeout + Duration::from_millis(self.wait_ms);
         let result = self.revoke_in_cluster_by(cluster, call, deadline);
         PROCESS.observe(started.elapsed());
-        match result {
-            Ok(revoked) => {
-                self.breaker.record_success();
-                Ok(revoked)
+        result.map_err(|err| {
+            PROCESS.error(ErrorKind::of(&err));
+            if is_connectivity(&err) {
+                cluster.node_lost("");
             }
-            Err(err) => Err(self.failed(&err)),
-        }
+            Error::from_redis(&err)
+        })
     }
 
     fn revoke_in_cluster_by(
@@ -403,11 +410,14 @@ impl TokenCache {
                 .map(|key| Routed { key: key.clone(), cmd: redis::cmd("HGETALL").arg(key).clone() })
                 .collect();
             for (key, reply) in indexes.iter().zip(fan_out(cluster, &reads, deadline, None, None)?) {
-                // Another tool's value under our name (WRONGTYPE) lists nothing of ours.
                 let items: Vec<redis::Value> = match reply {
                     Ok(redis::Value::Array(items)) => items,
                     Ok(redis::Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-                    _ => continue,
+                    // Another tool's value under our name lists nothing of ours; any other
+                    // error (CLUSTERDOWN, NOPERM, LOADING) fails the revocation, as revoke.lua's.
+                    Err(err) if err.code() == Some("WRONGTYPE") => continue,
+                    Err(err) => return Err(err),
+                    Ok(_) => continue,
                 };
                 for pair in items.chunks(2) {
                     if let [redis::Value::BulkString(field), redis::Value::BulkString(token_key)] = pair {
@@ -420,41 +430,45 @@ impl TokenCache {
                 }
             }
         }
-        let rows: Vec<String> = call.keys[3 * n + 2 * call.pairs..].to_vec();
-        // One script per slot: its tokens, then its user rows.
-        let mut entries: Vec<(String, Option<String>)> = tokens.into_iter().map(|(key, id)| (key, Some(id))).collect();
-        entries.extend(rows.into_iter().map(|key| (key, None)));
-        let mut commands = Vec::new();
-        for (_, group) in by_slot(entries) {
-            let (token_entries, row_entries): (Vec<_>, Vec<_>) = group.into_iter().partition(|(_, id)| id.is_some());
+        // A script per key (a slot mid-migration answers TRYAGAIN to a call on several of its
+        // keys, some moved and some not): the tokens, then the user rows.
+        let rows = &call.keys[3 * n + 2 * call.pairs..];
+        let mut commands: Vec<Routed> = Vec::with_capacity(tokens.len() + rows.len());
+        for (key, id) in &tokens {
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(REVOKE_SLOT.get_hash()).arg(token_entries.len() + row_entries.len());
-            for (key, _) in token_entries.iter().chain(&row_entries) {
-                cmd.arg(key);
-            }
-            cmd.arg(token_entries.len()).arg(call.tombstone_ms).arg(&call.seed).arg(&call.lift);
-            for (_, id) in &token_entries {
-                cmd.arg(id.as_deref().unwrap_or_default());
-            }
-            let key = token_entries.first().or(row_entries.first()).map(|(key, _)| key.clone()).unwrap_or_default();
-            commands.push(Routed { key, cmd });
+            cmd.arg(REVOKE_SLOT.get_hash()).arg(1).arg(key).arg(1).arg(call.tombstone_ms).arg(&call.seed);
+            cmd.arg(&call.lift).arg(id);
+            commands.push(Routed { key: key.clone(), cmd });
+        }
+        for key in rows {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(REVOKE_SLOT.get_hash()).arg(1).arg(key).arg(0).arg(call.tombstone_ms).arg(&call.seed);
+            cmd.arg(&call.lift);
+            commands.push(Routed { key: key.clone(), cmd });
         }
         let scripts = commands.len();
-        // One HDEL per index (keys of one slot may be different indexes).
+        // The index entries of tokens revoked by earlier calls (that succeeded): an HDEL per
+        // index, whose reply (or error) doesn't matter; an entry left names a revoked token,
+        // and revoking it again costs nothing.
+        let earlier = cluster.take_prunes();
         let mut by_index: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        for (key, field) in pruned {
-            match by_index.iter_mut().find(|(known, _)| *known == key) {
-                Some((_, fields)) => fields.push(field),
-                None => by_index.push((key, vec![field])),
+        for (key, field, _) in &earlier {
+            match by_index.iter_mut().find(|(known, _)| known == key) {
+                Some((_, fields)) => fields.push(field.clone()),
+                None => by_index.push((key.clone(), vec![field.clone()])),
             }
         }
         for (key, fields) in by_index {
-            let mut cmd = redis::cmd("HDEL");
-            cmd.arg(&key).arg(fields);
-            commands.push(Routed { key, cmd });
+            commands.push(Routed { cmd: redis::cmd("HDEL").arg(&key).arg(fields).clone(), key });
         }
         let load = redis::cmd("SCRIPT").arg("LOAD").arg(REVOKE_SLOT_SOURCE).clone();
-        let replies = fan_out(cluster, &commands, deadline, Some(self.wait_ms), Some(&load))?;
+        let replies = match fan_out(cluster, &commands, deadline, Some(self.wait_ms), Some(&load)) {
+            Ok(replies) => replies,
+            Err(err) => {
+                cluster.restore_prunes(earlier);
+                return Err(err);
+            }
+        };
         let (mut removed, mut tombstone) = (0, String::new());
         for reply in replies.into_iter().take(scripts) {
             let (deleted, user_tombstone, _replicas): (i64, String, i64) = redis::from_redis_value(reply?)?;
@@ -463,6 +477,10 @@ impl TokenCache {
                 tombstone = user_tombstone;
             }
         }
+        // Only now, every token revoked, may the indexes forget them (pruned in the same round,
+        // an index would no longer list a token whose revocation failed on its own node, and
+        // the retry would miss it): by the next revocation's round, at no round trip of its own.
+        cluster.defer_prunes(pruned, Duration::from_millis(call.tombstone_ms));
         Ok((removed, tombstone))
     }
 
@@ -478,6 +496,7 @@ impl TokenCache {
 
     fn attempt<T>(
         &self,
+        use_breaker: bool,
         trusted_only: bool,
         key: Option<&str>,
         op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
@@ -495,6 +514,10 @@ impl TokenCache {
                     Err(err) => return Err(self.failed(&err)),
                 },
             };
+            if use_breaker && !pool.breaker().allow() {
+                PROCESS.bump(Counter::ErrorCircuitOpen);
+                return Err(Error::CircuitOpen);
+            }
             let mut checkout = match pool.checkout(trusted_only) {
                 Ok(checkout) => checkout,
                 // Not a connection failure: neither the breaker nor the resolver hears of it
@@ -510,7 +533,9 @@ impl TokenCache {
                 return Err(self.failed(&err));
             }
             let result = if asking {
-                redis::cmd("ASKING").exec(&mut checkout.conn).and_then(|()| op(&mut checkout.conn, &checkout.server))
+                load_scripts(&mut checkout.conn)
+                    .and_then(|()| redis::cmd("ASKING").exec(&mut checkout.conn))
+                    .and_then(|()| op(&mut checkout.conn, &checkout.server))
             } else {
                 op(&mut checkout.conn, &checkout.server)
             };
@@ -518,7 +543,7 @@ impl TokenCache {
                 Ok(value) => {
                     let generation = checkout.generation;
                     pool.checkin(checkout);
-                    self.breaker.record_success();
+                    pool.breaker().record_success();
                     if pool.is_sentinel() {
                         self.journal.settle(pool.settled());
                     }
@@ -554,18 +579,17 @@ impl TokenCache {
                             redirects += 1;
                             redirected = match redirect {
                                 Redirect::Moved { slot, to } => {
+                                    let to = cluster::resolve(&to, &pool.address());
                                     cluster.moved(slot, &to);
                                     // There (a call on no key, `command`, learns it this way too).
-                                    match cluster.pool_at(&to) {
-                                        Ok(target) if !to.is_empty() => Some((target, false)),
-                                        _ => None,
+                                    cluster.pool_at(&to).ok().map(|target| (target, false))
+                                }
+                                Redirect::Ask { to, .. } => {
+                                    match cluster.pool_at(&cluster::resolve(&to, &pool.address())) {
+                                        Ok(target) => Some((target, true)),
+                                        Err(err) => return Err(self.failed(&err)),
                                     }
                                 }
-                                Redirect::Ask { to, .. } if to.is_empty() => Some((pool, true)),
-                                Redirect::Ask { to, .. } => match cluster.pool_at(&to) {
-                                    Ok(target) => Some((target, true)),
-                                    Err(err) => return Err(self.failed(&err)),
-                                },
                                 Redirect::TryAgain => {
                                     std::thread::sleep(
                                         cluster::TRY_AGAIN.min(deadline.saturating_duration_since(Instant::now())),
@@ -592,14 +616,14 @@ impl TokenCache {
         if is_connectivity(err) {
             pool.connection_lost(); // Sentinel: ask where the primary is on the next use
             if let Some(cluster) = &self.cluster {
-                cluster.node_lost(); // a failover may be under way: ask for the slot map again
+                cluster.node_lost(&pool.address()); // a failover may be under way: ask for the map again
             }
-            if self.breaker.record_failure() {
+            if pool.breaker().record_failure() {
                 PROCESS.tripped(kind);
             }
         } else {
             // Redis answered: it is reachable, whatever it said.
-            self.breaker.record_success();
+            pool.breaker().record_success();
         }
         Error::from_redis(err)
     }
@@ -845,7 +869,11 @@ impl TokenCache {
             .set_redis_settings(redis_info)
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
         let io_timeout = seconds(socket_timeout, "socket_timeout")?;
+        if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
+            return Err(PyTypeError::new_err("breaker_cooldown must be >= 0 seconds"));
+        }
         let config = PoolConfig {
+            breaker_cooldown_ms: (breaker_cooldown * 1000.0) as u64,
             info,
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
             io_timeout,
@@ -861,9 +889,6 @@ impl TokenCache {
             Cluster::new(seeds, config.clone())
         });
         let pool = Arc::new(Pool::new(config).map_err(|e| Error::from_redis(&e))?);
-        if !(breaker_cooldown.is_finite() && breaker_cooldown >= 0.0) {
-            return Err(PyTypeError::new_err("breaker_cooldown must be >= 0 seconds"));
-        }
         // Records are signed for this prefix and database: one copied from another namespace
         // that shares the secret (a staging site on the same Redis) fails its MAC here.
         let namespace = format!("{key_prefix}\0{db}");
@@ -882,7 +907,6 @@ impl TokenCache {
             local,
             listener,
             pool,
-            breaker: Breaker::new((breaker_cooldown * 1000.0) as u64),
             prefix: key_prefix.to_owned(),
             lease_ms: lease_ms.max(1),
             record_keys: std::iter::once(record_secret)
@@ -1176,7 +1200,7 @@ impl TokenCache {
             legacy_members,
         });
         let revoked: Result<(i64, String)> = py.detach(|| match &self.cluster {
-            Some(cluster) => self.revoke_in_cluster(cluster, use_breaker, &call),
+            Some(cluster) => self.revoke_in_cluster(cluster, &call),
             None => self.call_revocation(use_breaker, &call),
         });
         self.forget_locally(&touched);
@@ -1290,7 +1314,10 @@ impl TokenCache {
         if let Some(cluster) = &self.cluster {
             cluster.clear();
         }
-        self.breaker.reset();
+        self.pool.breaker().reset();
+        if let Some(cluster) = &self.cluster {
+            cluster.reset_breakers();
+        }
         if let Some(listener) = &self.listener {
             py.detach(|| listener.stop(true));
         }
@@ -1331,7 +1358,7 @@ impl TokenCache {
 
     #[getter]
     fn breaker_open(&self) -> bool {
-        self.breaker.is_open()
+        self.pool.breaker().is_open() || self.cluster.as_ref().is_some_and(Cluster::breaker_open)
     }
 
     #[getter]

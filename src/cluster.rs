@@ -100,7 +100,12 @@ impl SlotMap {
             else {
                 return Err(malformed("a range without start, end and primary"));
             };
-            let (Some(host), Some(port)) = (primary.first().and_then(text), primary.get(1).and_then(int)) else {
+            // A NULL endpoint (`cluster-preferred-endpoint-type unknown-endpoint`): the node asked.
+            let host = match primary.first() {
+                Some(Value::Nil) => Some(String::new()),
+                other => other.and_then(text),
+            };
+            let (Some(host), Some(port)) = (host, primary.get(1).and_then(int)) else {
                 return Err(malformed("a primary without host and port"));
             };
             if start > end || end >= i64::from(SLOTS) || start < 0 || !(1..=65_535).contains(&port) {
@@ -160,6 +165,15 @@ fn asked_host(asked: &str) -> String {
     split_address(asked).map(|(host, _)| host.to_owned()).unwrap_or_default()
 }
 
+/// Where a redirection or the map sends a command: `to` itself, or, for a node named without
+/// a host (`:port`), that port on the host of the node that answered (`asked`).
+pub fn resolve(to: &str, asked: &str) -> String {
+    match (to.strip_prefix(':'), split_address(asked)) {
+        (Some(port), Some((host, _))) => format!("{}:{port}", address(host, 0).trim_end_matches(":0")),
+        _ => to.to_owned(),
+    }
+}
+
 /// `host:port` (or `[v6]:port`) back into its parts.
 pub fn split_address(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;
@@ -186,8 +200,9 @@ impl Redirect {
                 let slot: u16 = parts.next()?.parse().ok()?;
                 let to = parts.next()?;
                 let (host, port) = split_address(to)?;
-                // An empty host (a node that doesn't know its own address): the one we asked.
-                let to = if host.is_empty() { String::new() } else { address(host, i64::from(port)) };
+                // An empty host (an unknown endpoint): `:port`, on the host that answered
+                // (`resolve`).
+                let to = address(host, i64::from(port));
                 if slot >= SLOTS {
                     return None;
                 }
@@ -208,7 +223,17 @@ pub struct Cluster {
     pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
     /// When the map was last asked for, and whether a redirection made it stale.
     refreshed: Mutex<(Option<Instant>, bool)>,
+    /// Nodes that failed a call lately: asked for the map last.
+    lost: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Index entries (index key, field) of tokens revoked, pruned by the next revocation if
+    /// it comes before their tombstones lapse (until then no record of theirs can be cached
+    /// again, so the entry names none; after, a new one might have been, and is kept).
+    prunes: Mutex<Vec<(String, Vec<u8>, Instant)>>,
 }
+
+/// Index entries kept to prune at most (the oldest go: an entry left costs a revocation of a
+/// token already revoked, and the index's own TTL ends it).
+const MAX_PRUNES: usize = 100_000;
 
 impl Cluster {
     pub fn new(seeds: Vec<ConnectionInfo>, template: PoolConfig) -> Self {
@@ -218,6 +243,8 @@ impl Cluster {
             map: RwLock::new(SlotMap::default()),
             pools: Mutex::new(HashMap::new()),
             refreshed: Mutex::new((None, true)),
+            lost: Mutex::new(HashMap::new()),
+            prunes: Mutex::new(Vec::new()),
         }
     }
 
@@ -229,7 +256,10 @@ impl Cluster {
             let age = refreshed.0.map(|at| at.elapsed());
             age.map_or(true, |age| (refreshed.1 && age >= REFRESH_EVERY) || age >= MAX_AGE)
         };
-        if stale || self.map.read().owner(slot).is_none() {
+        let unknown = self.map.read().owner(slot).is_none();
+        // (A slot no primary serves doesn't make every call ask again: at most every REFRESH_EVERY.)
+        let due = || self.refreshed.lock().0.map_or(true, |at| at.elapsed() >= REFRESH_EVERY);
+        if stale || (unknown && due()) {
             // A failed refresh keeps the map it had: a known owner is still worth trying.
             if let Err(err) = self.refresh() {
                 if self.map.read().owner(slot).is_none() {
@@ -281,26 +311,43 @@ impl Cluster {
         self.refreshed.lock().1 = true;
     }
 
-    /// A node didn't answer: ask for the map again on the next use (a failover may be under way).
-    pub fn node_lost(&self) {
+    /// A node didn't answer: ask for the map again on the next use (a failover may be under
+    /// way), that node last.
+    pub fn node_lost(&self, address: &str) {
         self.refreshed.lock().1 = true;
+        if !address.is_empty() {
+            self.lost.lock().insert(Arc::from(address), Instant::now());
+        }
     }
 
-    /// Ask for the map: of each known primary, then each seed, until one answers.
+    /// Ask for the map: of each known node (those that failed lately last), then each seed,
+    /// until one answers, for at most one connect and one socket timeout in all: a hung node
+    /// must not make the calls on healthy ones wait for it.
     pub fn refresh(&self) -> RedisResult<()> {
-        *self.refreshed.lock() = (Some(Instant::now()), false);
-        let known: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
-        let mut last_error = None;
-        for pool in known {
-            match self.ask(&pool) {
-                Ok(()) => return Ok(()),
-                Err(err) => last_error = Some(err),
+        let started = Instant::now();
+        *self.refreshed.lock() = (Some(started), false);
+        let budget = self.template.connect_timeout + self.template.io_timeout;
+        // The nodes known, then the seeds (one pool per address), those that failed lately last.
+        let mut candidates: Vec<String> = self.pools.lock().keys().map(ToString::to_string).collect();
+        for seed in &self.seeds {
+            if let ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } = seed.addr() {
+                let seed = address(host, i64::from(*port));
+                if !candidates.contains(&seed) {
+                    candidates.push(seed);
+                }
             }
         }
-        for seed in &self.seeds {
-            let pool =
-                Pool::new(PoolConfig { info: seed.clone(), sentinel: None, max_idle: 0, ..self.template.clone() })?;
-            match self.ask(&pool) {
+        {
+            let mut lost = self.lost.lock();
+            lost.retain(|_, at| at.elapsed() < Duration::from_secs(10));
+            candidates.sort_by_key(|candidate| lost.get(candidate.as_str()).copied());
+        }
+        let mut last_error = None;
+        for candidate in candidates {
+            if started.elapsed() >= budget {
+                break;
+            }
+            match self.pool_at(&candidate).and_then(|pool| self.ask(&pool)) {
                 Ok(()) => return Ok(()),
                 Err(err) => last_error = Some(err),
             }
@@ -332,6 +379,47 @@ impl Cluster {
         for pool in self.pools.lock().values() {
             pool.clear();
         }
+    }
+
+    /// Index entries of tokens whose revocation succeeded (with tombstones that stand for
+    /// `lifetime`), for the next revocation to prune.
+    pub fn defer_prunes(&self, entries: Vec<(String, Vec<u8>)>, lifetime: Duration) {
+        if lifetime.is_zero() {
+            return;
+        }
+        let until = Instant::now() + lifetime;
+        let mut prunes = self.prunes.lock();
+        prunes.extend(entries.into_iter().map(|(key, field)| (key, field, until)));
+        let excess = prunes.len().saturating_sub(MAX_PRUNES);
+        prunes.drain(..excess);
+    }
+
+    /// The entries to prune now (those whose tombstones still stand).
+    pub fn take_prunes(&self) -> Vec<(String, Vec<u8>, Instant)> {
+        let now = Instant::now();
+        let mut taken = std::mem::take(&mut *self.prunes.lock());
+        taken.retain(|(_, _, until)| *until > now);
+        taken
+    }
+
+    /// Prunes taken by a revocation that then failed: for the next one.
+    pub fn restore_prunes(&self, entries: Vec<(String, Vec<u8>, Instant)>) {
+        let mut prunes = self.prunes.lock();
+        prunes.extend(entries);
+        let excess = prunes.len().saturating_sub(MAX_PRUNES);
+        prunes.drain(..excess);
+    }
+
+    /// Close every node's circuit breaker (settings changed, tests).
+    pub fn reset_breakers(&self) {
+        for pool in self.pools.lock().values() {
+            pool.breaker().reset();
+        }
+    }
+
+    /// Is some node's circuit breaker open?
+    pub fn breaker_open(&self) -> bool {
+        self.pools.lock().values().any(|pool| pool.breaker().is_open())
     }
 
     /// Idle connections to every node.
@@ -457,7 +545,10 @@ mod tests {
         let ask = server_error("ASK 12 [::1]:7000");
         assert_eq!(Redirect::of(&ask), Some(Redirect::Ask { slot: 12, to: "[::1]:7000".into() }));
         let unknown_host = server_error("MOVED 1 :7000");
-        assert_eq!(Redirect::of(&unknown_host), Some(Redirect::Moved { slot: 1, to: String::new() }));
+        assert_eq!(Redirect::of(&unknown_host), Some(Redirect::Moved { slot: 1, to: ":7000".into() }));
+        assert_eq!(resolve(":7000", "10.0.0.9:7002"), "10.0.0.9:7000");
+        assert_eq!(resolve(":7000", "[::1]:7002"), "[::1]:7000");
+        assert_eq!(resolve("10.0.0.1:7000", "10.0.0.9:7002"), "10.0.0.1:7000");
         assert_eq!(
             Redirect::of(&server_error("TRYAGAIN Multiple keys request during rehashing")),
             Some(Redirect::TryAgain)

@@ -12,7 +12,6 @@
 //! acknowledge in time fails the call: as on a single primary, a revocation a failover could
 //! lose is refused.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +42,24 @@ struct Share {
 /// LOAD` of the scripts the commands run by `EVALSHA`: no NOSCRIPT round on a node that never
 /// ran them, nor after a failover to one).
 pub fn fan_out(
+    cluster: &Cluster,
+    commands: &[Routed],
+    deadline: Instant,
+    wait_ms: Option<u64>,
+    prelude: Option<&Cmd>,
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    match fan_out_once(cluster, commands, deadline, wait_ms, prelude) {
+        // An idle connection a node closed (its `timeout`, a restart, CLIENT KILL): once more,
+        // on new ones (every command here may run twice: revocations, prunes and reads).
+        Err(err) if err.is_connection_dropped() && !err.is_timeout() => {
+            cluster.clear();
+            fan_out_once(cluster, commands, deadline, wait_ms, prelude)
+        }
+        result => result,
+    }
+}
+
+fn fan_out_once(
     cluster: &Cluster,
     commands: &[Routed],
     deadline: Instant,
@@ -159,11 +176,11 @@ impl Round<'_> {
                     self.replies[index] = Some(Err(err));
                 }
                 Some(Redirect::Moved { slot, to }) => {
-                    self.cluster.moved(slot, &to);
+                    self.cluster.moved(slot, &cluster::resolve(&to, &share.address));
                     again.push((index, None));
                 }
                 Some(Redirect::Ask { to, .. }) => {
-                    let target = if to.is_empty() { Arc::clone(&share.pool) } else { self.cluster.pool_at(&to)? };
+                    let target = self.cluster.pool_at(&cluster::resolve(&to, &share.address))?;
                     again.push((index, Some((target, true))));
                 }
                 Some(Redirect::TryAgain) => {
@@ -195,7 +212,7 @@ impl Round<'_> {
             // cluster promotes such a replica, not a lagging one's absence, and a primary on
             // the minority side takes writes until the node timeout.
             if count < 1 && (waits || replicas_reported > 0) {
-                self.cluster.node_lost(); // the map may be stale: ask again on the next use
+                self.cluster.node_lost(""); // the map may be stale: ask again on the next use
                 return Err(RedisError::from((
                     redis::ErrorKind::Client,
                     "no replica acknowledged the revocation in time (WAIT 1)",
@@ -230,21 +247,4 @@ fn replicas_in(value: &Value) -> i64 {
 
 fn timed_out(what: &'static str) -> RedisError {
     RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
-}
-
-/// Commands grouped by slot, in first-seen order (a revocation sends one script per slot).
-pub fn by_slot<T>(items: impl IntoIterator<Item = (String, T)>) -> Vec<(u16, Vec<(String, T)>)> {
-    let mut order: Vec<u16> = Vec::new();
-    let mut groups: HashMap<u16, Vec<(String, T)>> = HashMap::new();
-    for (key, item) in items {
-        let slot = cluster::slot(key.as_bytes());
-        groups
-            .entry(slot)
-            .or_insert_with(|| {
-                order.push(slot);
-                Vec::new()
-            })
-            .push((key, item));
-    }
-    order.into_iter().filter_map(|slot| groups.remove(&slot).map(|group| (slot, group))).collect()
 }

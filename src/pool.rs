@@ -11,6 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
 
+use crate::breaker::Breaker;
 use crate::incarnation::{self, Server};
 use crate::metrics::{Counter, PROCESS};
 use crate::sentinel::{Resolver, SentinelConfig};
@@ -27,6 +28,8 @@ pub struct PoolConfig {
     pub root_cert: Option<Vec<u8>>,
     /// Connect to the primary these sentinels name, not to `info`'s address.
     pub sentinel: Option<SentinelConfig>,
+    /// The cool-down of this pool's circuit breaker (0: never opens).
+    pub breaker_cooldown_ms: u64,
 }
 
 struct Idle {
@@ -38,6 +41,9 @@ struct Idle {
 
 pub struct Pool {
     connector: Connector,
+    /// Calls to this server fail fast for a cool-down after one failed (on a Cluster, each
+    /// node has its own: a hung node costs the others nothing).
+    breaker: Breaker,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
 }
@@ -165,6 +171,7 @@ impl Pool {
             })),
         };
         Ok(Pool {
+            breaker: Breaker::new(config.breaker_cooldown_ms),
             connector: Connector {
                 route,
                 connect_timeout: config.connect_timeout,
@@ -213,6 +220,10 @@ impl Pool {
         let (mut conn, generation) = self.connector.connect_tagged()?;
         let server = incarnation::learn(&mut conn)?;
         Ok(Checkout { conn, reused: false, generation, server })
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// The socket timeout: what a call may wait, at most, for another's work on a connection.

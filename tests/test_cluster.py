@@ -250,3 +250,24 @@ def test_a_revocation_its_masters_replica_cannot_acknowledge_is_refused(on_clust
         time.sleep(0.1)
     assert status == 204
     assert not accepted(token)
+
+
+def test_the_index_forgets_revoked_tokens_by_the_next_revocation(on_cluster, client, make_token, user):
+    """A revocation prunes the index entries of tokens revoked before, never its own: on a
+    Cluster the index lives on another node than the token, and forgetting an entry whose
+    revocation then failed would hide the token from the retry. A logout revokes twice
+    (before the delete, and after commit): the second prunes the first's."""
+    first, second = make_token(), make_token()
+    for token in (first, second):
+        assert accepted(token)
+    native = cache.get_client()
+    index_key = native.user_key(user.pk)
+    index_node = on_cluster.node_for_key(index_key)
+    with index_node.client() as conn:
+        assert conn.hlen(index_key) == 2
+    native.revoke([(first[:15], AuthToken.objects.get(token_key=first[:15]).digest, user.pk)])
+    with index_node.client() as conn:
+        assert conn.hlen(index_key) == 2  # not by the call that revoked it
+    assert client.post("/api/logout/", **auth_header(second)).status_code == 204
+    with index_node.client() as conn:
+        assert conn.hlen(index_key) == 0  # the first by the logout's revocation, then the second
