@@ -225,6 +225,9 @@ pub struct Cluster {
     refreshed: Mutex<(Option<Instant>, bool)>,
     /// Nodes that failed a call lately: asked for the map last.
     lost: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Token key -> the user key its record named last (`USER_CACHE`): a repeat hit reads the
+    /// row beside the record, on the two nodes at once. A guess, checked against the record.
+    users: Mutex<HashMap<String, String>>,
     /// Index entries (index key, field) of tokens revoked, pruned by the next revocation if
     /// it comes before their tombstones lapse (until then no record of theirs can be cached
     /// again, so the entry names none; after, a new one might have been, and is kept).
@@ -234,6 +237,8 @@ pub struct Cluster {
 /// Index entries kept to prune at most (the oldest go: an entry left costs a revocation of a
 /// token already revoked, and the index's own TTL ends it).
 const MAX_PRUNES: usize = 100_000;
+/// Tokens whose user this process remembers at most.
+const MAX_REMEMBERED: usize = 100_000;
 
 impl Cluster {
     pub fn new(seeds: Vec<ConnectionInfo>, template: PoolConfig) -> Self {
@@ -245,6 +250,7 @@ impl Cluster {
             refreshed: Mutex::new((None, true)),
             lost: Mutex::new(HashMap::new()),
             prunes: Mutex::new(Vec::new()),
+            users: Mutex::new(HashMap::new()),
         }
     }
 
@@ -379,6 +385,19 @@ impl Cluster {
         for pool in self.pools.lock().values() {
             pool.clear();
         }
+    }
+
+    /// The user key a token's record named (bounded: emptied when full).
+    pub fn remember_user(&self, token_key: &str, user_key: &str) {
+        let mut users = self.users.lock();
+        if users.len() >= MAX_REMEMBERED && !users.contains_key(token_key) {
+            users.clear();
+        }
+        users.insert(token_key.to_owned(), user_key.to_owned());
+    }
+
+    pub fn remembered_user(&self, token_key: &str) -> Option<String> {
+        self.users.lock().get(token_key).cloned()
     }
 
     /// Index entries of tokens whose revocation succeeded (with tombstones that stand for
