@@ -19,7 +19,7 @@ use crate::incarnation::{is_role_changed, Incarnation, Server};
 use crate::journal::{Journal, Revocation};
 use crate::local::{Entry, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
-use crate::pool::{is_untrusted, Pool, PoolConfig};
+use crate::pool::{is_untrusted, Checkout, Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
 use crate::sentinel::{is_read_only, SentinelConfig};
 use crate::tracking::Listener;
@@ -31,6 +31,7 @@ const LOOKUP_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include
 const FILL_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include_str!("lua/fill.lua"));
 const CLAIM_SOURCE: &str = concat!(include_str!("lua/same_server.lua"), include_str!("lua/claim.lua"));
 const INDEX_SOURCE: &str = include_str!("lua/index.lua");
+const UNINDEX_SOURCE: &str = include_str!("lua/unindex.lua");
 pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP_SOURCE));
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_SOURCE));
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_SOURCE));
@@ -41,14 +42,17 @@ pub(crate) static REVOKE: LazyLock<Script> =
 const REVOKE_SLOT_SOURCE: &str = concat!(include_str!("lua/revocation.lua"), include_str!("lua/revoke_slot.lua"));
 pub(crate) static REVOKE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE_SLOT_SOURCE));
 pub(crate) static INDEX: LazyLock<Script> = LazyLock::new(|| Script::new(INDEX_SOURCE));
+pub(crate) static UNINDEX: LazyLock<Script> = LazyLock::new(|| Script::new(UNINDEX_SOURCE));
+/// The length of a fill's own characters before the `token_key` in a Cluster's index entry.
+const ENTRY_NONCE_LEN: usize = 2 * GENERATION_LEN;
 
 /// lookup.lua on a user's key alone (`USER_CACHE` on a Cluster), sent raw (the caller falls
-/// back to `Script::invoke`, which loads it, on NOSCRIPT): its row and generation, the
-/// generation created if missing (as `row_in_cluster` sends it).
-fn row_lookup(user_key: &str, candidate: &str, lease_ms: u64, replid: &str) -> redis::Cmd {
+/// back to `Script::invoke`, which loads it, on NOSCRIPT): its row and generation, with
+/// `create` the generation created if missing.
+fn row_lookup(user_key: &str, candidate: &str, lease_ms: u64, create: bool, replid: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(LOOKUP.get_hash()).arg(1).arg(user_key).arg("u").arg("ug").arg(candidate).arg(lease_ms);
-    cmd.arg(1).arg("").arg("").arg(replid);
+    cmd.arg(u8::from(create)).arg("").arg("").arg(replid);
     cmd
 }
 
@@ -56,11 +60,11 @@ fn row_lookup(user_key: &str, candidate: &str, lease_ms: u64, replid: &str) -> r
 /// scripts (redis-rs would load one after NOSCRIPT and send it again, without `ASKING`: the
 /// node would answer MOVED, back to where the slot still officially lives).
 fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
-    let mut pipe = redis::pipe();
+    // One at a time (a pipeline would pay a hung node's timeout once per command).
     for source in [LOOKUP_SOURCE, FILL_SOURCE, CLAIM_SOURCE, INDEX_SOURCE] {
-        pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        redis::cmd("SCRIPT").arg("LOAD").arg(source).exec(conn)?;
     }
-    pipe.exec(conn)
+    Ok(())
 }
 
 /// `(fresh_until_us, [(tag, primitive), ...])`, as `decode_user_row` returns it to Python.
@@ -179,10 +183,11 @@ impl TokenCache {
         py.detach(|| {
             if let (false, Some(cluster)) = (in_script || !with_user, &self.cluster) {
                 let started = Instant::now();
-                if let Some(pair) =
-                    self.lookup_pair_in_cluster(cluster, key, token_key, id, &fields, &candidates, create)
-                {
+                let pair = self.lookup_pair_in_cluster(cluster, key, token_key, id, &fields, &candidates, create);
+                if !matches!(pair, Ok(None)) {
                     PROCESS.observe(started.elapsed());
+                }
+                if let Some(pair) = pair? {
                     return Ok(pair);
                 }
             }
@@ -257,10 +262,12 @@ impl TokenCache {
 
     /// Cluster, `USER_CACHE`, a token seen before by this process: its lookup and its user's
     /// row sent to their two nodes at once (one round trip's time, not two), the user taken
-    /// from the record it had then. None (the caller goes the sequential way, which follows
-    /// redirections, loads scripts and counts failures) if anything is amiss: a breaker open,
-    /// a node not answering, a redirection, a script not loaded, the record naming another
-    /// user now.
+    /// from the record it had then, and the row's generation not created (an unknown or
+    /// revoked token's request writes nothing: if the verified record needs one, it is
+    /// created in a call of its own). `Ok(None)`: the caller goes the sequential way, which
+    /// follows redirections and loads scripts (a redirection, a script not loaded, a breaker
+    /// not letting a call through, the record naming another user now). A node that doesn't
+    /// answer fails the lookup, as the sequential way would, its breaker told.
     #[allow(clippy::too_many_arguments)]
     fn lookup_pair_in_cluster(
         &self,
@@ -271,43 +278,66 @@ impl TokenCache {
         fields: &[String; 2],
         candidates: &[String; 2],
         create: bool,
-    ) -> Option<RawLookup> {
-        let user_key = cluster.remembered_user(key)?;
-        let (token_pool, _) = cluster.pool_for(cluster::slot(key.as_bytes())).ok()?;
-        let (row_pool, _) = cluster.pool_for(cluster::slot(user_key.as_bytes())).ok()?;
-        if token_pool.breaker().is_open() || row_pool.breaker().is_open() {
-            return None;
+    ) -> Result<Option<RawLookup>> {
+        let Some(user_key) = cluster.remembered_user(key) else { return Ok(None) };
+        let (Ok((token_pool, _)), Ok((row_pool, _))) =
+            (cluster.pool_for(cluster::slot(key.as_bytes())), cluster.pool_for(cluster::slot(user_key.as_bytes())))
+        else {
+            return Ok(None);
+        };
+        if !token_pool.breaker().allow() || !row_pool.breaker().allow() {
+            return Ok(None);
         }
-        let mut token_conn = token_pool.checkout(true).ok()?;
-        let mut row_conn = row_pool.checkout(true).ok()?;
-        let mut token_cmd = redis::cmd("EVALSHA");
-        token_cmd.arg(LOOKUP.get_hash()).arg(1).arg(key).arg(fields).arg(&candidates[0]).arg(self.lease_ms);
-        token_cmd.arg(u8::from(create)).arg("").arg(&candidates[1]).arg(&token_conn.server.replid);
-        let row_cmd = row_lookup(&user_key, &candidates[1], self.lease_ms, &row_conn.server.replid);
         // Both out, then both in (on an error both connections are dropped, not pooled: one
         // may still owe a reply).
-        token_conn.conn.send_packed_command(&token_cmd.get_packed_command()).ok()?;
-        row_conn.conn.send_packed_command(&row_cmd.get_packed_command()).ok()?;
-        let token_reply = token_conn.conn.recv_response().ok()?.extract_error().ok()?;
-        let row_reply = row_conn.conn.recv_response().ok()?.extract_error().ok()?;
+        let sent = |pool: &Pool, cmd: &dyn Fn(&Server) -> redis::Cmd| -> RedisResult<Checkout> {
+            let mut checkout = pool.checkout(true)?;
+            checkout.conn.send_packed_command(&cmd(&checkout.server).get_packed_command())?;
+            Ok(checkout)
+        };
+        let token_cmd = |server: &Server| {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(LOOKUP.get_hash()).arg(1).arg(key).arg(fields).arg(&candidates[0]).arg(self.lease_ms);
+            cmd.arg(u8::from(create)).arg("").arg(&candidates[1]).arg(&server.replid);
+            cmd
+        };
+        let row_cmd = |server: &Server| row_lookup(&user_key, &candidates[1], self.lease_ms, false, &server.replid);
+        let mut token_conn = sent(&token_pool, &token_cmd).map_err(|err| self.failed_on(&token_pool, &err))?;
+        let mut row_conn = sent(&row_pool, &row_cmd).map_err(|err| self.failed_on(&row_pool, &err))?;
+        let token_reply = token_conn.conn.recv_response().map_err(|err| self.failed_on(&token_pool, &err))?;
+        let row_reply = row_conn.conn.recv_response().map_err(|err| self.failed_on(&row_pool, &err))?;
+        let (Ok(token_reply), Ok(row_reply)) = (token_reply.extract_error(), row_reply.extract_error()) else {
+            return Ok(None); // MOVED, ASK, NOSCRIPT, a role change...: the sequential way
+        };
         let (incarnation, row_incarnation) = (token_conn.server.incarnation, row_conn.server.incarnation);
         token_pool.checkin(token_conn);
         row_pool.checkin(row_conn);
-        let mut reply: Vec<Option<Vec<u8>>> = redis::from_redis_value(token_reply).ok()?;
-        let row: Vec<Option<Vec<u8>>> = redis::from_redis_value(row_reply).ok()?;
+        token_pool.breaker().record_success();
+        row_pool.breaker().record_success();
+        let (Ok(mut reply), Ok(row)) = (
+            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(token_reply),
+            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(row_reply),
+        ) else {
+            return Ok(None);
+        };
         let record = reply.first().and_then(Option::as_deref);
         let user = record.and_then(|raw| Record::decode(raw, &self.record_keys, token_key, id, incarnation).ok());
         match user {
             // No usable record: the lookup's answer as it is (the row goes unused).
-            None => Some((reply, incarnation, incarnation)),
+            None => Ok(Some((reply, incarnation, incarnation))),
             Some(user) if self.user_key_name(&user.user_pk) == user_key => {
                 let mut row = row.into_iter();
+                let (stored, generation) = (row.next().flatten(), row.next().flatten());
+                if stored.is_none() && generation.is_none() {
+                    // The row needs a generation before anyone reads it from the database.
+                    return Ok(Some(self.row_in_cluster(key, token_key, id, reply, incarnation, &candidates[1])));
+                }
                 reply.truncate(2);
                 reply.resize(2, None);
-                reply.extend([Some(user_key.into_bytes()), row.next().flatten(), row.next().flatten()]);
-                Some((reply, incarnation, row_incarnation))
+                reply.extend([Some(user_key.into_bytes()), stored, generation]);
+                Ok(Some((reply, incarnation, row_incarnation)))
             }
-            Some(_) => None,
+            Some(_) => Ok(None),
         }
     }
 
@@ -487,10 +517,11 @@ impl TokenCache {
         deadline: Instant,
     ) -> RedisResult<(i64, String)> {
         let n = call.n;
-        // Tokens: (token key, hex id); index entries to prune: (index key, raw id).
+        // Tokens: (token key, hex id); their index entries: (index key, raw id, the entry if
+        // read from the index, else None: read in the revocation's own round).
         let mut tokens: Vec<(String, String)> = (0..n).map(|i| (call.keys[i].clone(), call.ids[i].clone())).collect();
-        let mut pruned: Vec<(String, Vec<u8>)> =
-            (0..n).map(|i| (call.keys[n + i].clone(), call.id_fields[i].clone())).collect();
+        let mut entries: Vec<(String, Vec<u8>, Option<Vec<u8>>)> =
+            (0..n).map(|i| (call.keys[n + i].clone(), call.id_fields[i].clone(), None)).collect();
         // The users whose indexed tokens all go (KEYS pairs: the index, then the previous
         // release's SET, which never existed on a Cluster).
         let indexes: Vec<String> = (0..call.pairs).map(|p| call.keys[3 * n + 2 * p].clone()).collect();
@@ -499,7 +530,7 @@ impl TokenCache {
                 .iter()
                 .map(|key| Routed { key: key.clone(), cmd: redis::cmd("HGETALL").arg(key).clone() })
                 .collect();
-            for (key, reply) in indexes.iter().zip(fan_out(cluster, &reads, deadline, None, None)?) {
+            for (key, reply) in indexes.iter().zip(fan_out(cluster, &reads, deadline, None, &[])?) {
                 let items: Vec<redis::Value> = match reply {
                     Ok(redis::Value::Array(items)) => items,
                     Ok(redis::Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
@@ -510,11 +541,11 @@ impl TokenCache {
                     Ok(_) => continue,
                 };
                 for pair in items.chunks(2) {
-                    if let [redis::Value::BulkString(field), redis::Value::BulkString(token_key)] = pair {
-                        if field.len() == 16 {
-                            let token_key = String::from_utf8_lossy(token_key);
+                    if let [redis::Value::BulkString(field), redis::Value::BulkString(entry)] = pair {
+                        if field.len() == 16 && entry.len() > ENTRY_NONCE_LEN {
+                            let token_key = String::from_utf8_lossy(&entry[ENTRY_NONCE_LEN..]);
                             tokens.push((self.token_key_name(&token_key), hex::encode(field)));
-                            pruned.push((key.clone(), field.clone()));
+                            entries.push((key.clone(), field.clone(), Some(entry.clone())));
                         }
                     }
                 }
@@ -523,7 +554,7 @@ impl TokenCache {
         // A script per key (a slot mid-migration answers TRYAGAIN to a call on several of its
         // keys, some moved and some not): the tokens, then the user rows.
         let rows = &call.keys[3 * n + 2 * call.pairs..];
-        let mut commands: Vec<Routed> = Vec::with_capacity(tokens.len() + rows.len());
+        let mut commands: Vec<Routed> = Vec::with_capacity(tokens.len() + rows.len() + n);
         for (key, id) in &tokens {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(REVOKE_SLOT.get_hash()).arg(1).arg(key).arg(1).arg(call.tombstone_ms).arg(&call.seed);
@@ -537,30 +568,41 @@ impl TokenCache {
             commands.push(Routed { key: key.clone(), cmd });
         }
         let scripts = commands.len();
-        // The index entries of tokens revoked by earlier calls (that succeeded): an HDEL per
-        // index, whose reply (or error) doesn't matter; an entry left names a revoked token,
-        // and revoking it again costs nothing.
+        // The index entries of the tokens named here, as they stand now (pruned later, only
+        // if unchanged: see below).
+        for (key, field, _) in entries.iter().filter(|(_, _, entry)| entry.is_none()) {
+            commands.push(Routed { key: key.clone(), cmd: redis::cmd("HGET").arg(key).arg(field).clone() });
+        }
+        // Index entries of tokens revoked by earlier calls (that succeeded): forgotten if they
+        // still hold what those calls saw. Their replies don't matter: an entry left names a
+        // revoked token, and revoking it again costs nothing.
         let earlier = cluster.take_prunes();
         let mut by_index: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        for (key, field, _) in &earlier {
+        for (key, field, entry) in &earlier {
             match by_index.iter_mut().find(|(known, _)| known == key) {
-                Some((_, fields)) => fields.push(field.clone()),
-                None => by_index.push((key.clone(), vec![field.clone()])),
+                Some((_, args)) => args.extend([field.clone(), entry.clone()]),
+                None => by_index.push((key.clone(), vec![field.clone(), entry.clone()])),
             }
         }
-        for (key, fields) in by_index {
-            commands.push(Routed { cmd: redis::cmd("HDEL").arg(&key).arg(fields).clone(), key });
+        for (key, args) in by_index {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(UNINDEX.get_hash()).arg(1).arg(&key).arg(args);
+            commands.push(Routed { key, cmd });
         }
-        let load = redis::cmd("SCRIPT").arg("LOAD").arg(REVOKE_SLOT_SOURCE).clone();
-        let replies = match fan_out(cluster, &commands, deadline, Some(self.wait_ms), Some(&load)) {
+        let load = [
+            redis::cmd("SCRIPT").arg("LOAD").arg(REVOKE_SLOT_SOURCE).clone(),
+            redis::cmd("SCRIPT").arg("LOAD").arg(UNINDEX_SOURCE).clone(),
+        ];
+        let replies = match fan_out(cluster, &commands, deadline, Some(self.wait_ms), &load) {
             Ok(replies) => replies,
             Err(err) => {
                 cluster.restore_prunes(earlier);
                 return Err(err);
             }
         };
+        let mut replies = replies.into_iter();
         let (mut removed, mut tombstone) = (0, String::new());
-        for reply in replies.into_iter().take(scripts) {
+        for reply in replies.by_ref().take(scripts) {
             let (deleted, user_tombstone, _replicas): (i64, String, i64) = redis::from_redis_value(reply?)?;
             removed += deleted;
             if tombstone.is_empty() {
@@ -569,8 +611,19 @@ impl TokenCache {
         }
         // Only now, every token revoked, may the indexes forget them (pruned in the same round,
         // an index would no longer list a token whose revocation failed on its own node, and
-        // the retry would miss it): by the next revocation's round, at no round trip of its own.
-        cluster.defer_prunes(pruned, Duration::from_millis(call.tombstone_ms));
+        // the retry would miss it): by the next revocation's round, at no round trip of its
+        // own, and only entries unchanged since (a fill of the same token after its tombstone
+        // lapsed writes a new one).
+        let mut read =
+            replies.map(|reply| reply.ok().and_then(|v| redis::from_redis_value::<Option<Vec<u8>>>(v).ok()).flatten());
+        let seen: Vec<(String, Vec<u8>, Vec<u8>)> = entries
+            .into_iter()
+            .filter_map(|(key, field, entry)| match entry {
+                Some(entry) => Some((key, field, entry)),
+                None => read.next().flatten().map(|entry| (key, field, entry)),
+            })
+            .collect();
+        cluster.defer_prunes(seen);
         Ok((removed, tombstone))
     }
 
@@ -616,11 +669,12 @@ impl TokenCache {
                     PROCESS.error(ErrorKind::of(&err));
                     return Err(Error::from_redis(&err));
                 }
-                Err(err) => return Err(self.failed(&err)),
+                // Charged to that node (on a Cluster, not to the first seed's pool).
+                Err(err) => return Err(self.failed_on(&pool, &err)),
             };
             // Sentinel: a newer primary first gets the revocations the old one may have lost.
             if let Err(err) = self.journal.catch_up(&mut checkout.conn, checkout.generation, pool.io_timeout()) {
-                return Err(self.failed(&err));
+                return Err(self.failed_on(&pool, &err));
             }
             let result = if asking {
                 load_scripts(&mut checkout.conn)
@@ -1130,8 +1184,9 @@ impl TokenCache {
             // Cluster: the user's index lists the token before its record exists (on the
             // token's node, which may be another: fill.lua can't add it in the same call).
             if self.cluster.is_some() {
+                let entry = format!("{}{token_key}", new_generation());
                 self.call_in(&keys[1], |conn, _| {
-                    INDEX.key(&keys[1]).arg(&index_field[..]).arg(token_key).arg(ttl_ms).invoke::<i64>(conn)
+                    INDEX.key(&keys[1]).arg(&index_field[..]).arg(&entry).arg(ttl_ms).invoke::<i64>(conn)
                 })?;
             }
             self.call_in(&keys[0], |conn, server| {
@@ -1290,6 +1345,11 @@ impl TokenCache {
             legacy_members,
         });
         let revoked: Result<(i64, String)> = py.detach(|| match &self.cluster {
+            // A revocation that may fail fast doesn't wait for a node whose breaker is open.
+            Some(cluster) if use_breaker && cluster.breaker_open() => {
+                PROCESS.bump(Counter::ErrorCircuitOpen);
+                Err(Error::CircuitOpen)
+            }
             Some(cluster) => self.revoke_in_cluster(cluster, &call),
             None => self.call_revocation(use_breaker, &call),
         });

@@ -228,11 +228,13 @@ pub struct Cluster {
     /// Token key -> the user key its record named last (`USER_CACHE`): a repeat hit reads the
     /// row beside the record, on the two nodes at once. A guess, checked against the record.
     users: Mutex<HashMap<String, String>>,
-    /// Index entries (index key, field) of tokens revoked, pruned by the next revocation if
-    /// it comes before their tombstones lapse (until then no record of theirs can be cached
-    /// again, so the entry names none; after, a new one might have been, and is kept).
-    prunes: Mutex<Vec<(String, Vec<u8>, Instant)>>,
+    /// Index entries (index key, field, the entry as the revocation saw it) of tokens revoked,
+    /// pruned by the next revocation if still unchanged.
+    prunes: Mutex<Vec<IndexEntry>>,
 }
+
+/// An entry of a user's index: the index key, the field (a token's id), the entry it held.
+pub type IndexEntry = (String, Vec<u8>, Vec<u8>);
 
 /// Index entries kept to prune at most (the oldest go: an entry left costs a revocation of a
 /// token already revoked, and the index's own TTL ends it).
@@ -355,7 +357,12 @@ impl Cluster {
             }
             match self.pool_at(&candidate).and_then(|pool| self.ask(&pool)) {
                 Ok(()) => return Ok(()),
-                Err(err) => last_error = Some(err),
+                Err(err) => {
+                    if crate::errors::is_connectivity(&err) {
+                        self.lost.lock().insert(Arc::from(candidate.as_str()), Instant::now());
+                    }
+                    last_error = Some(err);
+                }
             }
         }
         self.refreshed.lock().1 = true;
@@ -400,33 +407,22 @@ impl Cluster {
         self.users.lock().get(token_key).cloned()
     }
 
-    /// Index entries of tokens whose revocation succeeded (with tombstones that stand for
-    /// `lifetime`), for the next revocation to prune.
-    pub fn defer_prunes(&self, entries: Vec<(String, Vec<u8>)>, lifetime: Duration) {
-        if lifetime.is_zero() {
-            return;
-        }
-        let until = Instant::now() + lifetime;
-        let mut prunes = self.prunes.lock();
-        prunes.extend(entries.into_iter().map(|(key, field)| (key, field, until)));
-        let excess = prunes.len().saturating_sub(MAX_PRUNES);
-        prunes.drain(..excess);
-    }
-
-    /// The entries to prune now (those whose tombstones still stand).
-    pub fn take_prunes(&self) -> Vec<(String, Vec<u8>, Instant)> {
-        let now = Instant::now();
-        let mut taken = std::mem::take(&mut *self.prunes.lock());
-        taken.retain(|(_, _, until)| *until > now);
-        taken
-    }
-
-    /// Prunes taken by a revocation that then failed: for the next one.
-    pub fn restore_prunes(&self, entries: Vec<(String, Vec<u8>, Instant)>) {
+    /// Index entries of tokens whose revocation succeeded, with the entry each held then, for
+    /// the next revocation to prune (unindex.lua: only if unchanged).
+    pub fn defer_prunes(&self, entries: Vec<IndexEntry>) {
         let mut prunes = self.prunes.lock();
         prunes.extend(entries);
         let excess = prunes.len().saturating_sub(MAX_PRUNES);
         prunes.drain(..excess);
+    }
+
+    pub fn take_prunes(&self) -> Vec<IndexEntry> {
+        std::mem::take(&mut *self.prunes.lock())
+    }
+
+    /// Prunes taken by a revocation that then failed: for the next one.
+    pub fn restore_prunes(&self, entries: Vec<IndexEntry>) {
+        self.defer_prunes(entries);
     }
 
     /// Close every node's circuit breaker (settings changed, tests).

@@ -40,13 +40,14 @@ struct Share {
 /// redirection). Fails as a whole if a node can't be reached, doesn't answer in time, or (with
 /// `wait_ms`) its replicas don't acknowledge. `prelude` goes first in every pipeline (`SCRIPT
 /// LOAD` of the scripts the commands run by `EVALSHA`: no NOSCRIPT round on a node that never
-/// ran them, nor after a failover to one).
+/// ran them, nor after a failover to one). Connections go back to their pools with their
+/// socket timeout as it was.
 pub fn fan_out(
     cluster: &Cluster,
     commands: &[Routed],
     deadline: Instant,
     wait_ms: Option<u64>,
-    prelude: Option<&Cmd>,
+    prelude: &[Cmd],
 ) -> RedisResult<Vec<RedisResult<Value>>> {
     match fan_out_once(cluster, commands, deadline, wait_ms, prelude) {
         // An idle connection a node closed (its `timeout`, a restart, CLIENT KILL): once more,
@@ -64,7 +65,7 @@ fn fan_out_once(
     commands: &[Routed],
     deadline: Instant,
     wait_ms: Option<u64>,
-    prelude: Option<&Cmd>,
+    prelude: &[Cmd],
 ) -> RedisResult<Vec<RedisResult<Value>>> {
     let replies = commands.iter().map(|_| None).collect();
     let mut round = Round { cluster, commands, deadline, wait_ms, prelude, replies };
@@ -89,7 +90,7 @@ struct Round<'a> {
     commands: &'a [Routed],
     deadline: Instant,
     wait_ms: Option<u64>,
-    prelude: Option<&'a Cmd>,
+    prelude: &'a [Cmd],
     replies: Vec<Option<RedisResult<Value>>>,
 }
 
@@ -114,8 +115,8 @@ impl Round<'_> {
             let mut checkout = share.pool.checkout(false)?;
             let waits = self.wait_ms.is_some() && self.cluster.replicas(&share.address) > 0;
             let mut pipe = redis::pipe();
-            if let Some(prelude) = self.prelude {
-                pipe.add_command(prelude.clone());
+            for cmd in self.prelude {
+                pipe.add_command(cmd.clone());
             }
             for &(index, asking) in &share.commands {
                 if asking {
@@ -133,6 +134,7 @@ impl Round<'_> {
         let mut try_again = false;
         for (share, mut checkout, waits) in sent {
             try_again |= self.read_share(&share, &mut checkout, waits, &mut again)?;
+            checkout.conn.set_read_timeout(Some(share.pool.io_timeout()))?;
             share.pool.checkin(checkout);
         }
         if try_again {
@@ -155,7 +157,7 @@ impl Round<'_> {
         // Whether anything ran there: a node that redirected every command (a primary demoted
         // since the map was read) wrote nothing to wait for, and refuses WAIT.
         let mut ran = false;
-        if self.prelude.is_some() {
+        for _ in self.prelude {
             read(checkout, self.deadline)?.extract_error()?;
         }
         for &(index, asking) in &share.commands {
@@ -247,4 +249,28 @@ fn replicas_in(value: &Value) -> i64 {
 
 fn timed_out(what: &'static str) -> RedisError {
     RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
+/// `pipe` on one connection, its replies read under `deadline` (redis-rs' own pipelines go on
+/// reading after a timeout: a socket timeout per command on a hung server). Stops at the
+/// first I/O error; a command's error reply is its result. The connection's socket timeout is
+/// set back to `io_timeout`.
+pub fn pipeline(
+    conn: &mut redis::Connection,
+    pipe: &redis::Pipeline,
+    deadline: Instant,
+    io_timeout: Duration,
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    conn.send_packed_command(&pipe.get_packed_pipeline())?;
+    let mut replies = Vec::with_capacity(pipe.len());
+    for _ in 0..pipe.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out("the pipeline's replies did not come within its deadline"));
+        }
+        conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        replies.push(conn.recv_response()?.extract_error());
+    }
+    conn.set_read_timeout(Some(io_timeout))?;
+    Ok(replies)
 }

@@ -3,8 +3,8 @@
 //!
 //! A Redis that restarts from an older RDB/AOF, or a replica promoted before it received the
 //! last writes, brings back records of tokens revoked since, with the generations they had.
-//! Each new connection therefore asks the server, once, who it is (`INFO server` and `INFO
-//! replication`, pipelined: one round trip, pooled connections reuse the answer):
+//! Each new connection therefore asks the server, once, who it is (the `server` and
+//! `replication` sections of one `INFO`: one round trip, pooled connections reuse the answer):
 //!
 //! - `run_id`: random at every start of the process, never persisted nor replicated, so a
 //!   restart (whatever it loads) is another incarnation;
@@ -103,28 +103,30 @@ pub fn is_role_changed(err: &RedisError) -> bool {
 
 /// Ask the server on this new connection who it is (one round trip).
 pub fn learn(conn: &mut Connection) -> RedisResult<Server> {
-    let (server, replication): (String, String) =
-        redis::pipe().cmd("INFO").arg("server").cmd("INFO").arg("replication").query(conn).map_err(|err| {
-            if crate::errors::is_connectivity(&err) {
-                err
-            } else {
-                // Its own words (NOAUTH, NOPERM...): `check --deploy` tells refused credentials
-                // from a refused INFO by them.
-                let detail = err.to_string();
-                RedisError::from((
-                    err.kind(),
-                    "INFO (sent on each new connection, to learn the server's run_id) failed",
-                    detail,
-                ))
-            }
-        })?;
-    let Some(run_id) = field(&server, "run_id").filter(|id| !id.is_empty()) else {
+    // One command (its default sections hold both): redis-rs reads every reply of a pipeline
+    // even after a timeout, so two would cost a hung server two socket timeouts.
+    let info: String = redis::cmd("INFO").query(conn).map_err(|err| {
+        if crate::errors::is_connectivity(&err) {
+            err
+        } else {
+            // Its own words (NOAUTH, NOPERM...): `check --deploy` tells refused credentials
+            // from a refused INFO by them.
+            let detail = err.to_string();
+            RedisError::from((
+                err.kind(),
+                "INFO (sent on each new connection, to learn the server's run_id) failed",
+                detail,
+            ))
+        }
+    })?;
+    let (server, replication) = (&info, &info);
+    let Some(run_id) = field(server, "run_id").filter(|id| !id.is_empty()) else {
         return Err(RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
             "the server's INFO has no run_id: can't tell a restarted server from the one that wrote a record",
         )));
     };
-    let replid = field(&replication, "master_replid").unwrap_or("").to_owned();
+    let replid = field(replication, "master_replid").unwrap_or("").to_owned();
     Ok(Server { incarnation: Incarnation::of(run_id, &replid), replid })
 }
 

@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use redis::{Cmd, Connection, RedisResult};
 
 use crate::client::REVOKE;
+use crate::fanout::pipeline;
 
 /// How long after a revocation the sentinels must still name its primary before it is
 /// dropped: above their delay in naming a promoted replica, plus replication's.
@@ -88,21 +89,21 @@ impl Revocation {
 /// Re-send `calls` on `conn`, pipelined (see `BATCH_CALLS`). A connection error stops it; a
 /// call the server refuses is dropped (sending it again won't help), except NOSCRIPT (the
 /// scripts were flushed meanwhile): the script is loaded again and the batch re-sent once.
-fn replay_all(conn: &mut Connection, calls: &[Arc<Revocation>]) -> RedisResult<()> {
+fn replay_all(conn: &mut Connection, calls: &[Arc<Revocation>], io_timeout: Duration) -> RedisResult<()> {
     if calls.is_empty() {
         return Ok(());
     }
     REVOKE.prepare_invoke().load(conn)?;
     for batch in batches(calls) {
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
         for call in batch {
             pipe.add_command(call.replay_cmd());
         }
-        let replies: Vec<RedisResult<redis::Value>> = pipe.query(conn)?;
+        // Each batch's replies within a socket timeout (not one per reply: a hung primary).
+        let replies = pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
         if replies.iter().any(|reply| reply.as_ref().is_err_and(|err| err.code() == Some("NOSCRIPT"))) {
             REVOKE.prepare_invoke().load(conn)?;
-            let _: Vec<RedisResult<redis::Value>> = pipe.query(conn)?;
+            pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
         }
     }
     Ok(())
@@ -191,7 +192,7 @@ impl Journal {
             kept.listed_for = kept.listed_for.max(generation);
             kept.entries.iter().filter(|e| e.generation < generation).map(|e| Arc::clone(&e.call)).collect()
         };
-        if let Err(err) = replay_all(conn, &pending) {
+        if let Err(err) = replay_all(conn, &pending, wait) {
             if crate::errors::is_connectivity(&err) {
                 return Err(err);
             }
