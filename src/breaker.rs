@@ -54,6 +54,11 @@ impl Breaker {
         self.open_until_ms.swap(now_ms() + self.cooldown_ms, Ordering::AcqRel) == 0
     }
 
+    /// Closed: no failure since the last success (not even a probe's cool-down over).
+    pub fn is_closed(&self) -> bool {
+        self.open_until_ms.load(Ordering::Acquire) == 0
+    }
+
     pub fn is_open(&self) -> bool {
         let until = self.open_until_ms.load(Ordering::Acquire);
         until != 0 && now_ms() < until

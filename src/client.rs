@@ -285,7 +285,10 @@ impl TokenCache {
         else {
             return Ok(None);
         };
-        if !token_pool.breaker().allow() || !row_pool.breaker().allow() {
+        // Only while both breakers are closed (claiming a probe here and then not sending it,
+        // or sending it on a pool the sequential way would not, would keep a node cut off):
+        // the sequential way probes a node whose breaker is open.
+        if !token_pool.breaker().is_closed() || !row_pool.breaker().is_closed() {
             return Ok(None);
         }
         // Both out, then both in (on an error both connections are dropped, not pooled: one
@@ -303,22 +306,32 @@ impl TokenCache {
         };
         let row_cmd = |server: &Server| row_lookup(&user_key, &candidates[1], self.lease_ms, false, &server.replid);
         let mut token_conn = sent(&token_pool, &token_cmd).map_err(|err| self.failed_on(&token_pool, &err))?;
-        let mut row_conn = sent(&row_pool, &row_cmd).map_err(|err| self.failed_on(&row_pool, &err))?;
+        // The row's node not answering costs the row, not the lookup (as the sequential way).
+        let mut row_conn = sent(&row_pool, &row_cmd).map_err(|err| self.failed_on(&row_pool, &err)).ok();
         let token_reply = token_conn.conn.recv_response().map_err(|err| self.failed_on(&token_pool, &err))?;
-        let row_reply = row_conn.conn.recv_response().map_err(|err| self.failed_on(&row_pool, &err))?;
-        let (Ok(token_reply), Ok(row_reply)) = (token_reply.extract_error(), row_reply.extract_error()) else {
+        let row_reply = row_conn
+            .as_mut()
+            .and_then(|row| row.conn.recv_response().map_err(|err| self.failed_on(&row_pool, &err)).ok());
+        let Ok(token_reply) = token_reply.extract_error() else {
             return Ok(None); // MOVED, ASK, NOSCRIPT, a role change...: the sequential way
         };
-        let (incarnation, row_incarnation) = (token_conn.server.incarnation, row_conn.server.incarnation);
+        let incarnation = token_conn.server.incarnation;
         token_pool.checkin(token_conn);
-        row_pool.checkin(row_conn);
-        token_pool.breaker().record_success();
-        row_pool.breaker().record_success();
-        let (Ok(mut reply), Ok(row)) = (
-            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(token_reply),
-            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(row_reply),
-        ) else {
+        let Ok(mut reply) = redis::from_redis_value::<Vec<Option<Vec<u8>>>>(token_reply) else {
             return Ok(None);
+        };
+        let row = match (row_conn, row_reply.map(redis::Value::extract_error)) {
+            (Some(row_conn), Some(Ok(row_reply))) => {
+                let row_incarnation = row_conn.server.incarnation;
+                row_pool.checkin(row_conn);
+                redis::from_redis_value::<Vec<Option<Vec<u8>>>>(row_reply).ok().map(|row| (row, row_incarnation))
+            }
+            _ => None,
+        };
+        let Some((row, row_incarnation)) = row else {
+            // A record without its row (the row read from the database), or, without a
+            // usable record, the lookup's answer as it is.
+            return Ok(Some((reply, incarnation, incarnation)));
         };
         let record = reply.first().and_then(Option::as_deref);
         let user = record.and_then(|raw| Record::decode(raw, &self.record_keys, token_key, id, incarnation).ok());
@@ -1183,11 +1196,25 @@ impl TokenCache {
         let stored: i64 = py.detach(|| {
             // Cluster: the user's index lists the token before its record exists (on the
             // token's node, which may be another: fill.lua can't add it in the same call).
+            // It must outlive a failover of the user's node as the record does its own: with a
+            // replica online there, a replica has it first (WAIT 1), or the token isn't cached.
             if self.cluster.is_some() {
                 let entry = format!("{}{token_key}", new_generation());
-                self.call_in(&keys[1], |conn, _| {
-                    INDEX.key(&keys[1]).arg(&index_field[..]).arg(&entry).arg(ttl_ms).invoke::<i64>(conn)
+                let (wait_ms, io_timeout) = (self.wait_ms, self.pool.io_timeout());
+                let indexed = self.call_in(&keys[1], |conn, _| {
+                    let replicas: i64 =
+                        INDEX.key(&keys[1]).arg(&index_field[..]).arg(&entry).arg(ttl_ms).invoke(conn)?;
+                    if replicas == 0 {
+                        return Ok(true);
+                    }
+                    conn.set_read_timeout(Some(Duration::from_millis(wait_ms) + io_timeout))?;
+                    let acknowledged: RedisResult<i64> = redis::cmd("WAIT").arg(1).arg(wait_ms).query(conn);
+                    conn.set_read_timeout(Some(io_timeout))?;
+                    Ok(acknowledged? >= 1)
                 })?;
+                if !indexed {
+                    return Ok(0);
+                }
             }
             self.call_in(&keys[0], |conn, server| {
                 if server.incarnation != seen {

@@ -453,7 +453,7 @@ def _role_refused(exc: BaseException) -> bool:
 
 # src/incarnation.rs words a refused INFO so (it is sent before the connection is used).
 INFO_PURPOSE = (
-    "each new connection asks the server its run_id and replication id (INFO server, INFO replication), "
+    "each new connection asks the server its run_id and replication id (one INFO), "
     "so that a record restored from an older snapshot or replicated before a failover is never trusted: "
     "no connection can be used, so every request authenticates from the database and every logout "
     "answers 503"
