@@ -113,6 +113,14 @@ def cluster(cluster_setup: ClusterSetup) -> ClusterSetup:
 
 
 @pytest.fixture
+def on_cluster(cluster: ClusterSetup, settings) -> ClusterSetup:
+    """knox_redis pointed at the session's Redis Cluster (restored: see `cluster`)."""
+    from tests.helpers import on_the_cluster
+
+    return on_the_cluster(settings, cluster)
+
+
+@pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
     """A TCP proxy in front of the test Redis, to cut, blackhole and heal (see `via`)."""
     p = TcpProxy(redis_server.port)

@@ -115,3 +115,27 @@ def a_write_behind_the_process_stops_the_next_local_hit(token: str, write: Calla
         assert not served_locally(token)
 
     held_listener_then(then_next_request)
+
+
+def on_the_cluster(settings, cluster, **overrides):
+    """Point knox_redis at a test Redis Cluster (two of its nodes as seeds), with a short
+    breaker cool-down unless `overrides` (other REST_KNOX_REDIS keys) say otherwise."""
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
+        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
+        **overrides,
+    }
+    return cluster
+
+
+def token_key_on(cluster, native, node) -> str:
+    """A token_key whose key lives on `node` (a master of the test cluster)."""
+    from redis.crc import key_slot
+
+    owners = cluster._slot_owners(node)
+    for n in range(100_000):
+        token_key = f"{n:015x}"
+        if owners.get(key_slot(native.token_key(token_key).encode())) == node.node_id:
+            return token_key
+    raise LookupError(f"no token_key on {node.address}")

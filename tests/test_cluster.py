@@ -8,26 +8,15 @@ import time
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.test import Client
 from knox.models import AuthToken
 
 import knox_redis
 from knox_redis import cache
 from tests.conftest import auth_header, basic_header
 from tests.helpers import accepted, queries_of
-from tests.traffic import Traffic, failed_calls, login, whoami
+from tests.traffic import run_traffic_through
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-    }
-    return cluster
 
 
 def record_node(cluster, token: str):
@@ -121,52 +110,10 @@ def test_local_cache_is_refused_on_a_cluster(on_cluster, settings):
         cache.get_client()
 
 
-def run_traffic_through(cluster, event, *, before: float = 1.0, after: float = 2.0) -> Traffic:
-    """Threads log in, authenticate and log out (and one logs out tokens cached before) while
-    `event` changes the cluster: no 500, no token accepted once its logout returned."""
-    names = [f"user{i}" for i in range(4)]
-    for name in names:
-        get_user_model().objects.create_user(username=name, password="pw")
-    cache.get_client()  # built here, not in the threads
-    client = Client()
-    older = [login(client, "user0") for _ in range(int((before + after) / 0.05) + 40)]
-    assert {whoami(client, token) for token in older} == {200}
-    stats_before = knox_redis.stats()
-    traffic = Traffic(names, older)
-    traffic.start()
-    try:
-        time.sleep(before)
-        started = time.monotonic()
-        event()
-        took = time.monotonic() - started
-        hits_at_recovery = knox_redis.stats()["lookups_hit"]
-        time.sleep(after)
-    finally:
-        traffic.finish()
-    stats = knox_redis.stats()
-    fallbacks = failed_calls(stats) - failed_calls(stats_before)
-    print(f"\n{traffic.summary()}; Redis calls failed or short-circuited: {fallbacks}; event took {took:.1f}s")
-    assert not traffic.errors, traffic.errors
-    assert not traffic.accepted_revoked, traffic.accepted_revoked
-    assert {whoami(client, token) for token, _ in traffic.revoked} == {401}
-    kinds = {(kind, status) for kind, status in traffic.statuses}
-    assert kinds <= {
-        ("login", 200),
-        ("auth", 200),
-        ("logout", 204),
-        ("logout", 503),
-        ("auth while logout refused", 200),
-        ("auth revoked", 401),
-    }, traffic.summary()
-    assert traffic.statuses[("logout", 204)] >= 8, traffic.summary()
-    assert stats["lookups_hit"] > hits_at_recovery, stats  # served by the cluster again
-    return traffic
-
-
 @pytest.mark.slow
 def test_traffic_through_a_cluster_failover(on_cluster, transactional_db):
     masters = on_cluster.masters()
-    run_traffic_through(on_cluster, lambda: [on_cluster.failover(master) for master in masters])
+    run_traffic_through(lambda: [on_cluster.failover(master) for master in masters], what="failed over")
 
 
 @pytest.mark.slow
@@ -175,7 +122,7 @@ def test_traffic_through_a_killed_master(on_cluster, transactional_db):
     (node timeout 500 ms); meanwhile lookups there fall back to the database and logouts of
     its tokens are refused (503)."""
     master = on_cluster.masters()[0]
-    run_traffic_through(on_cluster, lambda: on_cluster.kill_master(master))
+    run_traffic_through(lambda: on_cluster.kill_master(master), what="replica elected")
 
 
 @pytest.mark.slow
@@ -192,7 +139,7 @@ def test_traffic_through_a_slot_migration(on_cluster, transactional_db):
             source = on_cluster.master_for_slot(slot)
             on_cluster.migrate_slot(slot, next(m for m in on_cluster.masters() if m is not source))
 
-    run_traffic_through(on_cluster, migrate)
+    run_traffic_through(migrate, what="slots migrated")
 
 
 def test_the_management_command_sees_every_node(on_cluster, make_token, user):

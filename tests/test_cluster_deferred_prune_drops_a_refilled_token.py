@@ -25,7 +25,7 @@ from knox.models import AuthToken
 
 import knox_redis
 from knox_redis import cache
-from tests.helpers import accepted
+from tests.helpers import accepted, on_the_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -34,14 +34,7 @@ TTL = 1.0
 
 @pytest.fixture
 def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-        "SOCKET_TIMEOUT": 1.0,
-        "REVOCATION_TOMBSTONE_TTL": TTL,
-    }
-    return cluster
+    return on_the_cluster(settings, cluster, SOCKET_TIMEOUT=1.0, REVOCATION_TOMBSTONE_TTL=TTL)
 
 
 def server_ms(node) -> int:
@@ -110,12 +103,7 @@ def test_deferred_prune_does_not_drop_the_index_entry_of_a_refilled_token(on_clu
 
 @pytest.fixture
 def on_cluster_default_ttl(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-    }
-    return cluster
+    return on_the_cluster(settings, cluster)
 
 
 def test_deferred_prune_after_a_node_restart_does_not_drop_a_refilled_token(on_cluster_default_ttl, make_token, user):

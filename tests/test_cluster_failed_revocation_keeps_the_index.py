@@ -24,16 +24,6 @@ from tests.helpers import accepted
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-    }
-    return cluster
-
-
 def test_a_revocation_failing_on_the_token_node_does_not_prune_the_index(on_cluster, make_token, user):
     native = cache.get_client()
     index_key = native.user_key(user.pk)

@@ -22,23 +22,14 @@ import signal
 import time
 
 import pytest
-from redis.crc import key_slot
 
 import knox_redis
 from knox_redis import cache
+from tests.helpers import token_key_on
 
 pytestmark = pytest.mark.cluster
 
 DIGEST = "ab" * 64
-
-
-def token_key_on(cluster, native, node) -> str:
-    owners = cluster._slot_owners(node)
-    for n in range(100_000):
-        tk = f"{n:015x}"
-        if owners.get(key_slot(native.token_key(tk).encode())) == node.node_id:
-            return tk
-    raise LookupError
 
 
 def _configure(settings, cluster, hung, healthy, cooldown):

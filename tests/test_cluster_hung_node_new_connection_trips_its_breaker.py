@@ -18,7 +18,7 @@ import pytest
 from knox.models import AuthToken
 
 from knox_redis import cache
-from tests.helpers import accepted
+from tests.helpers import accepted, on_the_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -27,14 +27,9 @@ TIMEOUT = 0.5
 
 @pytest.fixture
 def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 5.0,
-        "SOCKET_TIMEOUT": TIMEOUT,
-        "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-    }
-    return cluster
+    return on_the_cluster(
+        settings, cluster, CIRCUIT_BREAKER_COOLDOWN=5.0, SOCKET_TIMEOUT=TIMEOUT, SOCKET_CONNECT_TIMEOUT=TIMEOUT
+    )
 
 
 def test_a_hung_node_trips_its_breaker_when_its_new_connections_fail(on_cluster, make_token, user):

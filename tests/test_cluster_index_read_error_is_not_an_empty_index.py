@@ -25,16 +25,6 @@ from tests.helpers import accepted
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-    }
-    return cluster
-
-
 def _cluster_state(node) -> str:
     with node.client() as conn:
         info = conn.execute_command("CLUSTER", "INFO").decode()

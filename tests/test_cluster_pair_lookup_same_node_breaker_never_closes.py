@@ -20,7 +20,7 @@ import pytest
 from knox.models import AuthToken
 
 from knox_redis import cache
-from tests.helpers import accepted
+from tests.helpers import accepted, on_the_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -30,15 +30,14 @@ COOLDOWN = 0.3
 
 @pytest.fixture
 def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": COOLDOWN,
-        "SOCKET_TIMEOUT": TIMEOUT,
-        "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-        "USER_CACHE": True,
-    }
-    return cluster
+    return on_the_cluster(
+        settings,
+        cluster,
+        CIRCUIT_BREAKER_COOLDOWN=COOLDOWN,
+        SOCKET_TIMEOUT=TIMEOUT,
+        SOCKET_CONNECT_TIMEOUT=TIMEOUT,
+        USER_CACHE=True,
+    )
 
 
 def token_on_users_node(cluster, make_token, user):

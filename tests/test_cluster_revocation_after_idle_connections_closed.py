@@ -17,16 +17,6 @@ from tests.helpers import accepted
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 0.2,
-    }
-    return cluster
-
-
 def test_logout_after_a_node_closed_idle_connections(on_cluster, client, user):
     native = cache.get_client()
     index_node = on_cluster.node_for_key(native.user_key(user.pk))

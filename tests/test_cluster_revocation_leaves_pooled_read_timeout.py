@@ -13,7 +13,7 @@ from knox.models import AuthToken
 
 import knox_redis
 from knox_redis import cache
-from tests.helpers import accepted
+from tests.helpers import accepted, on_the_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -22,14 +22,9 @@ TIMEOUT = 0.5
 
 @pytest.fixture
 def on_cluster(cluster, settings):
-    settings.REST_KNOX_REDIS = {
-        **settings.REST_KNOX_REDIS,
-        "REDIS_CLUSTER_NODES": cluster.seed_urls[:2],
-        "CIRCUIT_BREAKER_COOLDOWN": 5.0,
-        "SOCKET_TIMEOUT": TIMEOUT,
-        "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-    }
-    return cluster
+    return on_the_cluster(
+        settings, cluster, CIRCUIT_BREAKER_COOLDOWN=5.0, SOCKET_TIMEOUT=TIMEOUT, SOCKET_CONNECT_TIMEOUT=TIMEOUT
+    )
 
 
 def test_a_lookup_after_a_revocation_waits_one_socket_timeout(on_cluster, make_token, user):

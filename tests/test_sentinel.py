@@ -11,18 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
-from django.contrib.auth import get_user_model
 from django.core.cache import caches
 from django.test import Client
 
-import knox_redis
 from knox_redis import cache
 from knox_redis.checks import check_redis_server
+from tests import traffic
 from tests.conftest import auth_header
 from tests.helpers import a_write_behind_the_process_stops_the_next_local_hit
 from tests.servers import SentinelSetup, SentinelUnavailable, free_port
 from tests.test_checks import readme_acl
-from tests.traffic import Traffic, failed_calls, login, logout_until_taken, whoami
+from tests.traffic import login, logout_until_taken, whoami
 
 pytestmark = pytest.mark.slow
 
@@ -242,51 +241,10 @@ def test_logouts_sent_to_the_old_primary_reach_the_new_one(settings, user, fresh
     assert not [t for t in tokens if any(f.startswith(b"r:") for f in records.hkeys(f"knox:token:{t[:15]}"))]
 
 
-def run_traffic_through(settings, setup: SentinelSetup, event, *, before: float = 1.0, after: float = 2.0):
-    names = [f"user{i}" for i in range(4)]
-    for name in names:
-        get_user_model().objects.create_user(username=name, password="pw")
+def run_traffic_through(settings, setup: SentinelSetup, event) -> None:
     use_cache_alias(settings, setup)
-    cache.get_client()  # built here, not in the threads (a settings change would rebuild it)
-    client = Client()
-    older = [login(client, "user0") for _ in range(int((before + after) / 0.05) + 40)]
-    assert {whoami(client, token) for token in older} == {200}  # cached before the event
-    stats_before = knox_redis.stats()
-    traffic = Traffic(names, older)
-    traffic.start()
-    try:
-        time.sleep(before)
-        started = time.monotonic()
-        new = event()
-        recovered = time.monotonic() - started
-        hits_at_recovery = knox_redis.stats()["lookups_hit"]
-        time.sleep(after)
-    finally:
-        traffic.finish()
-    stats = knox_redis.stats()
-    fallbacks = failed_calls(stats) - failed_calls(stats_before)
-    print(
-        f"\n{traffic.summary()}; Redis calls failed or short-circuited: {fallbacks}; "
-        f"new primary named after {recovered:.1f}s"
-    )
-    assert not traffic.errors, traffic.errors
-    assert not traffic.accepted_revoked, traffic.accepted_revoked
-    # And none of them later either.
-    assert {whoami(client, token) for token, _ in traffic.revoked} == {401}
-    kinds = {(kind, status) for kind, status in traffic.statuses}
-    assert kinds <= {
-        ("login", 200),
-        ("auth", 200),
-        ("logout", 204),
-        ("logout", 503),
-        ("auth while logout refused", 200),
-        ("auth revoked", 401),
-    }, traffic.summary()
-    assert traffic.statuses[("logout", 204)] >= 8, traffic.summary()
-    # Served by the new primary again, not only by the database.
-    assert stats["lookups_hit"] > hits_at_recovery, stats
+    new = traffic.run_traffic_through(event, what="new primary named")
     assert cache.get_client().primary_address == f"127.0.0.1:{new}"
-    return traffic
 
 
 def test_traffic_through_a_failover(settings, fresh, transactional_db):

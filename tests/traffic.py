@@ -121,3 +121,52 @@ def failed_calls(stats: dict) -> int:
     """Redis calls that failed or that the breaker spared: each a lookup served by the
     database alone, or a revocation refused (503)."""
     return sum(stats[k] for k in ("errors_timeout", "errors_connection", "errors_reply", "errors_circuit_open"))
+
+
+def run_traffic_through(event, *, what: str, before: float = 1.0, after: float = 2.0):
+    """Traffic (4 users, and one thread logging out tokens cached before) while `event()`
+    changes the topology; asserts no 500, no token accepted once its logout returned (then or
+    later), only the expected statuses, enough logouts taken, and hits again after the event.
+    Returns `event()`'s result. knox_redis must already point at the topology."""
+    from django.contrib.auth import get_user_model
+
+    import knox_redis
+    from knox_redis import cache
+
+    names = [f"user{i}" for i in range(4)]
+    for name in names:
+        get_user_model().objects.create_user(username=name, password="pw")
+    cache.get_client()  # built here, not in the threads (a settings change would rebuild it)
+    client = Client()
+    older = [login(client, "user0") for _ in range(int((before + after) / 0.05) + 40)]
+    assert {whoami(client, token) for token in older} == {200}  # cached before the event
+    stats_before = knox_redis.stats()
+    traffic = Traffic(names, older)
+    traffic.start()
+    try:
+        time.sleep(before)
+        started = time.monotonic()
+        result = event()
+        took = time.monotonic() - started
+        hits_at_recovery = knox_redis.stats()["lookups_hit"]
+        time.sleep(after)
+    finally:
+        traffic.finish()
+    stats = knox_redis.stats()
+    fallbacks = failed_calls(stats) - failed_calls(stats_before)
+    print(f"\n{traffic.summary()}; Redis calls failed or short-circuited: {fallbacks}; {what} after {took:.1f}s")
+    assert not traffic.errors, traffic.errors
+    assert not traffic.accepted_revoked, traffic.accepted_revoked
+    assert {whoami(client, token) for token, _ in traffic.revoked} == {401}  # nor later
+    kinds = {(kind, status) for kind, status in traffic.statuses}
+    assert kinds <= {
+        ("login", 200),
+        ("auth", 200),
+        ("logout", 204),
+        ("logout", 503),
+        ("auth while logout refused", 200),
+        ("auth revoked", 401),
+    }, traffic.summary()
+    assert traffic.statuses[("logout", 204)] >= 8, traffic.summary()
+    assert stats["lookups_hit"] > hits_at_recovery, stats  # served by Redis again, not only the database
+    return result
