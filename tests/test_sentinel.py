@@ -110,6 +110,23 @@ def test_a_django_redis_sentinel_cache_works_as_it_is(settings, user, shared):
     assert [evalsha_calls(replica.port) for replica in shared.replicas] == [0]
 
 
+def test_user_cache_on_sentinel(settings, user, shared, make_token):
+    """USER_CACHE on the primary the sentinels name: a hit makes no query, and a user's save
+    revokes the cached row before it returns."""
+    from tests.helpers import accepted, queries_of
+
+    use_explicit(settings, shared, USER_CACHE=True)
+    token = make_token()
+    assert accepted(token)
+    assert accepted(token)  # the row cached now
+    ok, sql = queries_of(lambda: accepted(token))
+    assert ok
+    assert sql == []
+    user.is_active = False
+    user.save()
+    assert not accepted(token)
+
+
 def test_explicit_settings_skip_a_dead_sentinel(settings, user, shared):
     use_explicit(settings, shared)
     settings.REST_KNOX_REDIS = {
