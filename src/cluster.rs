@@ -337,12 +337,9 @@ impl Cluster {
         let budget = self.template.connect_timeout + self.template.io_timeout;
         // The nodes known, then the seeds (one pool per address), those that failed lately last.
         let mut candidates: Vec<String> = self.pools.lock().keys().map(ToString::to_string).collect();
-        for seed in &self.seeds {
-            if let ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } = seed.addr() {
-                let seed = address(host, i64::from(*port));
-                if !candidates.contains(&seed) {
-                    candidates.push(seed);
-                }
+        for seed in self.seed_addresses() {
+            if !candidates.contains(&seed) {
+                candidates.push(seed);
             }
         }
         {
@@ -383,8 +380,27 @@ impl Cluster {
                 "the node serves no slot map",
             )));
         }
+        // Pools of nodes the cluster no longer names as primaries (removed, demoted, a failed
+        // master replaced) go, with their idle connections; the seeds' stay (the next refresh
+        // may need them).
+        let seeds = self.seed_addresses();
+        self.pools.lock().retain(|address, _| {
+            map.owners.iter().flatten().any(|owner| owner == address) || seeds.contains(&address.to_string())
+        });
         *self.map.write() = map;
         Ok(())
+    }
+
+    fn seed_addresses(&self) -> Vec<String> {
+        self.seeds
+            .iter()
+            .filter_map(|seed| match seed.addr() {
+                ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                    Some(address(host, i64::from(*port)))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Forget every idle connection to every node (settings changed, tests).
