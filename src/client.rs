@@ -1097,8 +1097,9 @@ impl TokenCache {
     ) -> PyResult<Py<PyAny>> {
         let id = id_of(digest)?.to_owned();
         // LOCAL_CACHE_SIZE: a reply kept in this process (never for a lookup that may create
-        // a generation: that one must reach Redis).
-        let local = self.local.as_deref().filter(|_| !create);
+        // a generation: that one must reach Redis), while the listener follows the primary
+        // requests go to.
+        let local = self.local.as_deref().filter(|local| !create && local.follows(self.pool.generation()));
         let cached = local.and_then(|local| local.get(token_key, &id, with_user));
         if let (Some(Entry { built: Some(built), row_found, .. }), Some(_)) = (&cached, build) {
             PROCESS.bump(Counter::LookupHit);

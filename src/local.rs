@@ -98,6 +98,8 @@ pub struct Local {
     feed: Mutex<Option<Arc<Feed>>>,
     /// Its socket's descriptor (-1: none), readable without a lock by a forked child.
     feed_fd: AtomicI32,
+    /// The generation of the primary the feed listens to (Sentinel; always 0 otherwise).
+    feed_generation: AtomicU64,
 }
 
 impl Local {
@@ -111,12 +113,15 @@ impl Local {
             last_error: Mutex::new(None),
             feed: Mutex::new(None),
             feed_fd: AtomicI32::new(-1),
+            feed_generation: AtomicU64::new(0),
         }
     }
 
-    /// A session has subscribed: requests drain its feed before serving (`get`).
-    pub fn attach(&self, feed: Arc<Feed>) {
+    /// A session has subscribed, on the primary of `generation`: requests drain its feed
+    /// before serving (`get`).
+    pub fn attach(&self, feed: Arc<Feed>, generation: u64) {
         if self.ours() {
+            self.feed_generation.store(generation, Ordering::Release);
             self.feed_fd.store(feed.fd(), Ordering::Release);
             *self.feed.lock() = Some(feed);
         }
@@ -151,6 +156,14 @@ impl Local {
 
     fn nanos(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Does the feed listen to the primary of `generation`, the one requests go to? After a
+    /// failover the sentinels name a new primary before the listener has left the old one,
+    /// which may go on answering heartbeats while the writes go elsewhere: until the listener
+    /// is there too, nothing is served or stored here.
+    pub fn follows(&self, generation: u64) -> bool {
+        self.feed_generation.load(Ordering::Acquire) == generation
     }
 
     pub fn is_live(&self) -> bool {
@@ -364,7 +377,7 @@ mod tests {
         let Ok(feed) = Feed::over(ours, "k:heartbeat:1") else { panic!("no feed") };
         let feed = Arc::new(feed);
         let local = Local::new(capacity);
-        local.attach(Arc::clone(&feed));
+        local.attach(Arc::clone(&feed), 0);
         Live { local, feed, redis }
     }
 

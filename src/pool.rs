@@ -231,6 +231,11 @@ impl Pool {
         self.connector.io_timeout
     }
 
+    /// The generation of the primary this pool's connections go to now (`Connector::generation`).
+    pub fn generation(&self) -> u64 {
+        self.connector.generation()
+    }
+
     pub fn connector(&self) -> Connector {
         self.connector.clone()
     }

@@ -206,7 +206,7 @@ fn session(
     if connector.generation() != generation {
         return Err(primary_changed()); // the sentinels named another while it connected
     }
-    let _attached = Attached::new(local, &feed);
+    let _attached = Attached::new(local, &feed, generation);
     let primary = Primary { connector, generation };
     listen(&feed, &mut beat, &channel, local, stop, hold, &primary)
 }
@@ -221,8 +221,8 @@ struct Attached<'a> {
 }
 
 impl<'a> Attached<'a> {
-    fn new(local: &'a Local, feed: &'a Arc<Feed>) -> Self {
-        local.attach(Arc::clone(feed));
+    fn new(local: &'a Local, feed: &'a Arc<Feed>, generation: u64) -> Self {
+        local.attach(Arc::clone(feed), generation);
         local.flush();
         Attached { local, feed }
     }
