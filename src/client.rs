@@ -233,20 +233,7 @@ impl TokenCache {
         if let Some(cluster) = &self.cluster {
             cluster.remember_user(key, &user_key);
         }
-        let row = self.call_in(&user_key, |conn, server| {
-            LOOKUP
-                .key(&user_key)
-                .arg("u")
-                .arg("ug")
-                .arg(candidate)
-                .arg(self.lease_ms)
-                .arg(1)
-                .arg("")
-                .arg("")
-                .arg(&server.replid)
-                .invoke(conn)
-                .map(|row| (row, server.incarnation))
-        });
+        let row = self.row_in_redis(&user_key, candidate, true);
         reply.truncate(2);
         reply.resize(2, None);
         match row {
@@ -258,6 +245,30 @@ impl TokenCache {
             }
             Err(_) => (reply, incarnation, incarnation),
         }
+    }
+
+    /// lookup.lua on a user's key alone: its row and generation (with `create`, the generation
+    /// created if missing), and the incarnation of the server that answered.
+    fn row_in_redis(
+        &self,
+        user_key: &str,
+        candidate: &str,
+        create: bool,
+    ) -> Result<(Vec<Option<Vec<u8>>>, Incarnation)> {
+        self.call_in(user_key, |conn, server| {
+            LOOKUP
+                .key(user_key)
+                .arg("u")
+                .arg("ug")
+                .arg(candidate)
+                .arg(self.lease_ms)
+                .arg(u8::from(create))
+                .arg("")
+                .arg("")
+                .arg(&server.replid)
+                .invoke(conn)
+                .map(|row| (row, server.incarnation))
+        })
     }
 
     /// Cluster, `USER_CACHE`, a token seen before by this process: its lookup and its user's
@@ -1139,23 +1150,7 @@ impl TokenCache {
         let user_pk = user_pk_from_py(user_pk)?;
         let key = self.user_key_name(&user_pk);
         let candidate = new_generation();
-        let lease_ms = self.lease_ms;
-        let (reply, incarnation): (Vec<Option<Vec<u8>>>, Incarnation) = py.detach(|| {
-            self.call_in(&key, |conn, server| {
-                LOOKUP
-                    .key(&key)
-                    .arg("u")
-                    .arg("ug")
-                    .arg(&candidate)
-                    .arg(lease_ms)
-                    .arg(u8::from(create))
-                    .arg("")
-                    .arg("")
-                    .arg(&server.replid)
-                    .invoke(conn)
-                    .map(|reply| (reply, server.incarnation))
-            })
-        })?;
+        let (reply, incarnation) = py.detach(|| self.row_in_redis(&key, &candidate, create))?;
         let mut reply = reply.into_iter();
         let (raw_row, generation) = (reply.next().flatten(), reply.next().flatten());
         let row = match raw_row {
