@@ -17,7 +17,7 @@ use crate::fanout::{fan_out, Routed};
 use crate::hashing::field_id;
 use crate::incarnation::{is_role_changed, Incarnation, Server};
 use crate::journal::{Journal, Revocation};
-use crate::local::{Entry, Local};
+use crate::local::{Entry, Hit, Local};
 use crate::metrics::{ClientMetrics, Counter, ErrorKind, PROCESS};
 use crate::pool::{is_untrusted, Checkout, Pool, PoolConfig};
 use crate::record::{whole_seconds, Record, RecordKey, Rejected, UserPk, GENERATION_LEN};
@@ -568,7 +568,7 @@ impl TokenCache {
                     if let [redis::Value::BulkString(field), redis::Value::BulkString(entry)] = pair {
                         if field.len() == 16 && entry.len() > ENTRY_NONCE_LEN {
                             let token_key = String::from_utf8_lossy(&entry[ENTRY_NONCE_LEN..]);
-                            tokens.push((self.token_key_name(&token_key), hex::encode(field)));
+                            tokens.push((self.token_key_name(&token_key), crate::hashing::lower_hex(field)));
                             entries.push((key.clone(), field.clone(), Some(entry.clone())));
                         }
                     }
@@ -933,7 +933,7 @@ fn random_generation() -> [u8; GENERATION_LEN] {
 
 /// A fresh generation for a `g:` field: 16 hex characters.
 fn new_generation() -> String {
-    hex::encode(random_generation())
+    crate::hashing::lower_hex(&random_generation())
 }
 
 fn read_ca(path: Option<String>, name: &str) -> Result<Option<Vec<u8>>> {
@@ -1112,7 +1112,7 @@ impl TokenCache {
         // requests go to.
         let local = self.local.as_deref().filter(|local| !create && local.follows(self.pool.generation()));
         let cached = local.and_then(|local| local.get(token_key, &id, with_user));
-        if let (Some(Entry { built: Some(built), row_found, .. }), Some(_)) = (&cached, build) {
+        if let (Some(Hit { built: Some(built), row_found, .. }), Some(_)) = (&cached, build) {
             PROCESS.bump(Counter::LookupHit);
             if let Some(found) = row_found {
                 PROCESS.bump(if *found { Counter::UserRowHit } else { Counter::UserRowMiss });

@@ -4,7 +4,20 @@
 use sha2::{Digest, Sha512};
 
 pub fn sha512_hex(token: &str) -> String {
-    hex::encode(Sha512::digest(token.as_bytes()))
+    lower_hex(&Sha512::digest(token.as_bytes()))
+}
+
+/// Lower-case hex, as `hex::encode` (which builds the string a `char` at a time: half a
+/// microsecond for a digest, a tenth of a cache hit's time).
+pub fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)]);
+        out.push(DIGITS[usize::from(byte & 0xf)]);
+    }
+    // Only ASCII digits and letters were pushed.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The part of a digest that names a token inside its Redis hash: 128 bits of SHA-512 are as
@@ -27,6 +40,13 @@ mod tests {
             "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
              2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
         );
+    }
+
+    #[test]
+    fn lower_hex_is_hex_encode() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(lower_hex(&bytes), hex::encode(&bytes));
+        assert_eq!(lower_hex(&[]), "");
     }
 
     #[test]

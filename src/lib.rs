@@ -12,6 +12,7 @@ mod journal;
 mod local;
 mod metrics;
 mod pool;
+mod process;
 mod record;
 mod resp;
 #[cfg(test)]
@@ -42,6 +43,7 @@ mod _knox_redis {
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
+        crate::process::init();
         crate::metrics::init();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }

@@ -61,11 +61,44 @@ pub struct Entry {
     pub incarnation: Incarnation,
 }
 
-#[derive(Clone, Hash, PartialEq, Eq)]
-struct Slot {
-    token_key: String,
-    field: String,
-    with_user: bool,
+/// What a repeat hit takes from an entry (no copy of its key names).
+pub struct Hit {
+    pub reply: Arc<Vec<Option<Vec<u8>>>>,
+    pub built: Option<Arc<Py<PyAny>>>,
+    pub row_found: Option<bool>,
+    pub incarnation: Incarnation,
+}
+
+/// An entry's place: the field, whether the row came with it, and the `token_key`, in one
+/// string (`{field length}:{field}{0|1}{token_key}`: unambiguous for any field), so that a
+/// hit can look it up from a buffer on the stack (`SlotName`) without allocating.
+type Slot = String;
+
+fn slot(token_key: &str, field: &str, with_user: bool) -> Slot {
+    format!("{}:{field}{}{token_key}", field.len(), u8::from(with_user))
+}
+
+/// `slot(...)` written into a stack buffer, when it fits (always, for a token's own: a
+/// 32-character field id and a 15-character `token_key`).
+struct SlotName {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl SlotName {
+    fn new(token_key: &str, field: &str, with_user: bool) -> Option<Self> {
+        use std::io::Write;
+        let mut name = SlotName { buf: [0; 128], len: 0 };
+        let mut out = &mut name.buf[..];
+        write!(out, "{}:{field}{}{token_key}", field.len(), u8::from(with_user)).ok()?;
+        name.len = 128 - out.len();
+        Some(name)
+    }
+
+    fn as_str(&self) -> &str {
+        // Written from &strs and ASCII digits: always UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
 }
 
 #[derive(Default)]
@@ -106,7 +139,7 @@ impl Local {
     pub fn new(capacity: usize) -> Self {
         Local {
             capacity,
-            owner_pid: std::process::id(),
+            owner_pid: crate::process::id(),
             epoch: Instant::now(),
             live_until: AtomicU64::new(0),
             state: Mutex::new(State::default()),
@@ -151,7 +184,7 @@ impl Local {
     }
 
     fn ours(&self) -> bool {
-        std::process::id() == self.owner_pid
+        crate::process::id() == self.owner_pid
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -202,7 +235,7 @@ impl Local {
     }
 
     /// The entry for this token, if one may be served now.
-    pub fn get(&self, token_key: &str, field: &str, with_user: bool) -> Option<Entry> {
+    pub fn get(&self, token_key: &str, field: &str, with_user: bool) -> Option<Hit> {
         if !self.ours() {
             return None;
         }
@@ -228,12 +261,20 @@ impl Local {
             }
             return None;
         }
-        let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
-        let entry = self.state.lock().entries.get(&slot).map(|(_, entry)| entry.clone());
-        if entry.is_some() {
+        let hit = |(_, entry): &(u64, Entry)| Hit {
+            reply: Arc::clone(&entry.reply),
+            built: entry.built.clone(),
+            row_found: entry.row_found,
+            incarnation: entry.incarnation,
+        };
+        let found = match SlotName::new(token_key, field, with_user) {
+            Some(name) => self.state.lock().entries.get(name.as_str()).map(hit),
+            None => self.state.lock().entries.get(&slot(token_key, field, with_user)).map(hit),
+        };
+        if found.is_some() {
             PROCESS.bump(Counter::LocalHit);
         }
-        entry
+        found
     }
 
     /// A ticket for a fetch about to start, or None if nothing may be stored.
@@ -262,7 +303,7 @@ impl Local {
                 return;
             }
         }
-        let slot = Slot { token_key: token_key.to_owned(), field: field.to_owned(), with_user };
+        let slot = slot(token_key, field, with_user);
         // Replacing (two requests for one token missed together): unindex the previous entry
         // *before* indexing this one, which shares its keys.
         if let Some((_, previous)) = state.entries.remove(&slot) {

@@ -208,7 +208,7 @@ pub static PROCESS: Metrics = Metrics::new();
 
 /// Record the importing process as the owner of the counts (see `Metrics::claim`).
 pub fn init() {
-    PROCESS.claim(std::process::id());
+    PROCESS.claim(crate::process::id());
 }
 
 /// Each counter's name in `knox_redis.stats()` (and, below, the sums derived from them).
@@ -261,7 +261,7 @@ fn le(bucket: usize) -> String {
 /// "Metrics"). Gauges are the client's: `cache.metrics()` adds them.
 #[pyfunction]
 pub fn process_metrics(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    PROCESS.claim(std::process::id());
+    PROCESS.claim(crate::process::id());
     let counts = PROCESS.counts();
     let dict = PyDict::new(py);
     for (i, value) in counts.iter().enumerate() {
@@ -297,7 +297,7 @@ pub fn last_trip_kind() -> Option<&'static str> {
 /// Zero this process's counters: called in a forked child, which starts with its own.
 #[pyfunction]
 pub fn reset_metrics() {
-    PROCESS.reset(std::process::id());
+    PROCESS.reset(crate::process::id());
 }
 
 /// A client's view: the process's counters since the client was created, under the names

@@ -186,7 +186,7 @@ impl Pool {
     /// With `trusted_only` (lookups), fails at once, connecting to nothing, while the primary
     /// known is not trusted (`Connector::trusted`), and if the one connected to is not.
     pub fn checkout(&self, trusted_only: bool) -> RedisResult<Checkout> {
-        let pid = std::process::id();
+        let pid = crate::process::id();
         self.connector.refresh();
         if trusted_only {
             if let Route::Sentinel(resolver) = &self.connector.route {
@@ -244,7 +244,7 @@ impl Pool {
         let Checkout { conn, generation, server, .. } = checkout;
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { conn, pid: std::process::id(), generation, server });
+            idle.push(Idle { conn, pid: crate::process::id(), generation, server });
         }
     }
 

@@ -111,7 +111,7 @@ impl Listener {
             let (stop, hold, local) = (Arc::clone(&stop), Arc::clone(&hold), Arc::clone(&local));
             move || run(&connector, &prefix, &local, &stop, &hold)
         })?;
-        Ok(Listener { stop, hold, thread: Mutex::new(Some(thread)), owner_pid: std::process::id(), local })
+        Ok(Listener { stop, hold, thread: Mutex::new(Some(thread)), owner_pid: crate::process::id(), local })
     }
 
     /// Tests only: hold the thread before its next drain (true once it is held; false if it
@@ -130,7 +130,7 @@ impl Listener {
     pub fn stop(&self, wait: bool) {
         self.stop.store(true, Ordering::Release);
         // In a forked child the thread doesn't exist, and its handle's lock may be held.
-        if wait && std::process::id() == self.owner_pid {
+        if wait && crate::process::id() == self.owner_pid {
             if let Some(thread) = self.thread.lock().take() {
                 let _ = thread.join();
             }
