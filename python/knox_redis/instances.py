@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from django.db import router
+from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import Model
 from django.db.models.base import ModelState
 from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
@@ -61,20 +61,54 @@ def builder(model: type[Model], attnames: tuple[str, ...]) -> Builder:
     return Builder(model, attnames)
 
 
+def db_for_read(model: type[Model]) -> str:
+    """`router.db_for_read(model)`, skipping the router's own loop when there are no routers."""
+    return router.db_for_read(model) if router.routers else DEFAULT_DB_ALIAS
+
+
 def set_related(instance: Model, field_name: str, related: Model) -> None:
     """`instance.<field_name> = related`: for a many-to-one field whose columns already hold
     `related`'s key, only the related object cached on the instance, as the descriptor ends."""
-    field: Any = instance._meta.get_field(field_name)
-    data = instance.__dict__
+    relation = _relation(type(instance), field_name, type(related))
     if (
-        router.routers  # a router may refuse the relation
-        or not field.remote_field.multiple  # a one-to-one also caches the reverse side
-        or field.to_fields not in ([None], [related._meta.pk.name])  # a to_field: not the key
-        or data.get(field.attname) != related.pk
+        relation is None  # a one-to-one (it also caches the reverse side) or a to_field
+        or router.routers  # a router may refuse the relation
+        or instance.__dict__.get(relation.attname, _MISSING) != related.__dict__.get(relation.key, _MISSING)
     ):
         setattr(instance, field_name, related)
         return
-    field.set_cached_value(instance, related)
+    instance._state.fields_cache[relation.cache_name] = related  # Field.set_cached_value
+
+
+_MISSING = object()
+
+
+class _Relation:
+    __slots__ = ("attname", "cache_name", "key")
+
+    def __init__(self, attname: str, cache_name: str, key: str) -> None:
+        # The instance's column, where the related object is cached, the related's key column.
+        self.attname, self.cache_name, self.key = attname, cache_name, key
+
+
+@lru_cache(maxsize=64)
+def _relation(model: type[Model], field_name: str, related_model: type[Model]) -> _Relation | None:
+    """How `set_related` may take its shortcut for this relation, or None if it may not."""
+    field: Any = model._meta.get_field(field_name)
+    pk = related_model._meta.pk
+    if pk is None or not field.remote_field.multiple or field.to_fields not in ([None], [pk.name]):
+        return None
+    # Where the field caches its related object (`cache_name` from Django 5.1, before it
+    # `get_cache_name()`): asked of the field itself, on a bare state.
+    probe = _Probe()
+    field.set_cached_value(probe, None)
+    (cache_name,) = probe._state.fields_cache
+    return _Relation(field.attname, cache_name, pk.attname)
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self._state = ModelState()
 
 
 def _has_receivers(signal: ModelSignal, model: type[Model]) -> bool:
