@@ -12,6 +12,7 @@ use redis::io::tcp::TcpSettings;
 use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
 
 use crate::cluster::{self, Cluster, Redirect};
+use crate::decoded::Decoded;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::fanout::{fan_out, Routed};
 use crate::hashing::field_id;
@@ -96,6 +97,8 @@ pub struct TokenCache {
     /// `LOCAL_CACHE_SIZE`: lookup replies kept in this process, and the thread keeping them
     /// coherent.
     local: Option<Arc<Local>>,
+    /// Replies decoded before, and what they were built into (decoded.rs).
+    decoded: Decoded,
     listener: Option<Listener>,
     /// Sentinel: recent revocations, re-sent to a new primary (journal.rs).
     journal: Journal,
@@ -1073,6 +1076,7 @@ impl TokenCache {
             journal: Journal::default(),
             wait_ms: (io_timeout.as_millis() as u64 / 2).max(1),
             local,
+            decoded: Decoded::default(),
             listener,
             pool,
             prefix: key_prefix.to_owned(),
@@ -1121,6 +1125,7 @@ impl TokenCache {
         }
         let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
         let key = self.token_key_name(token_key);
+        let from_redis = cached.is_none();
         let (reply, incarnation, row_incarnation) = if let Some(entry) = cached {
             (entry.reply, entry.incarnation, entry.incarnation)
         } else {
@@ -1128,11 +1133,35 @@ impl TokenCache {
                 self.lookup_in_redis(py, &key, token_key, &id, create, with_user)?;
             (Arc::new(reply), incarnation, row_incarnation)
         };
-        let (decoded, user_key, row_found) =
-            self.decode_reply(py, &reply, token_key, &id, with_user, (incarnation, row_incarnation))?;
-        let result = match build {
-            Some(build) => build.call1(decoded)?.unbind(),
-            None => decoded.into_pyobject(py)?.into_any().unbind(),
+        let slot = (token_key, id.as_str(), with_user);
+        let incarnations = (incarnation, row_incarnation);
+        // The very reply decoded before (decoded.rs): what was built from it.
+        let seen =
+            build.filter(|_| from_redis && !create).and_then(|_| self.decoded.get(py, slot, &reply, incarnations));
+        let (result, user_key, row_found) = if let Some((built, user_key, row_found)) = seen {
+            PROCESS.bump(Counter::LookupHit);
+            if let Some(found) = row_found {
+                PROCESS.bump(if found { Counter::UserRowHit } else { Counter::UserRowMiss });
+            }
+            (built, Some(user_key), row_found)
+        } else {
+            let (decoded, user_key, row_found) =
+                self.decode_reply(py, &reply, token_key, &id, with_user, incarnations)?;
+            let result = match build {
+                Some(build) => build.call1(decoded)?.unbind(),
+                None => decoded.into_pyobject(py)?.into_any().unbind(),
+            };
+            if let (Some(_), true, false, Some(user_key)) = (build, from_redis, create, &user_key) {
+                self.decoded.keep(
+                    slot,
+                    Arc::clone(&reply),
+                    incarnations,
+                    result.clone_ref(py),
+                    user_key.clone(),
+                    row_found,
+                );
+            }
+            (result, user_key, row_found)
         };
         // Only found records are kept (a verified record names its user's key).
         if let (Some(local), Some(ticket), Some(user_key)) = (local, ticket, user_key) {
@@ -1497,6 +1526,7 @@ impl TokenCache {
         if let Some(local) = &self.local {
             local.dead();
         }
+        self.decoded.clear();
     }
 
     /// For tests only (not part of the API): hold the tracking listener's thread just before

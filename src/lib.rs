@@ -3,6 +3,7 @@
 mod breaker;
 mod client;
 mod cluster;
+mod decoded;
 mod errors;
 mod fanout;
 mod feed;
@@ -18,6 +19,7 @@ mod resp;
 #[cfg(test)]
 mod script_tests;
 mod sentinel;
+mod slot;
 mod tracking;
 mod user_row;
 

@@ -35,6 +35,7 @@ use pyo3::{Py, PyAny};
 use crate::feed::Feed;
 use crate::incarnation::Incarnation;
 use crate::metrics::{Counter, PROCESS};
+use crate::slot::{slot, Slot, SlotName};
 
 /// How long a heartbeat vouches for the listener: the worst-case delay before this process
 /// stops serving an entry that another process revoked.
@@ -67,38 +68,6 @@ pub struct Hit {
     pub built: Option<Arc<Py<PyAny>>>,
     pub row_found: Option<bool>,
     pub incarnation: Incarnation,
-}
-
-/// An entry's place: the field, whether the row came with it, and the `token_key`, in one
-/// string (`{field length}:{field}{0|1}{token_key}`: unambiguous for any field), so that a
-/// hit can look it up from a buffer on the stack (`SlotName`) without allocating.
-type Slot = String;
-
-fn slot(token_key: &str, field: &str, with_user: bool) -> Slot {
-    format!("{}:{field}{}{token_key}", field.len(), u8::from(with_user))
-}
-
-/// `slot(...)` written into a stack buffer, when it fits (always, for a token's own: a
-/// 32-character field id and a 15-character `token_key`).
-struct SlotName {
-    buf: [u8; 128],
-    len: usize,
-}
-
-impl SlotName {
-    fn new(token_key: &str, field: &str, with_user: bool) -> Option<Self> {
-        use std::io::Write;
-        let mut name = SlotName { buf: [0; 128], len: 0 };
-        let mut out = &mut name.buf[..];
-        write!(out, "{}:{field}{}{token_key}", field.len(), u8::from(with_user)).ok()?;
-        name.len = 128 - out.len();
-        Some(name)
-    }
-
-    fn as_str(&self) -> &str {
-        // Written from &strs and ASCII digits: always UTF-8.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
-    }
 }
 
 #[derive(Default)]
