@@ -52,10 +52,11 @@ local function read(key, field, generation_field, candidate, create)
     redis.call('HSET', key, generation_field, generation)
     -- The lease the fill must land within (a longer TTL is kept).
     if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease) end
-  elseif create and redis.call('PTTL', key) == -1 then
-    -- A key someone left without a TTL gets one: every key of ours ends up with one. (Nothing
-    -- else is written when nothing is created: every write is pushed to every in-process
-    -- cache, LOCAL_CACHE_SIZE, as an invalidation of this key.)
+  elseif create and not entry and redis.call('PTTL', key) == -1 then
+    -- A key someone left without a TTL gets one before a fill is expected: every key of ours
+    -- ends up with one. (One holding an entry had it from that entry's fill; a hit doesn't
+    -- ask. Nothing else is written when nothing is created: every write is pushed to every
+    -- in-process cache, LOCAL_CACHE_SIZE, as an invalidation of this key.)
     redis.call('PEXPIRE', key, lease)
   end
   return entry, generation
@@ -88,7 +89,19 @@ local function user_pk(record)
   pos = pos + 4
   local kind = math.floor(flags / 2) % 4
   if kind == 0 then
-    -- Exact for every i64: the zigzag varint in base-10^7 limbs (a double holds 2^53 only).
+    -- Up to 7 varint bytes (below 2^49, every key a sequence hands out): exact in a double.
+    local value, scale = 0, 1
+    for i = 0, 6 do
+      local b = string.byte(record, pos + i)
+      if not b then return nil end
+      value = value + (b % 128) * scale
+      if b < 128 then
+        if value % 2 == 0 then return string.format('%d', value / 2) end
+        return string.format('%d', -(value + 1) / 2)
+      end
+      scale = scale * 128
+    end
+    -- Longer: exact for every i64: the zigzag varint in base-10^7 limbs (a double holds 2^53 only).
     local groups = {}
     for i = 1, 10 do
       local b = string.byte(record, pos)
