@@ -52,11 +52,11 @@ local function read(key, field, generation_field, candidate, create)
     redis.call('HSET', key, generation_field, generation)
     -- The lease the fill must land within (a longer TTL is kept).
     if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease) end
-  elseif create and not entry and redis.call('PTTL', key) == -1 then
-    -- A key someone left without a TTL gets one before a fill is expected: every key of ours
-    -- ends up with one. (One holding an entry had it from that entry's fill; a hit doesn't
-    -- ask. Nothing else is written when nothing is created: every write is pushed to every
-    -- in-process cache, LOCAL_CACHE_SIZE, as an invalidation of this key.)
+  elseif create and redis.call('PTTL', key) == -1 then
+    -- A key someone left without a TTL (a PERSIST, a restore without one) gets one: every key
+    -- of ours ends up with one, even one whose entry is served for ever after. (Nothing
+    -- else is written when nothing is created: every write is pushed to every in-process
+    -- cache, LOCAL_CACHE_SIZE, as an invalidation of this key.)
     redis.call('PEXPIRE', key, lease)
   end
   return entry, generation
