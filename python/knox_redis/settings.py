@@ -455,9 +455,18 @@ knox_redis_settings = KnoxRedisSettings()
 
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
-    # USE_TZ and TIME_ZONE too: an in-process cache (LOCAL_CACHE_SIZE) keeps records as
-    # datetimes of the settings they were read under.
-    if setting in ("REST_KNOX_REDIS", "CACHES", "SECRET_KEY", "SECRET_KEY_FALLBACKS", "USE_TZ", "TIME_ZONE"):
+    # USE_TZ, TIME_ZONE and knox's own too: the client keeps what it built from replies
+    # (LOCAL_CACHE_SIZE's entries, the replies it decoded before), datetimes of the settings
+    # they were read under and records checked against knox's AUTO_REFRESH_MAX_TTL.
+    if setting in (
+        "REST_KNOX_REDIS",
+        "REST_KNOX",
+        "CACHES",
+        "SECRET_KEY",
+        "SECRET_KEY_FALLBACKS",
+        "USE_TZ",
+        "TIME_ZONE",
+    ):
         knox_redis_settings.reload()
         from knox_redis import cache
 
