@@ -111,6 +111,7 @@ bench: $(BIN)/maturin
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q --extras test
 	$(BIN)/python -m pip install -q "djangorestframework-simplejwt>=5.3" "django-cacheops>=7.2"  # the [bench] extra
 	$(BIN)/python bench/calls.py
+	$(BIN)/python bench/hit_breakdown.py
 	$(BIN)/python bench/revocation_delay.py
 	$(BIN)/python bench/logoutall.py
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)  # bench/http_ratio.py
