@@ -2,10 +2,12 @@
 call with the lookup replaced by the Lookup it returned (the Python side alone), with that
 Lookup plus a `PING` (one round trip in place), and the Lua script's own time in Redis
 (`INFO commandstats`, the incarnation check's `INFO` shown apart). Then the loopback round
-trip two ways, each a `PING` over a plain socket: waiting in `recv` (as every client here
-does) and polling without sleeping, to show what the process pays to be put to sleep and
-woken. A random one of 1,000 users' tokens per call, PostgreSQL when reachable (as bench.py),
-its own redis-server; knox's call is timed alongside, for the ratio.
+trip, each a `PING` over a plain socket: waiting in `recv` (as every client here does) and
+polling without sleeping, to show what the process pays to be put to sleep and woken; and,
+with redis-server held to one vCPU for the while, waiting in `recv` from that vCPU and from
+another (a wake-up across vCPUs goes through the hypervisor). A random one of 1,000 users'
+tokens per call, PostgreSQL when reachable (as bench.py), its own redis-server; knox's call
+is timed alongside, for the ratio.
 
     .venv/bin/python bench/hit_breakdown.py [--calls 3000] [--rounds 5]
 """
@@ -13,6 +15,7 @@ its own redis-server; knox's call is timed alongside, for the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import statistics
@@ -53,6 +56,22 @@ def ping_over_socket(port: int, calls_: int, *, sleep: bool) -> float:
                     pass
 
         return per_call(ping, range(calls_))
+
+
+def ping_from_cpu(server_pid: int, port: int, calls_: int, *, same: bool) -> float | None:
+    """A PING waiting in recv, redis-server held to one vCPU and this thread to the same one or
+    another; None on a single-CPU machine. Both affinities are restored."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    server_cpus, own_cpus = os.sched_getaffinity(server_pid), os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(server_pid, {cpus[-1]})
+        os.sched_setaffinity(0, {cpus[-1] if same else cpus[0]})
+        return ping_over_socket(port, calls_, sleep=True)
+    finally:
+        os.sched_setaffinity(0, own_cpus)
+        os.sched_setaffinity(server_pid, server_cpus)
 
 
 def main() -> None:
@@ -114,6 +133,11 @@ def main() -> None:
                 rows.setdefault("PING, socket, polling without sleeping", []).append(
                     ping_over_socket(server.port, args.calls, sleep=False)
                 )
+                assert server.process is not None
+                for same, name in ((True, "the same vCPU as redis-server"), (False, "another vCPU")):
+                    took = ping_from_cpu(server.process.pid, server.port, args.calls, same=same)
+                    if took is not None:
+                        rows.setdefault(f"PING, socket, waiting in recv, from {name}", []).append(took)
         print(f"{engine}, 1 thread, {args.rounds} rounds of {args.calls} calls; median (min-max) µs per call\n")
         print("| what | µs per call |")
         print("|---|---:|")
