@@ -78,6 +78,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        os.makedirs(self.dir, exist_ok=True)  # gone if stopped before (a fresh start)
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -113,10 +114,12 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM: with `--save ""`, nothing is kept) and remove its directory."""
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def restart(self) -> RedisServer:
         """Kill the server (SIGKILL: a crash, nothing saved on the way out) and start it again
