@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use pyo3::{Py, PyAny, Python};
 
 use crate::incarnation::Incarnation;
-use crate::slot::{slot, Slot, SlotName};
+use crate::slot::{find, slot, Slot};
 
 /// Tokens whose last decoded reply is kept, each with its Python objects (a couple of KB
 /// with a user row).
@@ -79,11 +79,7 @@ impl Decoded {
             (seen.incarnations == incarnations && seen.reply.as_slice() == reply)
                 .then(|| (seen.built.clone_ref(py), seen.user_key.clone(), seen.row_found))
         };
-        let state = self.state.lock();
-        match SlotName::new(token_key, field, with_user) {
-            Some(name) => state.entries.get(name.as_str()).and_then(same),
-            None => state.entries.get(&slot(token_key, field, with_user)).and_then(same),
-        }
+        find(&self.state.lock().entries, token_key, field, with_user).and_then(same)
     }
 
     /// Keep what `reply` (a found record's) was decoded into.

@@ -35,7 +35,7 @@ use pyo3::{Py, PyAny};
 use crate::feed::Feed;
 use crate::incarnation::Incarnation;
 use crate::metrics::{Counter, PROCESS};
-use crate::slot::{slot, Slot, SlotName};
+use crate::slot::{find, slot, Slot};
 
 /// How long a heartbeat vouches for the listener: the worst-case delay before this process
 /// stops serving an entry that another process revoked.
@@ -236,10 +236,7 @@ impl Local {
             row_found: entry.row_found,
             incarnation: entry.incarnation,
         };
-        let found = match SlotName::new(token_key, field, with_user) {
-            Some(name) => self.state.lock().entries.get(name.as_str()).map(hit),
-            None => self.state.lock().entries.get(&slot(token_key, field, with_user)).map(hit),
-        };
+        let found = find(&self.state.lock().entries, token_key, field, with_user).map(hit);
         if found.is_some() {
             PROCESS.bump(Counter::LocalHit);
         }
