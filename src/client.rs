@@ -9,9 +9,10 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString};
 use redis::io::tcp::TcpSettings;
-use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Script};
 
 use crate::cluster::{self, Cluster, Redirect};
+use crate::conn::Conn;
 use crate::decoded::Decoded;
 use crate::errors::{is_connectivity, Error, Result};
 use crate::fanout::{fan_out, Routed};
@@ -60,7 +61,7 @@ fn row_lookup(user_key: &str, candidate: &str, lease_ms: u64, create: bool, repl
 /// Cluster: before a command is sent after `ASKING` to a node that may never have run these
 /// scripts (redis-rs would load one after NOSCRIPT and send it again, without `ASKING`: the
 /// node would answer MOVED, back to where the slot still officially lives).
-fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
+fn load_scripts(conn: &mut Conn) -> RedisResult<()> {
     // One at a time (a pipeline would pay a hung node's timeout once per command).
     for source in [LOOKUP_SOURCE, FILL_SOURCE, CLAIM_SOURCE, INDEX_SOURCE] {
         redis::cmd("SCRIPT").arg("LOAD").arg(source).exec(conn)?;
@@ -447,20 +448,20 @@ impl TokenCache {
     /// Sentinel: refused, connecting to nothing, while the primary is not trusted (see
     /// `sentinel::TRUSTED_FOR`): what these calls read or write would be served from a node
     /// that may no longer be the primary (the caller falls back as when Redis is down).
-    fn call<T>(&self, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+    fn call<T>(&self, op: impl Fn(&mut Conn) -> RedisResult<T>) -> Result<T> {
         self.call_tagged(true, true, None, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
     /// Revocations pass `use_breaker = false`: they must always try (refusing a logout because
     /// an earlier lookup failed would turn a blip into a 503), and their success closes it.
-    fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
+    fn call_with<T>(&self, use_breaker: bool, op: impl Fn(&mut Conn) -> RedisResult<T>) -> Result<T> {
         self.call_tagged(use_breaker, false, None, |conn, _| op(conn)).map(|(value, _)| value)
     }
 
     /// `call` of a command on `key` (on a Cluster, sent to the primary serving its slot), with
     /// `op` told the incarnation of the server on the connection it runs on (each try: a retry
     /// after a restart goes to another one).
-    fn call_in<T>(&self, key: &str, op: impl Fn(&mut Connection, &Server) -> RedisResult<T>) -> Result<T> {
+    fn call_in<T>(&self, key: &str, op: impl Fn(&mut Conn, &Server) -> RedisResult<T>) -> Result<T> {
         self.call_tagged(true, true, Some(key), op).map(|(value, _)| value)
     }
 
@@ -471,7 +472,7 @@ impl TokenCache {
         use_breaker: bool,
         trusted_only: bool,
         key: Option<&str>,
-        op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
+        op: impl Fn(&mut Conn, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         // One observation per call that goes to Redis: connecting and the retry included.
         let started = Instant::now();
@@ -669,7 +670,7 @@ impl TokenCache {
         use_breaker: bool,
         trusted_only: bool,
         key: Option<&str>,
-        op: impl Fn(&mut Connection, &Server) -> RedisResult<T>,
+        op: impl Fn(&mut Conn, &Server) -> RedisResult<T>,
     ) -> Result<(T, u64)> {
         let mut retried = false;
         // Cluster: where a redirection sends the next try, and whether `ASKING` goes first.
@@ -964,7 +965,7 @@ impl TokenCache {
         tls = false, tls_ca_certs = None, key_prefix = "knox", connect_timeout = 0.2, socket_timeout = 0.2,
         breaker_cooldown = 2.0, max_idle = 32, lease_ms = 60_000, record_secret, record_fallback_secrets = Vec::new(),
         local_cache_size = 0, sentinels = Vec::new(), sentinel_service_name = None, sentinel_username = None,
-        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None, cluster_nodes = Vec::new()
+        sentinel_password = None, sentinel_tls = false, sentinel_tls_ca_certs = None, cluster_nodes = Vec::new(), busy_poll_us = 100
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -992,6 +993,7 @@ impl TokenCache {
         sentinel_tls: bool,
         sentinel_tls_ca_certs: Option<String>,
         cluster_nodes: Vec<(String, u16)>,
+        busy_poll_us: u64,
     ) -> PyResult<Self> {
         if !cluster_nodes.is_empty() {
             cluster::check_settings(!sentinels.is_empty() || unix_path.is_some(), db, local_cache_size, key_prefix)?;
@@ -1051,6 +1053,7 @@ impl TokenCache {
             max_idle,
             root_cert,
             sentinel,
+            busy_poll: Duration::from_micros(busy_poll_us),
         };
         let cluster = (!cluster_nodes.is_empty()).then(|| {
             let seeds = cluster_nodes
@@ -1457,7 +1460,7 @@ impl TokenCache {
         let Some((name, rest)) = args.split_first() else {
             return Err(Error::Invalid("a command needs a name".into()).into());
         };
-        let run = |conn: &mut Connection| {
+        let run = |conn: &mut Conn| {
             let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
             for arg in rest {
                 cmd.arg(arg);

@@ -251,12 +251,12 @@ fn timed_out(what: &'static str) -> RedisError {
     RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
 
-/// `pipe` on one connection, its replies read under `deadline` (redis-rs' own pipelines go on
-/// reading after a timeout: a socket timeout per command on a hung server). Stops at the
-/// first I/O error; a command's error reply is its result. The connection's socket timeout is
+/// `pipe` on one connection, all its replies read under `deadline` (a pipeline's own read
+/// gives each reply the socket timeout: a hung server would cost one per command). Stops at
+/// the first I/O error; a command's error reply is its result. The connection's socket timeout is
 /// set back to `io_timeout`.
 pub fn pipeline(
-    conn: &mut redis::Connection,
+    conn: &mut crate::conn::Conn,
     pipe: &redis::Pipeline,
     deadline: Instant,
     io_timeout: Duration,

@@ -28,8 +28,10 @@
 //! prefixes the generations handed to Python, so a fill is sent only over a connection to the
 //! incarnation its lookup (or claim) read.
 
-use redis::{Connection, RedisError, RedisResult};
+use redis::{RedisError, RedisResult};
 use sha2::{Digest, Sha256};
+
+use crate::conn::Conn;
 
 pub const INCARNATION_LEN: usize = 16;
 
@@ -102,9 +104,9 @@ pub fn is_role_changed(err: &RedisError) -> bool {
 }
 
 /// Ask the server on this new connection who it is (one round trip).
-pub fn learn(conn: &mut Connection) -> RedisResult<Server> {
-    // One command (its default sections hold both): redis-rs reads every reply of a pipeline
-    // even after a timeout, so two would cost a hung server two socket timeouts.
+pub fn learn(conn: &mut Conn) -> RedisResult<Server> {
+    // One command (its default sections hold both): one round trip, one socket timeout at
+    // most on a hung server.
     let info: String = redis::cmd("INFO").query(conn).map_err(|err| {
         if crate::errors::is_connectivity(&err) {
             err

@@ -24,9 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::{Cmd, Connection, RedisResult};
+use redis::{Cmd, RedisResult};
 
 use crate::client::REVOKE;
+use crate::conn::Conn;
 use crate::fanout::pipeline;
 
 /// How long after a revocation the sentinels must still name its primary before it is
@@ -58,17 +59,17 @@ pub struct Revocation {
 
 impl Revocation {
     /// `(records deleted, the user rows' tombstone, replicas online)` (revoke.lua).
-    pub fn invoke(&self, conn: &mut Connection) -> RedisResult<(i64, String, i64)> {
+    pub fn invoke(&self, conn: &mut Conn) -> RedisResult<(i64, String, i64)> {
         self.invoke_lifting(conn, &self.lift)
     }
 
     /// Sent again to a new primary: the same revocation, lifting no tombstone (a lift is
     /// only ever right once, just after the write it guarded committed).
-    pub fn replay(&self, conn: &mut Connection) -> RedisResult<()> {
+    pub fn replay(&self, conn: &mut Conn) -> RedisResult<()> {
         self.invoke_lifting(conn, "").map(|_: (i64, String, i64)| ())
     }
 
-    fn invoke_lifting(&self, conn: &mut Connection, lift: &str) -> RedisResult<(i64, String, i64)> {
+    fn invoke_lifting(&self, conn: &mut Conn, lift: &str) -> RedisResult<(i64, String, i64)> {
         let mut invocation = REVOKE.prepare_invoke();
         invocation.key(&self.keys);
         invocation.arg(self.n).arg(self.tombstone_ms).arg(&self.seed).arg(&self.prefix).arg(self.pairs).arg(lift);
@@ -89,7 +90,7 @@ impl Revocation {
 /// Re-send `calls` on `conn`, pipelined (see `BATCH_CALLS`). A connection error stops it; a
 /// call the server refuses is dropped (sending it again won't help), except NOSCRIPT (the
 /// scripts were flushed meanwhile): the script is loaded again and the batch re-sent once.
-fn replay_all(conn: &mut Connection, calls: &[Arc<Revocation>], io_timeout: Duration) -> RedisResult<()> {
+fn replay_all(conn: &mut Conn, calls: &[Arc<Revocation>], io_timeout: Duration) -> RedisResult<()> {
     if calls.is_empty() {
         return Ok(());
     }
@@ -174,7 +175,7 @@ impl Journal {
     /// the server refuses is dropped, not tried for ever. A call that finds another's
     /// catch-up in progress waits for it at most `wait`, then fails as if Redis were
     /// unreachable (its connection is not used before the catch-up is done).
-    pub fn catch_up(&self, conn: &mut Connection, generation: u64, wait: Duration) -> RedisResult<()> {
+    pub fn catch_up(&self, conn: &mut Conn, generation: u64, wait: Duration) -> RedisResult<()> {
         if generation <= self.caught_up.load(Ordering::Acquire) {
             return Ok(());
         }

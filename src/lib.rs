@@ -1,8 +1,10 @@
 //! Native core of django-rest-knox-redis. Wiring only: each concern lives in its own module.
 
 mod breaker;
+mod busy_poll;
 mod client;
 mod cluster;
+mod conn;
 mod decoded;
 mod errors;
 mod fanout;
@@ -20,6 +22,7 @@ mod resp;
 mod script_tests;
 mod sentinel;
 mod slot;
+mod stream;
 mod tracking;
 mod user_row;
 

