@@ -9,17 +9,51 @@
 //! it polls only while it pays: `MISSES` waits in a row that outlast the window (a Redis
 //! across a network, a loaded server) turn polling off for the next `REST` waits, then one
 //! wait tries again. Between two reads it yields the CPU (`sched_yield`), so a redis-server
-//! or another thread sharing the vCPU runs first. 0 turns it off: every wait sleeps.
+//! or another thread sharing the vCPU runs first. And at most half the CPUs (at least one)
+//! poll at once in a process: the others sleep, so polling threads can't crowd out the ones
+//! with work, nor a redis-server on the same host. 0 turns it off: every wait sleeps.
 //!
-//! Shared by the connections of one pool (one server); fork-safe (atomics only).
+//! The back-off is shared by the connections of one pool (one server); fork-safe (atomics,
+//! and a forked child's count of polling threads starts at 0: `process.rs`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 /// Consecutive waits that outlasted the window before polling rests.
 const MISSES: u32 = 4;
 /// Waits that sleep at once while polling rests.
 const REST: u32 = 1024;
+
+/// Threads of this process polling now, and how many may.
+static POLLING: AtomicUsize = AtomicUsize::new(0);
+static MAX_POLLING: LazyLock<usize> =
+    LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)));
+
+/// A forked child: the threads that were polling in the parent don't exist here.
+/// Async-signal-safe (one atomic store), for the `pthread_atfork` child handler.
+pub fn forked() {
+    POLLING.store(0, Ordering::Relaxed);
+}
+
+/// One thread's turn to poll; given back when dropped.
+pub struct Turn(&'static AtomicUsize);
+
+impl Turn {
+    fn take(polling: &'static AtomicUsize, max: usize) -> Option<Turn> {
+        polling
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Turn(polling))
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // Saturating: a count reset by `forked` may meet a turn taken before.
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
 
 pub struct BusyPoll {
     window: Duration,
@@ -34,18 +68,19 @@ impl BusyPoll {
         BusyPoll { window, misses: AtomicU32::new(0), resting: AtomicU32::new(0) }
     }
 
-    /// How long the next wait may poll before it sleeps (zero: sleep at once).
-    pub fn window(&self) -> Duration {
+    /// May the next wait poll, and for how long? None: it sleeps at once (off, resting, or
+    /// as many threads polling as may).
+    pub fn start(&self) -> Option<(Duration, Turn)> {
         if self.window.is_zero() {
-            return Duration::ZERO;
+            return None;
         }
         let resting = self.resting.load(Ordering::Relaxed);
         if resting > 0 {
             // Racy by design: two threads may both take one; either way it ends.
             self.resting.store(resting - 1, Ordering::Relaxed);
-            return Duration::ZERO;
+            return None;
         }
-        self.window
+        Turn::take(&POLLING, *MAX_POLLING).map(|turn| (self.window, turn))
     }
 
     /// A polled wait ended with the reply (`caught`) or ran out of window and slept.
@@ -71,25 +106,36 @@ mod tests {
     #[test]
     fn zero_never_polls() {
         let off = BusyPoll::new(Duration::ZERO);
-        assert!(off.window().is_zero());
+        assert!(off.start().is_none());
     }
 
     #[test]
     fn polling_rests_after_misses_in_a_row_then_tries_again() {
         let poll = BusyPoll::new(Duration::from_micros(100));
         for _ in 0..MISSES - 1 {
-            assert_eq!(poll.window(), Duration::from_micros(100));
+            assert_eq!(poll.start().map(|(window, _)| window), Some(Duration::from_micros(100)));
             poll.polled(false);
         }
         poll.polled(true); // a catch resets the streak
         for _ in 0..MISSES {
-            assert!(!poll.window().is_zero());
+            assert!(poll.start().is_some());
             poll.polled(false);
         }
         assert!(poll.resting());
         for _ in 0..REST {
-            assert!(poll.window().is_zero());
+            assert!(poll.start().is_none());
         }
-        assert_eq!(poll.window(), Duration::from_micros(100));
+        assert!(poll.start().is_some());
+    }
+
+    #[test]
+    fn no_more_threads_poll_at_once_than_may() {
+        static POLLING_HERE: AtomicUsize = AtomicUsize::new(0);
+        let turns: Vec<Turn> = (0..3).filter_map(|_| Turn::take(&POLLING_HERE, 2)).collect();
+        assert_eq!(turns.len(), 2);
+        drop(turns);
+        assert_eq!(POLLING_HERE.load(Ordering::Relaxed), 0);
+        let _turn = Turn::take(&POLLING_HERE, 2).expect("a turn given back is free again");
+        POLLING_HERE.store(0, Ordering::Relaxed); // as `forked` does
     }
 }

@@ -8,14 +8,15 @@
 //!
 //! The rules that keep a connection's replies matched to its commands:
 //! - a reply's deadline is the read timeout from when its read began (redis-rs bounds each
-//!   `recv`; this bounds the reply);
+//!   `recv`; this bounds the reply, however it trickles in);
 //! - any error but an error reply (I/O, a timeout, a malformed reply) closes the connection
 //!   for good (`is_open` turns false, and the pool drops it): a late reply is never read as
-//!   the next command's;
+//!   the next command's. A caller that stops reading replies it is owed (a deadline of its
+//!   own) says so with `abandon`, which closes it the same way;
 //! - bytes read past a complete reply are kept for the next (RESP2 sends none unasked).
 //!
-//! The handshake: `AUTH` (the URL's credentials) and `SELECT` (its database), sent at once,
-//! within the connect timeout. Never RESP3.
+//! The handshake: `AUTH` (the URL's credentials) and `SELECT` (its database), sent at once;
+//! connecting, TLS and these replies all within one connect timeout. Never RESP3.
 
 use std::cell::Cell;
 use std::io;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use redis::{ConnectionInfo, ConnectionLike, RedisError, RedisResult, Value};
 use rustls::ClientConfig;
 
-use crate::busy_poll::BusyPoll;
+use crate::busy_poll::{BusyPoll, Turn};
 use crate::resp;
 use crate::stream::{self, Stream, CHUNK};
 
@@ -45,11 +46,14 @@ pub struct Conn {
 enum Waiting {
     /// Nothing was missing yet.
     NotYet,
-    /// Polling the socket until then.
-    Polling(Instant),
+    /// Polling the socket until then, on this thread's turn (held, given back when dropped).
+    Polling { until: Instant, _turn: Turn },
     /// Sleeping in `poll()` (the window ran out, or there was none).
     Sleeping,
 }
+
+/// A buffer grown past this by a large reply is shrunk back once it is read.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 impl Conn {
     pub fn open(
@@ -59,6 +63,7 @@ impl Conn {
         io_timeout: Duration,
         busy_poll: Arc<BusyPoll>,
     ) -> RedisResult<Conn> {
+        let deadline = Instant::now() + connect_timeout;
         let stream = Stream::connect(info, tls, connect_timeout, io_timeout)?;
         stream.set_nonblocking(true)?;
         let settings = info.redis_settings();
@@ -66,8 +71,8 @@ impl Conn {
             stream,
             buf: Vec::new(),
             scratch: vec![0; CHUNK],
-            read_timeout: Cell::new(connect_timeout),
-            write_timeout: connect_timeout,
+            read_timeout: Cell::new(io_timeout),
+            write_timeout: io_timeout,
             db: settings.db(),
             open: true,
             busy_poll,
@@ -85,13 +90,11 @@ impl Conn {
         }
         if !handshake.is_empty() {
             let packed: Vec<u8> = handshake.iter().flat_map(|(_, cmd)| cmd.get_packed_command()).collect();
-            conn.send_packed_command(&packed)?;
+            conn.send_by(&packed, deadline)?;
             for (name, _) in &handshake {
-                conn.recv_response().and_then(Value::extract_error).map_err(|e| refused(name, e))?;
+                conn.reply_by(deadline).and_then(Value::extract_error).map_err(|e| refused(name, e))?;
             }
         }
-        conn.read_timeout.set(io_timeout);
-        conn.write_timeout = io_timeout;
         Ok(conn)
     }
 
@@ -103,22 +106,35 @@ impl Conn {
     }
 
     pub fn send_packed_command(&mut self, cmd: &[u8]) -> RedisResult<()> {
-        if !self.open {
-            return Err(closed());
-        }
-        let deadline = Instant::now().checked_add(self.write_timeout);
-        let sent = match deadline {
-            Some(deadline) => self.stream.send_within(cmd, deadline),
-            None => self.stream.send_within(cmd, far_future()),
-        };
-        sent.map_err(|err| self.failed(err.into()))
+        self.send_by(cmd, deadline_after(self.write_timeout))
     }
 
     pub fn recv_response(&mut self) -> RedisResult<Value> {
+        self.reply_by(deadline_after(self.read_timeout.get()))
+    }
+
+    /// The caller won't read the replies this connection is still owed (its own deadline
+    /// passed): it is closed, never pooled again.
+    pub fn abandon(&mut self) {
+        self.open = false;
+    }
+
+    fn send_by(&mut self, bytes: &[u8], deadline: Instant) -> RedisResult<()> {
         if !self.open {
             return Err(closed());
         }
-        self.read_reply().map_err(|err| self.failed(err))
+        self.stream.send_within(bytes, deadline).map_err(|err| self.failed(err.into()))
+    }
+
+    fn reply_by(&mut self, deadline: Instant) -> RedisResult<Value> {
+        if !self.open {
+            return Err(closed());
+        }
+        let reply = self.read_reply(deadline).map_err(|err| self.failed(err));
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+        reply
     }
 
     fn failed(&mut self, err: RedisError) -> RedisError {
@@ -126,19 +142,23 @@ impl Conn {
         err
     }
 
-    fn read_reply(&mut self) -> RedisResult<Value> {
-        let deadline = Instant::now().checked_add(self.read_timeout.get()).unwrap_or_else(far_future);
+    fn read_reply(&mut self, deadline: Instant) -> RedisResult<Value> {
         let mut waiting = Waiting::NotYet;
+        // Scanned again only when bytes came (a large reply arrives in many reads).
+        let mut fresh = true;
         loop {
-            let complete = resp::frame_len(&self.buf)
-                .map_err(|e| RedisError::from((redis::ErrorKind::UnexpectedReturnType, "connection", e.to_string())))?;
-            if let Some(len) = complete {
-                let value = redis::parse_redis_value(&self.buf[..len])?;
-                self.buf.drain(..len);
-                if let Waiting::Polling(_) = waiting {
-                    self.busy_poll.polled(true);
+            if fresh {
+                if let Some(value) = self.parse()? {
+                    if let Waiting::Polling { .. } = waiting {
+                        self.busy_poll.polled(true);
+                    }
+                    return Ok(value);
                 }
-                return Ok(value);
+                fresh = false;
+                // A reply that keeps trickling in never waits: bound it here too.
+                if Instant::now() >= deadline {
+                    return Err(stream::timed_out_reading());
+                }
             }
             match self.stream.receive(&mut self.buf, &mut self.scratch) {
                 Ok(0) => {
@@ -147,7 +167,7 @@ impl Conn {
                         "connection closed by the server",
                     )))
                 }
-                Ok(_) => {}
+                Ok(_) => fresh = true,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     waiting = self.wait(waiting, deadline)?;
                 }
@@ -157,23 +177,34 @@ impl Conn {
         }
     }
 
+    /// The complete reply at the start of the buffer, taken out of it; None if there isn't one yet.
+    fn parse(&mut self) -> RedisResult<Option<Value>> {
+        let complete = resp::frame_len(&self.buf)
+            .map_err(|e| RedisError::from((redis::ErrorKind::UnexpectedReturnType, "connection", e.to_string())))?;
+        let Some(len) = complete else { return Ok(None) };
+        let value = redis::parse_redis_value(&self.buf[..len])?;
+        self.buf.drain(..len);
+        Ok(Some(value))
+    }
+
     /// Nothing more to read yet: poll again (yielding the CPU first), or sleep until the
-    /// socket is readable.
+    /// socket is readable. Never past `deadline`.
     fn wait(&self, waiting: Waiting, deadline: Instant) -> RedisResult<Waiting> {
         let now = Instant::now();
         let waiting = match waiting {
-            Waiting::NotYet => match self.busy_poll.window() {
-                window if window.is_zero() => Waiting::Sleeping,
-                window => Waiting::Polling(now + window),
+            Waiting::NotYet => match self.busy_poll.start() {
+                Some((window, turn)) => Waiting::Polling { until: (now + window).min(deadline), _turn: turn },
+                None => Waiting::Sleeping,
             },
-            Waiting::Polling(until) if now >= until => {
+            // The turn is given back here, as the wait goes to sleep.
+            Waiting::Polling { until, .. } if now >= until => {
                 self.busy_poll.polled(false);
                 Waiting::Sleeping
             }
             other => other,
         };
         match waiting {
-            Waiting::Polling(_) => {
+            Waiting::Polling { .. } => {
                 // SAFETY: no arguments; it only lets another runnable thread go first.
                 unsafe { libc::sched_yield() };
             }
@@ -240,9 +271,10 @@ fn closed() -> RedisError {
     RedisError::from(io::Error::new(io::ErrorKind::NotConnected, "the connection was closed after an error"))
 }
 
-/// A deadline for a timeout too long to add to now (`None`, `Duration::MAX`): a year on.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+/// Now plus `timeout`; a year on for a timeout too long to add (`None`, `Duration::MAX`).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 #[cfg(test)]
@@ -311,6 +343,37 @@ mod tests {
         redis.write_all(b"+LATE\r\n").expect("the late reply");
         let err = ping(&mut conn).expect_err("a closed connection sends nothing");
         assert!(crate::errors::is_connectivity(&err), "{err}");
+    }
+
+    #[test]
+    fn a_reply_that_keeps_trickling_in_is_bounded_by_its_deadline() {
+        let (mut conn, mut redis) = over_pair(Duration::from_millis(30), Duration::from_micros(100));
+        let server = std::thread::spawn(move || {
+            let _ = redis.write_all(b"$100000\r\n");
+            for _ in 0..200 {
+                // A byte every 2 ms: never silent long enough for a socket timeout per read.
+                if redis.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let started = Instant::now();
+        let err = ping(&mut conn).expect_err("the reply never completes");
+        assert!(err.is_timeout(), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(!conn.is_open());
+        drop(conn);
+        server.join().expect("the server thread");
+    }
+
+    #[test]
+    fn an_abandoned_connection_is_never_used_again() {
+        let (mut conn, _redis) = over_pair(Duration::from_secs(5), Duration::ZERO);
+        conn.send_packed_command(b"*1\r\n$4\r\nPING\r\n").expect("sent");
+        conn.abandon(); // its reply is owed
+        assert!(!conn.is_open());
+        assert!(ping(&mut conn).is_err());
     }
 
     #[test]

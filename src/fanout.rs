@@ -230,6 +230,7 @@ impl Round<'_> {
 fn read(checkout: &mut Checkout, deadline: Instant) -> RedisResult<Value> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
+        checkout.conn.abandon(); // replies still owed: never pooled again
         return Err(timed_out("the cluster's replies did not come within the revocation's deadline"));
     }
     checkout.conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
@@ -266,6 +267,7 @@ pub fn pipeline(
     for _ in 0..pipe.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            conn.abandon(); // replies still owed: never pooled again
             return Err(timed_out("the pipeline's replies did not come within its deadline"));
         }
         conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;

@@ -194,7 +194,8 @@ impl Journal {
             kept.entries.iter().filter(|e| e.generation < generation).map(|e| Arc::clone(&e.call)).collect()
         };
         if let Err(err) = replay_all(conn, &pending, wait) {
-            if crate::errors::is_connectivity(&err) {
+            // A connection closed by the failure (a malformed reply) can't go on either.
+            if crate::errors::is_connectivity(&err) || !redis::ConnectionLike::is_open(conn) {
                 return Err(err);
             }
             // Refused as a whole (not a connectivity problem): sending it again won't help.

@@ -16,8 +16,9 @@ static PID: AtomicU32 = AtomicU32::new(0);
 static REGISTERED: Once = Once::new();
 
 extern "C" fn in_child() {
-    // Async-signal-safe: one system call and one atomic store.
+    // Async-signal-safe: one system call and atomic stores.
     PID.store(std::process::id(), Ordering::Release);
+    crate::busy_poll::forked();
 }
 
 /// Called when the module loads (and by `id` itself, should anything run before that).

@@ -119,8 +119,8 @@ pub fn round_trip(
     io_timeout: Duration,
 ) -> RedisResult<Vec<Value>> {
     let packed: Vec<u8> = commands.iter().flat_map(|(_, cmd)| cmd.get_packed_command()).collect();
-    stream.send(&packed)?;
     let deadline = Instant::now() + io_timeout;
+    stream.send_within(&packed, deadline)?;
     let mut replies = Vec::with_capacity(commands.len());
     for (name, _) in commands {
         let reply = read_reply(stream, buf, deadline).and_then(Value::extract_error).map_err(|e| context(name, e))?;
@@ -155,6 +155,15 @@ pub fn read_reply(stream: &mut Stream, buf: &mut Vec<u8>, deadline: Instant) -> 
 /// What is left until `deadline`; a timeout error once it has passed.
 pub fn left(deadline: Instant) -> RedisResult<Duration> {
     deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(timed_out)
+}
+
+/// A reply that didn't come within its deadline.
+pub fn timed_out_reading() -> RedisError {
+    RedisError::from(no_reply())
+}
+
+fn no_reply() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no reply within the socket timeout")
 }
 
 pub fn timed_out() -> RedisError {
@@ -220,21 +229,6 @@ impl Stream {
         }
     }
 
-    /// Blocking (handshake only).
-    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            Stream::Tcp(sock) => sock.write_all(bytes),
-            Stream::Unix(sock) => sock.write_all(bytes),
-            Stream::Tls(tls) => {
-                tls.conn.writer().write_all(bytes)?;
-                while tls.conn.wants_write() {
-                    tls.conn.write_tls(&mut tls.sock)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
     /// Send all of `bytes` by `deadline`, on a blocking or a non-blocking socket (waiting in
     /// `poll()` while it takes nothing). TLS: rustls takes the plaintext, then its records go.
     pub fn send_within(&mut self, bytes: &[u8], deadline: Instant) -> io::Result<()> {
@@ -243,16 +237,29 @@ impl Stream {
             Stream::Tcp(sock) => write_within(sock, fd, bytes, deadline),
             Stream::Unix(sock) => write_within(sock, fd, bytes, deadline),
             Stream::Tls(tls) => {
-                tls.conn.writer().write_all(bytes)?;
-                while tls.conn.wants_write() {
-                    match tls.conn.write_tls(&mut tls.sock) {
-                        Ok(_) => {}
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => wait_until(fd, libc::POLLOUT, deadline)?,
-                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                        Err(err) => return Err(err),
+                let mut rest = bytes;
+                loop {
+                    // rustls takes at most 64 KiB of plaintext before its records are sent:
+                    // what it takes, then its records, until all of it is out.
+                    let taken = tls.conn.writer().write(rest)?;
+                    rest = &rest[taken..];
+                    if taken == 0 && !tls.conn.wants_write() {
+                        return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
+                    }
+                    while tls.conn.wants_write() {
+                        match tls.conn.write_tls(&mut tls.sock) {
+                            Ok(_) => {}
+                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                                wait_until(fd, libc::POLLOUT, deadline)?;
+                            }
+                            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    if rest.is_empty() {
+                        return Ok(());
                     }
                 }
-                Ok(())
             }
         }
     }
@@ -319,7 +326,7 @@ fn write_within(sock: &mut impl Write, fd: RawFd, mut bytes: &[u8], deadline: In
 pub fn wait_until(fd: RawFd, events: libc::c_short, deadline: Instant) -> io::Result<()> {
     loop {
         let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no reply within the socket timeout"));
+            return Err(no_reply());
         };
         // Rounded up: a wait of less than a millisecond must not be a zero-timeout poll.
         let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);

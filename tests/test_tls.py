@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 import ssl
@@ -256,3 +257,17 @@ def test_sentinel_over_tls(tls_server, settings, client, make_token, tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_commands_and_replies_larger_than_tls_buffers(tls_server, settings):
+    """rustls takes at most 64 KiB of plaintext before its records go out: a larger command
+    (a logoutall of hundreds of tokens, a Sentinel catch-up) is sent in turns, not refused."""
+    port, ca = tls_server
+    settings.REST_KNOX_REDIS = {
+        **settings.REST_KNOX_REDIS,
+        "REDIS_URL": f"rediss://localhost:{port}/0?ssl_ca_certs={ca}",
+    }
+    big = secrets.token_bytes(300_000)
+    cache.redis_command("SET", "knox:big", big)
+    assert cache.redis_command("GET", "knox:big") == big
+    assert cache.get_client().stats()["errors"] == 0
