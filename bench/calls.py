@@ -197,10 +197,12 @@ def knox_redis_settings_of(scenario: Scenario) -> Iterator[None]:
     default = settings.REST_KNOX_REDIS
     settings.REST_KNOX_REDIS = {**default, **scenario.knox_redis}
     knox_redis_settings.reload()
+    # A client built with this scenario's settings (those the native client takes, such as
+    # BUSY_POLL_US and LOCAL_CACHE_SIZE, apply to a new one only).
+    cache.reset_client()
     local = bool(scenario.knox_redis.get("LOCAL_CACHE_SIZE"))
     try:
         if local:  # a client with an in-process cache: live, then warm
-            cache.reset_client()
             deadline = time.monotonic() + 10
             while not cache.get_client().local_cache_live:
                 assert time.monotonic() < deadline, "the tracking listener never went live"
@@ -211,8 +213,7 @@ def knox_redis_settings_of(scenario: Scenario) -> Iterator[None]:
     finally:
         settings.REST_KNOX_REDIS = default
         knox_redis_settings.reload()
-        if local:
-            cache.reset_client()
+        cache.reset_client()
 
 
 def _request(scenario: Scenario, token: str) -> Any:

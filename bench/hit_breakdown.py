@@ -1,13 +1,13 @@
-"""Where a USER_CACHE hit's time goes, in one run: the whole `authenticate()` call, the same
-call with the lookup replaced by the Lookup it returned (the Python side alone), with that
-Lookup plus a `PING` (one round trip in place), and the Lua script's own time in Redis
-(`INFO commandstats`, the incarnation check's `INFO` shown apart). Then the loopback round
-trip, each a `PING` over a plain socket: waiting in `recv` (as every client here does) and
-polling without sleeping, to show what the process pays to be put to sleep and woken; and,
-with redis-server held to one vCPU for the while, waiting in `recv` from that vCPU and from
-another (a wake-up across vCPUs goes through the hypervisor). A random one of 1,000 users'
-tokens per call, PostgreSQL when reachable (as bench.py), its own redis-server; knox's call
-is timed alongside, for the ratio.
+"""Where a USER_CACHE hit's time goes, in one run: the whole `authenticate()` call (and the
+same with BUSY_POLL_US=0: every reply waited for asleep), the same call with the lookup
+replaced by the Lookup it returned (the Python side alone), with that Lookup plus a `PING`
+(one round trip in place), and the Lua script's own time in Redis (`INFO commandstats`, the
+incarnation check's `INFO` shown apart). Then the loopback round trip, each a `PING` over a
+plain socket: waiting in `recv` and polling without sleeping, to show what the process pays
+to be put to sleep and woken; and, with redis-server held to one vCPU for the while, waiting
+in `recv` from that vCPU and from another (a wake-up across vCPUs goes through the
+hypervisor). A random one of 1,000 users' tokens per call, PostgreSQL when reachable (as
+bench.py), its own redis-server; knox's call is timed alongside, for the ratio.
 
     .venv/bin/python bench/hit_breakdown.py [--calls 3000] [--rounds 5]
 """
@@ -21,7 +21,8 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,28 @@ def per_call(fn: Callable[[Any], Any], items: Iterable[Any]) -> float:
     for item in items:
         fn(item)
     return (time.perf_counter_ns() - started) / len(items) / 1000
+
+
+@contextmanager
+def busy_poll_off() -> Iterator[None]:
+    """The current settings with BUSY_POLL_US=0, on a client of their own (warmed)."""
+    from django.conf import settings
+
+    from knox_redis import cache
+    from knox_redis.settings import knox_redis_settings
+
+    before = settings.REST_KNOX_REDIS
+    settings.REST_KNOX_REDIS = {**before, "BUSY_POLL_US": 0}
+    knox_redis_settings.reload()
+    cache.reset_client()
+    try:
+        cache.get_client().ping()
+        yield
+    finally:
+        settings.REST_KNOX_REDIS = before
+        knox_redis_settings.reload()
+        cache.reset_client()
+        cache.get_client().ping()
 
 
 def ping_over_socket(port: int, calls_: int, *, sleep: bool) -> float:
@@ -112,6 +135,11 @@ def main() -> None:
                 conn.config_resetstat()
                 rows.setdefault("USER_CACHE hit: authenticate()", []).append(per_call(ours.auth.authenticate, requests))
                 stats = conn.info("commandstats")
+                with busy_poll_off():
+                    per_call(ours.auth.authenticate, requests)  # warm, as the row above is
+                    rows.setdefault("  the same, BUSY_POLL_US=0 (asleep for the reply)", []).append(
+                        per_call(ours.auth.authenticate, requests)
+                    )
                 rows.setdefault("  the lookup script, in Redis", []).append(stats["cmdstat_evalsha"]["usec_per_call"])
                 info = stats.get("cmdstat_info", {}).get("usec_per_call", 0.0)
                 rows.setdefault("    of which its INFO (incarnation check)", []).append(info)
