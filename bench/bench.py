@@ -573,7 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--only", metavar="TEXT", help="run only the scenarios whose name contains TEXT")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the requests are split into")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the requests are split into")
     args = parser.parse_args(argv)
     try:
         args.threads = [int(t) for t in args.threads.split(",")]

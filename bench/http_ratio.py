@@ -6,7 +6,7 @@ authentication leaves. The ceiling (an authentication class that builds its obje
 dict) shows what the HTTP stack alone costs, and the noise. Modes take turns in interleaved
 rounds; each ratio is the median over them, with its spread.
 
-    .venv/bin/python bench/http_ratio.py [--rounds 3] [--seconds 5] [--db auto]
+    .venv/bin/python bench/http_ratio.py [--rounds 5] [--seconds 5] [--db auto]
 
 Needs `wrk` (Debian's package) and gunicorn (the test extra); `make bench` installs both.
 """
@@ -86,7 +86,7 @@ def wrk(url: str, seconds: float, script: Path, tokens: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto")
     args = parser.parse_args()
