@@ -411,7 +411,6 @@ impl TokenCache {
             }
             return Ok(((None, generation, None, None), None, None));
         };
-        PROCESS.bump(Counter::LookupHit);
         let (mut row, mut row_generation_py, mut row_found) = (None, None, None);
         // The row counts only under the user key the verified record names: the script named
         // it from bytes it could not authenticate.
@@ -422,10 +421,10 @@ impl TokenCache {
                 Some(stored) => self.user_row_to_py(py, &stored, &name, row_incarnation)?,
                 None => None,
             };
-            PROCESS.bump(if row.is_some() { Counter::UserRowHit } else { Counter::UserRowMiss });
             row_generation_py = row_generation.map(|g| PyBytes::new(py, &row_incarnation.prefix(&g)).unbind());
             row_found = Some(row.is_some());
         }
+        counted_hit(row_found);
         let user_pk = user_pk_to_py(py, record.user_pk)?;
         let tuple = (user_pk, record.created_us, record.expiry_us, record.fresh_until_us);
         let record = Some(tuple.into_pyobject(py)?.into_any().unbind());
@@ -801,6 +800,15 @@ impl TokenCache {
     }
 }
 
+/// A verified record served (from Redis, a kept reply, or the in-process cache), and with
+/// `USER_CACHE` whether its user's row came with it.
+fn counted_hit(row_found: Option<bool>) {
+    PROCESS.bump(Counter::LookupHit);
+    if let Some(found) = row_found {
+        PROCESS.bump(if found { Counter::UserRowHit } else { Counter::UserRowMiss });
+    }
+}
+
 fn user_pk_from_py(value: &Bound<'_, PyAny>) -> PyResult<UserPk> {
     if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() {
         // Beyond i64 (a Decimal-like big key): keep its digits; Django's to_python reads them back.
@@ -1120,10 +1128,7 @@ impl TokenCache {
         let local = self.local.as_deref().filter(|local| !create && local.follows(self.pool.generation()));
         let cached = local.and_then(|local| local.get(token_key, &id, with_user));
         if let (Some(Hit { built: Some(built), row_found, .. }), Some(_)) = (&cached, build) {
-            PROCESS.bump(Counter::LookupHit);
-            if let Some(found) = row_found {
-                PROCESS.bump(if *found { Counter::UserRowHit } else { Counter::UserRowMiss });
-            }
+            counted_hit(*row_found);
             return Ok(built.clone_ref(py));
         }
         let ticket = if cached.is_none() { local.and_then(Local::ticket) } else { None };
@@ -1142,10 +1147,7 @@ impl TokenCache {
         let seen =
             build.filter(|_| from_redis && !create).and_then(|_| self.decoded.get(py, slot, &reply, incarnations));
         let (result, user_key, row_found) = if let Some((built, user_key, row_found)) = seen {
-            PROCESS.bump(Counter::LookupHit);
-            if let Some(found) = row_found {
-                PROCESS.bump(if found { Counter::UserRowHit } else { Counter::UserRowMiss });
-            }
+            counted_hit(row_found);
             (built, Some(user_key), row_found)
         } else {
             let (decoded, user_key, row_found) =
