@@ -10,14 +10,13 @@
 //! across a network, a loaded server) turn polling off for the next `REST` waits, then one
 //! wait tries again. Between two reads it yields the CPU (`sched_yield`), so a redis-server
 //! or another thread sharing the vCPU runs first. And at most half the CPUs (at least one)
-//! poll at once in a process: the others sleep, so polling threads can't crowd out the ones
-//! with work, nor a redis-server on the same host. 0 turns it off: every wait sleeps.
+//! poll at once in a process: its other threads sleep. (Per process: several worker
+//! processes on one host each have their own.) 0 turns it off: every wait sleeps.
 //!
 //! The back-off is shared by the connections of one pool (one server); fork-safe (atomics,
 //! and a forked child's count of polling threads starts at 0: `process.rs`).
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 /// Consecutive waits that outlasted the window before polling rests.
@@ -25,10 +24,22 @@ const MISSES: u32 = 4;
 /// Waits that sleep at once while polling rests.
 const REST: u32 = 1024;
 
-/// Threads of this process polling now, and how many may.
+/// Threads of this process polling now.
 static POLLING: AtomicUsize = AtomicUsize::new(0);
-static MAX_POLLING: LazyLock<usize> =
-    LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)));
+/// How many may (0: not known yet). Not a `LazyLock`: a fork while another thread runs its
+/// initialiser would leave the child's stuck; two threads computing it at once is harmless.
+static MAX_POLLING: AtomicUsize = AtomicUsize::new(0);
+
+fn max_polling() -> usize {
+    match MAX_POLLING.load(Ordering::Relaxed) {
+        0 => {
+            let max = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+            MAX_POLLING.store(max, Ordering::Relaxed);
+            max
+        }
+        max => max,
+    }
+}
 
 /// A forked child: the threads that were polling in the parent don't exist here.
 /// Async-signal-safe (one atomic store), for the `pthread_atfork` child handler.
@@ -80,7 +91,7 @@ impl BusyPoll {
             self.resting.store(resting - 1, Ordering::Relaxed);
             return None;
         }
-        Turn::take(&POLLING, *MAX_POLLING).map(|turn| (self.window, turn))
+        Turn::take(&POLLING, max_polling()).map(|turn| (self.window, turn))
     }
 
     /// A polled wait ended with the reply (`caught`) or ran out of window and slept.
@@ -91,6 +102,14 @@ impl BusyPoll {
             self.misses.store(0, Ordering::Relaxed);
             self.resting.store(REST, Ordering::Relaxed);
         }
+    }
+
+    /// Tests: could every turn be taken at once right now?
+    #[cfg(test)]
+    pub fn all_turns_free() -> bool {
+        let max = max_polling();
+        let turns: Vec<Turn> = (0..max).filter_map(|_| Turn::take(&POLLING, max)).collect();
+        turns.len() == max
     }
 
     #[cfg(test)]

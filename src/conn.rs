@@ -196,9 +196,9 @@ impl Conn {
                 Some((window, turn)) => Waiting::Polling { until: (now + window).min(deadline), _turn: turn },
                 None => Waiting::Sleeping,
             },
-            // The turn is given back here, as the wait goes to sleep.
-            Waiting::Polling { until, .. } if now >= until => {
+            Waiting::Polling { until, _turn: turn } if now >= until => {
                 self.busy_poll.polled(false);
+                drop(turn); // given back before the sleep, not after it
                 Waiting::Sleeping
             }
             other => other,
@@ -365,6 +365,28 @@ mod tests {
         assert!(!conn.is_open());
         drop(conn);
         server.join().expect("the server thread");
+    }
+
+    #[test]
+    fn a_wait_that_goes_to_sleep_gives_its_turn_to_poll_back_first() {
+        let (mut conn, mut redis) = over_pair(Duration::from_secs(5), Duration::from_micros(100));
+        let replier = std::thread::spawn(move || {
+            // No reply until every turn can be taken at once (other tests poll too: retried).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let free = loop {
+                std::thread::sleep(Duration::from_millis(1));
+                if BusyPoll::all_turns_free() {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+            };
+            redis.write_all(b"+PONG\r\n").expect("the reply");
+            free
+        });
+        assert_eq!(ping(&mut conn).expect("the reply"), Value::SimpleString("PONG".into()));
+        assert!(replier.join().expect("the replier"), "a sleeping wait kept its turn to poll");
     }
 
     #[test]

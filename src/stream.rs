@@ -74,14 +74,13 @@ impl Stream {
                 let conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
                 let mut tls = Tls { conn, sock: tcp(host, *port, deadline)?, records: Records::default() };
                 while tls.conn.is_handshaking() {
-                    tls.sock.set_read_timeout(Some(left(deadline)?))?;
-                    tls.sock.set_write_timeout(Some(left(deadline)?))?;
-                    tls.conn.complete_io(&mut Counted { sock: &mut tls.sock, records: &mut tls.records }).map_err(
-                        |e| match e.kind() {
-                            io::ErrorKind::WouldBlock => timed_out(),
-                            _ => RedisError::from(e),
-                        },
-                    )?;
+                    // Each read and write of the handshake within what is left (a server that
+                    // trickles its bytes can't stretch it).
+                    let mut sock = Counted { sock: &mut tls.sock, records: &mut tls.records, deadline: Some(deadline) };
+                    tls.conn.complete_io(&mut sock).map_err(|e| match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+                        _ => RedisError::from(e),
+                    })?;
                 }
                 Stream::Tls(Box::new(tls))
             }
@@ -236,6 +235,7 @@ impl Stream {
         match self {
             Stream::Tcp(sock) => write_within(sock, fd, bytes, deadline),
             Stream::Unix(sock) => write_within(sock, fd, bytes, deadline),
+            Stream::Tls(_) if bytes.is_empty() => Ok(()),
             Stream::Tls(tls) => {
                 let mut rest = bytes;
                 loop {
@@ -277,7 +277,11 @@ impl Stream {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(err) => return Err(err),
                 }
-                let read = tls.conn.read_tls(&mut Counted { sock: &mut tls.sock, records: &mut tls.records })?;
+                let read = tls.conn.read_tls(&mut Counted {
+                    sock: &mut tls.sock,
+                    records: &mut tls.records,
+                    deadline: None,
+                })?;
                 if read == 0 {
                     return Ok(0);
                 }
@@ -383,10 +387,25 @@ impl Records {
 struct Counted<'a> {
     sock: &'a mut TcpStream,
     records: &'a mut Records,
+    /// The handshake's: each read and write (of a blocking socket) waits only what is left.
+    deadline: Option<Instant>,
+}
+
+impl Counted<'_> {
+    fn within_deadline(&self) -> io::Result<()> {
+        let Some(deadline) = self.deadline else { return Ok(()) };
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake took too long"))?;
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.set_write_timeout(Some(left))
+    }
 }
 
 impl Read for Counted<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.within_deadline()?;
         let n = self.sock.read(buf)?;
         self.records.saw(&buf[..n]);
         Ok(n)
@@ -395,6 +414,7 @@ impl Read for Counted<'_> {
 
 impl Write for Counted<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.within_deadline()?;
         self.sock.write(buf)
     }
 
