@@ -87,9 +87,17 @@ impl Revocation {
     }
 }
 
-/// Re-send `calls` on `conn`, pipelined (see `BATCH_CALLS`). A connection error stops it; a
-/// call the server refuses is dropped (sending it again won't help), except NOSCRIPT (the
-/// scripts were flushed meanwhile): the script is loaded again and the batch re-sent once.
+/// An error reply that says "not now" rather than "no": the server is loading its data, busy
+/// with another client's script, or can't reach its replicas.
+fn is_transient(err: &redis::RedisError) -> bool {
+    matches!(err.code(), Some("BUSY" | "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "NOREPLICAS"))
+}
+
+/// Re-send `calls` on `conn`, pipelined (see `BATCH_CALLS`). A connection error stops it, and
+/// so does a server that says "not now" (`is_transient`: the catch-up is tried again by the
+/// next call); a call the server refuses is dropped (sending it again won't help), except
+/// NOSCRIPT (the scripts were flushed meanwhile): the script is loaded again and the batch
+/// re-sent once.
 fn replay_all(conn: &mut Conn, calls: &[Arc<Revocation>], io_timeout: Duration) -> RedisResult<()> {
     if calls.is_empty() {
         return Ok(());
@@ -101,10 +109,13 @@ fn replay_all(conn: &mut Conn, calls: &[Arc<Revocation>], io_timeout: Duration) 
             pipe.add_command(call.replay_cmd());
         }
         // Each batch's replies within a socket timeout (not one per reply: a hung primary).
-        let replies = pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
+        let mut replies = pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
         if replies.iter().any(|reply| reply.as_ref().is_err_and(|err| err.code() == Some("NOSCRIPT"))) {
             REVOKE.prepare_invoke().load(conn)?;
-            pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
+            replies = pipeline(conn, &pipe, Instant::now() + io_timeout, io_timeout)?;
+        }
+        if let Some(not_now) = replies.into_iter().find_map(|reply| reply.err().filter(is_transient)) {
+            return Err(not_now);
         }
     }
     Ok(())
@@ -194,8 +205,9 @@ impl Journal {
             kept.entries.iter().filter(|e| e.generation < generation).map(|e| Arc::clone(&e.call)).collect()
         };
         if let Err(err) = replay_all(conn, &pending, wait) {
-            // A connection closed by the failure (a malformed reply) can't go on either.
-            if crate::errors::is_connectivity(&err) || !redis::ConnectionLike::is_open(conn) {
+            // A connection closed by the failure (a malformed reply) can't go on either, nor
+            // a server that will take the calls a moment later (loading, busy with a script).
+            if crate::errors::is_connectivity(&err) || !redis::ConnectionLike::is_open(conn) || is_transient(&err) {
                 return Err(err);
             }
             // Refused as a whole (not a connectivity problem): sending it again won't help.
