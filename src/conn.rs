@@ -78,8 +78,12 @@ impl Conn {
             busy_poll,
         };
         let mut handshake: Vec<(&'static str, redis::Cmd)> = Vec::with_capacity(2);
-        if let Some(auth) = stream::auth(settings) {
-            handshake.push(("AUTH", auth));
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(username) = settings.username() {
+                auth.arg(username);
+            }
+            handshake.push(("AUTH", auth.arg(password).clone()));
         }
         if settings.db() != 0 {
             handshake.push(("SELECT", redis::cmd("SELECT").arg(settings.db()).clone()));

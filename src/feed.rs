@@ -77,8 +77,12 @@ impl Feed {
         let mut buf = Vec::new();
         let settings = target.info.redis_settings();
         let mut first: Vec<(&'static str, redis::Cmd)> = Vec::with_capacity(3);
-        if let Some(auth) = stream::auth(settings) {
-            first.push(("AUTH", auth));
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(username) = settings.username() {
+                auth.arg(username);
+            }
+            first.push(("AUTH", auth.arg(password).clone()));
         }
         first.push(("CLIENT ID", redis::cmd("CLIENT").arg("ID").clone()));
         if target.check_role {

@@ -493,12 +493,24 @@ fn scripts_refuse_to_run_on_a_server_that_took_another_role() -> TestResult {
 
 #[test]
 fn a_catch_up_re_sends_every_kept_revocation_even_after_a_script_flush() -> TestResult {
-    use crate::journal::Journal;
+    use crate::journal::{Journal, Revocation};
     let Some((_server, mut conn)) = start() else { return Ok(()) };
     let journal = Journal::default();
     let keys: Vec<String> = (0..600).map(|i| format!("knox:token:k{i}")).collect();
     for (i, key) in keys.iter().enumerate() {
-        journal.record(1, Arc::new(revocation_of(key, &format!("k{i}"))), None);
+        let call = Revocation {
+            keys: vec![key.clone(), INDEX.into(), LEGACY_INDEX.into()],
+            n: 1,
+            tombstone_ms: 60_000,
+            seed: SEED.into(),
+            prefix: "knox".into(),
+            pairs: 0,
+            lift: String::new(),
+            ids: vec![ID.into()],
+            id_fields: vec![ID_BYTES.to_vec()],
+            legacy_members: vec![format!("{ID}k{i}")],
+        };
+        journal.record(1, Arc::new(call), None);
     }
     redis::cmd("SCRIPT").arg("FLUSH").exec(&mut conn)?;
     journal.catch_up(&mut conn, 2, Duration::from_secs(1))?;
@@ -510,11 +522,23 @@ fn a_catch_up_re_sends_every_kept_revocation_even_after_a_script_flush() -> Test
 
 #[test]
 fn a_catch_up_the_primary_is_too_busy_for_is_not_done_and_goes_through_later() -> TestResult {
-    use crate::journal::Journal;
+    use crate::journal::{Journal, Revocation};
     let Some((server, mut conn)) = start() else { return Ok(()) };
     let journal = Journal::default();
     let key = "knox:token:busy";
-    journal.record(1, Arc::new(revocation_of(key, "busy")), None);
+    let call = Revocation {
+        keys: vec![key.into(), INDEX.into(), LEGACY_INDEX.into()],
+        n: 1,
+        tombstone_ms: 60_000,
+        seed: SEED.into(),
+        prefix: "knox".into(),
+        pairs: 0,
+        lift: String::new(),
+        ids: vec![ID.into()],
+        id_fields: vec![ID_BYTES.to_vec()],
+        legacy_members: vec![format!("{ID}busy")],
+    };
+    journal.record(1, Arc::new(call), None);
     // Another client's script holds the server past the busy threshold: it answers BUSY.
     redis::cmd("CONFIG").arg("SET").arg("lua-time-limit").arg(50).exec(&mut conn)?;
     let mut busy = server.connect()?;
@@ -542,20 +566,4 @@ fn a_catch_up_the_primary_is_too_busy_for_is_not_done_and_goes_through_later() -
     journal.catch_up(&mut conn, 2, Duration::from_secs(1))?;
     assert!(conn.hexists::<_, _, bool>(key, format!("t:{ID}"))?, "the revocation never reached the primary");
     Ok(())
-}
-
-/// A logout of token `token_key` (user 1's), as the journal keeps it.
-fn revocation_of(key: &str, token_key: &str) -> crate::journal::Revocation {
-    crate::journal::Revocation {
-        keys: vec![key.into(), INDEX.into(), LEGACY_INDEX.into()],
-        n: 1,
-        tombstone_ms: 60_000,
-        seed: SEED.into(),
-        prefix: "knox".into(),
-        pairs: 0,
-        lift: String::new(),
-        ids: vec![ID.into()],
-        id_fields: vec![ID_BYTES.to_vec()],
-        legacy_members: vec![format!("{ID}{token_key}")],
-    }
 }

@@ -109,16 +109,6 @@ fn tcp(host: &str, port: u16, deadline: Instant) -> RedisResult<TcpStream> {
     ))
 }
 
-/// `AUTH` with the URL's credentials (the username only if given), if it has a password.
-pub fn auth(settings: &redis::RedisConnectionInfo) -> Option<redis::Cmd> {
-    let password = settings.password()?;
-    let mut auth = redis::cmd("AUTH");
-    if let Some(username) = settings.username() {
-        auth.arg(username);
-    }
-    Some(auth.arg(password).clone())
-}
-
 /// Send `commands` at once and read one reply each (within `io_timeout`); an error reply is
 /// an error that names its command.
 pub fn round_trip(
